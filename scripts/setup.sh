@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Installs everything sockops needs on a fresh Debian bookworm machine, as root.
+# Idempotent: each step checks first, so a second run only verifies and returns quickly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[setup] %s\n' "$*"; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup: run as root (BPF, network namespaces and iptables need it)" >&2
+  exit 1
+fi
+
+# Debian packages: bcc and kernel headers for it, network tools, load generators, bench/test helpers.
+PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv iproute2 iptables bpftool
+      sockperf wrk iperf3 nghttp2-client tcpdump util-linux procps)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bcc compiles against the running kernel's headers. The running kernel ships none, so point
+# /lib/modules/$(uname -r)/{build,source} at the Debian header package (BPF programs here only use
+# UAPI context structs, so a header version that differs from the kernel is fine).
+kdir="/lib/modules/$(uname -r)"
+if [ ! -e "$kdir/build/include" ]; then
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$hdr" ] || { echo "setup: no /usr/src/linux-headers-*-amd64 after installing linux-headers-amd64" >&2; exit 1; }
+  log "linking $kdir/{build,source} -> $hdr"
+  mkdir -p "$kdir"
+  ln -sfn "$hdr" "$kdir/build"
+  ln -sfn "${hdr%-amd64}-common" "$kdir/source"
+fi
+
+# bpffs for pinned maps.
+if ! mountpoint -q /sys/fs/bpf; then
+  log "mounting bpffs at /sys/fs/bpf"
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+# The virtual environment sees Debian's bcc through --system-site-packages.
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.sockops-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  log "installing sockops and its test extras into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q -e '.[test,agent]'
+  touch "$stamp"
+fi
+log "ready"
