@@ -1,0 +1,70 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Map definitions, shared by sockops.bpf.c and redirect.bpf.c (compiled as one bcc module so
+ * both programs use the same maps). Every map is pinned under SOCKOPS_PIN_DIR: a restarted or
+ * upgraded agent re-opens the same maps, so live connections keep their peers and their state.
+ *
+ * bcc 0.26 has no pinned variant of BPF_SOCKHASH or BPF_SK_STORAGE; the two macros below are
+ * those tables with a "maps/<type>:<pin path>" section, which bcc's loader understands.
+ */
+#ifndef SOCKOPS_MAPS_H
+#define SOCKOPS_MAPS_H
+
+#include "sockops.h"
+
+#define PIN(name) SOCKOPS_PIN_DIR "/" #name
+
+#define SOCKHASH_PINNED(_name, _key_type, _max_entries)                        \
+	struct _name##_table_t {                                               \
+		_key_type key;                                                 \
+		int leaf;                                                      \
+		int (*update)(_key_type *, int *);                             \
+		int (*delete)(_key_type *);                                    \
+		int (*sock_hash_update)(void *, void *, u64);                  \
+		int (*msg_redirect_hash)(void *, void *, u64);                 \
+		int (*sk_redirect_hash)(void *, void *, u64);                  \
+		u32 max_entries;                                               \
+	};                                                                     \
+	__attribute__((section("maps/sockhash:" PIN(_name))))                  \
+	struct _name##_table_t _name = { .max_entries = (_max_entries) };     \
+	BPF_ANNOTATE_KV_PAIR(_name, _key_type, int)
+
+#define SK_STORAGE_PINNED(_name, _leaf_type)                                   \
+	struct _name##_table_t {                                               \
+		int key;                                                       \
+		_leaf_type leaf;                                               \
+		void *(*sk_storage_get)(void *, void *, int);                  \
+		int (*sk_storage_delete)(void *);                              \
+		u32 flags;                                                     \
+	};                                                                     \
+	__attribute__((section("maps/sk_storage:" PIN(_name))))                \
+	struct _name##_table_t _name = { .flags = BPF_F_NO_PREALLOC };         \
+	BPF_ANNOTATE_KV_PAIR(_name, int, _leaf_type)
+
+/* Accelerated sockets, both ends of each connection (see struct sock_key). */
+SOCKHASH_PINNED(sock_hash, struct sock_key, SOCKOPS_SOCKHASH_MAX);
+
+/* Client sockets waiting for their server end to be accepted (see struct pending). */
+BPF_TABLE_PINNED("hash", struct origin_key, struct pending, pending, SOCKOPS_PENDING_MAX,
+		 PIN(pending), BPF_F_NO_PREALLOC);
+
+/* Enabled network namespaces, written by the agent. */
+BPF_TABLE_PINNED("hash", __u64, struct netns_conf, netns_conf, SOCKOPS_NETNS_MAX, PIN(netns_conf));
+
+/* Per-namespace counters; entries created by the agent, only incremented here. */
+BPF_TABLE_PINNED("percpu_hash", __u64, struct netns_stats, netns_stats, SOCKOPS_NETNS_MAX,
+		 PIN(netns_stats));
+
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, CNT_MAX, PIN(counters));
+
+SK_STORAGE_PINNED(sock_state, struct sock_state);
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+	__u64 *v = counters.lookup(&idx);
+
+	if (v)
+		*v += n; /* per-CPU slot: no atomic needed */
+}
+
+#endif /* SOCKOPS_MAPS_H */

@@ -1,0 +1,81 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * sk_msg hook: runs on every sendmsg() of a socket in the sockhash and moves the bytes straight
+ * to the peer socket's receive (ingress) queue, skipping TCP/IP, netfilter and loopback.
+ *
+ * It must never drop: when the peer is not in the sockhash (it is closing, or the map entry was
+ * removed), bpf_msg_redirect_hash() returns SK_DROP, and returning that would fail the sender's
+ * sendmsg() with EACCES. We return SK_PASS instead, so the bytes take the normal TCP path.
+ */
+
+/*
+ * The first message of a client decides for the connection's lifetime (see sockops.bpf.c):
+ * redirect if its server end has joined the sockhash (tag PAIRED), else stay on TCP and mark the
+ * tag PASS so a server that joins a moment later withdraws. The compare-and-swap against our own
+ * tag is what makes that race safe: exactly one of the two ends wins.
+ */
+#include <uapi/linux/bpf.h>
+
+#include "maps.bpf.h"
+
+static __always_inline void decide_client(struct sock_state *st)
+{
+	struct origin_key origin = {};
+	__u64 mine = st->cookie << 2;
+	struct pending *p;
+	__u64 old;
+
+	origin.netns = st->key.netns;
+	__builtin_memcpy(origin.ip, st->key.client_ip, sizeof(origin.ip));
+	origin.port = st->key.client_port;
+	p = pending.lookup(&origin);
+	if (!p) {
+		st->decision = DECIDE_PASS;
+		count(CNT_PASSED, 1);
+		return;
+	}
+	old = __sync_val_compare_and_swap(&p->tag, mine | PEND_WAITING, mine | PEND_PASS);
+	if (old == (mine | PEND_PAIRED)) {
+		st->decision = DECIDE_REDIRECT;
+	} else {
+		st->decision = DECIDE_PASS;
+		count(CNT_PASSED, 1);
+	}
+	if ((old >> 2) == st->cookie)
+		pending.delete(&origin);	/* decided: the entry has done its job */
+}
+
+int sockops_redirect(struct sk_msg_md *msg)
+{
+	struct sock_state *st;
+	struct netns_stats *ns;
+	struct sock_key peer;
+	__u64 size = msg->size;
+
+	if (!msg->sk)
+		return SK_PASS;
+	st = sock_state.sk_storage_get(msg->sk, 0, 0);
+	if (!st)
+		return SK_PASS;
+	if (st->decision == DECIDE_UNDECIDED)
+		decide_client(st);
+	if (st->decision != DECIDE_REDIRECT || st->peer_fin)
+		return SK_PASS;
+
+	peer = st->key;
+	peer.role ^= 1;
+	ns = netns_stats.lookup(&peer.netns);
+	if (sock_hash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS) {
+		count(CNT_REDIRECTED_MSGS, 1);
+		count(CNT_REDIRECTED_BYTES, size);
+		if (ns) {
+			ns->redirected_msgs++;
+			ns->redirected_bytes += size;
+		}
+	} else {
+		count(CNT_MISSES, 1);
+		if (ns)
+			ns->misses++;
+	}
+	return SK_PASS;
+}

@@ -1,0 +1,364 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * sock_ops hook: decides which sockets join the sockhash, and pairs the two ends of a connection.
+ *
+ * The life of an accelerated connection inside one pod (one network namespace):
+ *   1. client ACTIVE_ESTABLISHED: the client joins the sockhash as (conn, CLIENT) and leaves a
+ *      pending entry under its own address, tagged WAITING.
+ *   2. server PASSIVE_ESTABLISHED: the accepted socket finds the pending entry by its remote
+ *      address. It pairs when its local address is the client's destination (plain or Istio's
+ *      127.0.0.6 hop) or a capture port (Istio's REDIRECT to 15001/15006, where the destination the
+ *      client sees is the original one). It joins as (conn, SERVER), then flips the tag to PAIRED.
+ *   3. the first message on the client decides once, for the connection's lifetime
+ *      (redirect.bpf.c): PAIRED means redirect both ways; WAITING means the server has not joined
+ *      yet (the handshake's last ACK is still in a backlog), so the tag flips to PASS and the whole
+ *      connection stays on TCP.
+ *   4. a PASS client leaves the sockhash on its next transmit (HDR_OPT_LEN callback, step below).
+ *
+ * Why a connection never starts redirecting mid-stream, nor receives over TCP while it has a
+ * psock: tcp_bpf_recvmsg() reads the psock queue before the TCP queue (older TCP bytes would be
+ * read after newer redirected ones), and a reader blocked in it that is woken by TCP data returns
+ * EAGAIN. So either both ends redirect from the first byte, or neither end keeps a psock.
+ */
+#include <uapi/linux/bpf.h>
+
+#include "maps.bpf.h"
+
+#define AF_INET_ 2
+#define AF_INET6_ 10
+#define E2BIG_ 7
+#define EBUSY_ 16
+#define IPPROTO_TCP_ 6
+
+/* A volatile read of one context field: clang may not move or merge it. */
+#define CTX(ctx, field) (*(volatile __u32 *)&(ctx)->field)
+
+static __always_inline __u32 htonl_(__u32 x)
+{
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	return __builtin_bswap32(x);
+#else
+	return x;
+#endif
+}
+
+/*
+ * Copy the socket's addresses as IPv6 (IPv4 mapped) and host-order ports. Every context field is
+ * read once, unconditionally, into a local: the verifier rejects a context pointer that clang has
+ * offset and carried across branches ("dereference of modified ctx ptr").
+ */
+static __always_inline int load_addrs(struct bpf_sock_ops *skops, __u32 *local_ip, __u32 *local_port,
+				      __u32 *remote_ip, __u32 *remote_port)
+{
+	__u32 family = CTX(skops, family);
+	__u32 l4 = CTX(skops, local_ip4), r4 = CTX(skops, remote_ip4);
+	__u32 l6_0 = CTX(skops, local_ip6[0]), l6_1 = CTX(skops, local_ip6[1]);
+	__u32 l6_2 = CTX(skops, local_ip6[2]), l6_3 = CTX(skops, local_ip6[3]);
+	__u32 r6_0 = CTX(skops, remote_ip6[0]), r6_1 = CTX(skops, remote_ip6[1]);
+	__u32 r6_2 = CTX(skops, remote_ip6[2]), r6_3 = CTX(skops, remote_ip6[3]);
+	__u32 lport = CTX(skops, local_port), rport = CTX(skops, remote_port);
+
+	if (family == AF_INET_) {
+		local_ip[0] = 0;
+		local_ip[1] = 0;
+		local_ip[2] = htonl_(0xffff);
+		local_ip[3] = l4;
+		remote_ip[0] = 0;
+		remote_ip[1] = 0;
+		remote_ip[2] = htonl_(0xffff);
+		remote_ip[3] = r4;
+	} else if (family == AF_INET6_) {
+		local_ip[0] = l6_0;
+		local_ip[1] = l6_1;
+		local_ip[2] = l6_2;
+		local_ip[3] = l6_3;
+		remote_ip[0] = r6_0;
+		remote_ip[1] = r6_1;
+		remote_ip[2] = r6_2;
+		remote_ip[3] = r6_3;
+	} else {
+		return -1;
+	}
+	*local_port = lport;		/* host order already */
+	*remote_port = htonl_(rport);	/* network order in the upper half */
+	return 0;
+}
+
+static __always_inline int ip_eq(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline int is_loopback(const __u32 *ip)
+{
+	if (ip[0] == 0 && ip[1] == 0 && ip[2] == htonl_(0xffff))
+		return (htonl_(ip[3]) >> 24) == 127;	/* 127.0.0.0/8 */
+	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == htonl_(1);	/* ::1 */
+}
+
+/*
+ * Could the server end of this client connection be in the same pod? Only then is the client
+ * worth inserting: a client that never pairs would carry a psock until its first send for nothing.
+ */
+static __always_inline int may_pair_locally(const struct netns_conf *conf, const __u32 *dest_ip)
+{
+	if (conf->flags & NETNS_F_SIDECAR)
+		return 1;	/* Istio captures outbound traffic to Envoy in the same pod */
+	if (is_loopback(dest_ip))
+		return 1;
+#pragma unroll
+	for (int i = 0; i < NETNS_LOCAL_IPS; i++) {
+		if (ip_eq(conf->local_ip[i], dest_ip))
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline void count_insert_error(int err)
+{
+	if (err == -E2BIG_)
+		count(CNT_INSERT_FULL, 1);
+	else if (err == -EBUSY_)
+		count(CNT_INSERT_BUSY, 1);
+	else
+		count(CNT_INSERT_OTHER, 1);
+}
+
+static __always_inline void netns_inserted(__u64 netns)
+{
+	struct netns_stats *s = netns_stats.lookup(&netns);
+
+	if (s)
+		s->sockets_inserted++;
+}
+
+static __always_inline void on_active_established(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct netns_conf *conf = netns_conf.lookup(&netns);
+	struct sock_key key = {};
+	struct origin_key origin = {};
+	struct pending pend = {};
+	struct sock_state *st;
+	__u64 cookie;
+	int err;
+
+	if (!conf || !sk)
+		return;
+	if (sk->protocol != IPPROTO_TCP_)
+		return;	/* never MPTCP */
+	if (load_addrs(skops, key.client_ip, &key.client_port, key.dest_ip, &key.dest_port))
+		return;
+	if (!may_pair_locally(conf, key.dest_ip))
+		return;
+	key.netns = netns;
+	key.role = ROLE_CLIENT;
+
+	st = sock_state.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		count(CNT_INSERT_OTHER, 1);
+		return;
+	}
+	cookie = bpf_get_socket_cookie(skops);
+	st->cookie = cookie;
+	st->key = key;
+	st->decision = DECIDE_PASS;	/* until both map updates below succeed */
+
+	origin.netns = netns;
+	__builtin_memcpy(origin.ip, key.client_ip, sizeof(origin.ip));
+	origin.port = key.client_port;
+	pend.tag = (cookie << 2) | PEND_WAITING;
+	pend.conn = key;
+	if (pending.insert(&origin, &pend)) {
+		count(CNT_PENDING_FULL, 1);
+		return;
+	}
+	err = sock_hash.sock_hash_update(skops, &key, BPF_NOEXIST);
+	if (err) {
+		count_insert_error(err);
+		pending.delete(&origin);
+		return;
+	}
+	st->in_map = 1;
+	st->decision = DECIDE_UNDECIDED;
+	count(CNT_SOCKETS_INSERTED, 1);
+	netns_inserted(netns);
+	/* STATE for cleanup at close; WRITE_HDR_OPT to withdraw on the first transmit if PASS. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG |
+					 BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+}
+
+static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct netns_conf *conf = netns_conf.lookup(&netns);
+	struct origin_key origin = {};
+	struct sock_key key;
+	__u32 local_ip[4], local_port;
+	struct sock_state *st;
+	struct pending *p;
+	__u64 tag;
+	int mirror, captured, err;
+
+	if (!conf || !sk)
+		return;
+	if (sk->protocol != IPPROTO_TCP_)
+		return;
+	origin.netns = netns;
+	if (load_addrs(skops, local_ip, &local_port, origin.ip, &origin.port))
+		return;
+	p = pending.lookup(&origin);
+	if (!p)
+		return;	/* the client is not an enabled socket of this namespace */
+	tag = p->tag;
+	if ((tag & PEND_MASK) != PEND_WAITING)
+		return;	/* already paired, or the client already chose TCP */
+	key = p->conn;
+
+	mirror = ip_eq(local_ip, key.dest_ip) && local_port == key.dest_port;
+	captured = (conf->flags & NETNS_F_SIDECAR) &&
+		   (local_port == conf->capture_out || local_port == conf->capture_in);
+	if (!mirror && !captured)
+		return;
+	key.role = ROLE_SERVER;
+
+	st = sock_state.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		count(CNT_INSERT_OTHER, 1);
+		return;
+	}
+	st->cookie = tag >> 2;
+	st->key = key;
+	st->decision = DECIDE_PASS;
+
+	err = sock_hash.sock_hash_update(skops, &key, BPF_NOEXIST);
+	if (err) {
+		count_insert_error(err);
+		/* Tell the client to leave too (its HDR_OPT callback reads this): a client that keeps
+		 * its psock while its server sends over TCP risks EAGAIN in a blocking recv(). */
+		__sync_val_compare_and_swap(&p->tag, tag, (tag & ~(__u64)PEND_MASK) | PEND_PASS);
+		return;
+	}
+	/* Commit only if the entry is still this connection's and still waiting. */
+	if (__sync_val_compare_and_swap(&p->tag, tag, (tag & ~(__u64)PEND_MASK) | PEND_PAIRED) != tag) {
+		sock_hash.delete(&key);	/* the client spoke first: nothing was queued to us */
+		count(CNT_PAIR_RACE_LOST, 1);
+		return;
+	}
+	st->in_map = 1;
+	st->decision = DECIDE_REDIRECT;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	count(CNT_SOCKETS_INSERTED, 1);
+	count(mirror ? CNT_PAIRED_MIRROR : CNT_PAIRED_ORIGDST, 1);
+	netns_inserted(netns);
+}
+
+static __always_inline struct origin_key client_origin(const struct sock_state *st)
+{
+	struct origin_key origin = {};
+
+	origin.netns = st->key.netns;
+	__builtin_memcpy(origin.ip, st->key.client_ip, sizeof(origin.ip));
+	origin.port = st->key.client_port;
+	return origin;
+}
+
+/*
+ * Called on the client for each transmitted segment while WRITE_HDR_OPT is set (we add no option
+ * bytes). The first data segment follows the first message's decision in the same sendmsg(), so
+ * an unpaired client leaves the sockhash before it can read anything: its replies then arrive
+ * over plain TCP to a socket without a psock.
+ */
+static __always_inline void on_transmit(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *st;
+	struct origin_key origin;
+	struct pending *p;
+
+	if (!sk)
+		return;
+	st = sock_state.sk_storage_get(sk, 0, 0);
+	if (!st)
+		goto done;
+	if (st->decision == DECIDE_UNDECIDED) {
+		origin = client_origin(st);
+		p = pending.lookup(&origin);
+		if (!p || p->tag != ((st->cookie << 2) | PEND_PASS))
+			return;	/* still waiting (e.g. the handshake's ACK): keep watching */
+		st->decision = DECIDE_PASS;	/* the server could not join the sockhash */
+		pending.delete(&origin);
+	}
+	if (st->decision == DECIDE_PASS && st->in_map) {
+		sock_hash.delete(&st->key);
+		st->in_map = 0;
+		count(CNT_SOCKETS_WITHDRAWN, 1);
+	}
+done:
+	bpf_sock_ops_cb_flags_set(skops,
+				  skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+}
+
+/* A client that closes before its first message leaves no pending entry behind. */
+static __always_inline void on_close(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *st;
+	struct origin_key origin;
+	struct pending *p;
+
+	if (!sk)
+		return;
+	st = sock_state.sk_storage_get(sk, 0, 0);
+	if (!st || st->key.role != ROLE_CLIENT)
+		return;
+	origin = client_origin(st);
+	p = pending.lookup(&origin);
+	if (p && (p->tag >> 2) == st->cookie)
+		pending.delete(&origin);
+}
+
+/*
+ * The peer half-closed (its FIN arrived). From now on this socket sends over TCP instead of
+ * redirecting. Why: the peer's reader is likely blocked in tcp_bpf_recvmsg(), and the bare ACK
+ * of its FIN moves it to FIN_WAIT2 with a wake-up that carries no data; tcp_bpf_recvmsg() then
+ * returns -EAGAIN to a *blocking* reader (kernel 6.18; see docs/KERNEL-NOTES.md). Sending the
+ * reply over TCP lets that ACK ride on the reply's first segment, whose data makes the wake-up
+ * real. Switching from redirect to TCP mid-stream keeps order: the reader drains its psock queue
+ * (older bytes) before it falls back to the TCP queue (newer bytes).
+ */
+static __always_inline void on_peer_fin(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *st;
+
+	if (!sk)
+		return;
+	st = sock_state.sk_storage_get(sk, 0, 0);
+	if (st && st->decision == DECIDE_REDIRECT)
+		st->peer_fin = 1;
+}
+
+int sockops_main(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		on_active_established(skops);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		on_passive_established(skops);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+		on_transmit(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			on_close(skops);
+		else if (skops->args[1] == BPF_TCP_CLOSE_WAIT)
+			on_peer_fin(skops);
+		break;
+	}
+	return 1;	/* sock_ops return value: 1 = ok; we never fail a connection */
+}

@@ -1,0 +1,135 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The one definition of what sockops' BPF programs share with each other and with user space:
+ * key and value layouts, map names and pins, counter indexes. sockops/layout.py mirrors every
+ * struct and constant here with ctypes; tests/test_layout.py checks the two agree.
+ *
+ * The loader passes these at compile time (all have defaults for a plain compile check):
+ *   SOCKOPS_PIN_DIR      bpffs directory that holds the pinned maps (a string literal)
+ *   SOCKOPS_SOCKHASH_MAX sockets the sockhash can hold
+ *   SOCKOPS_PENDING_MAX  connections that can wait for their peer at once
+ *   SOCKOPS_NETNS_MAX    network namespaces that can be enabled
+ */
+#ifndef SOCKOPS_H
+#define SOCKOPS_H
+
+#ifndef SOCKOPS_PIN_DIR
+#define SOCKOPS_PIN_DIR "/sys/fs/bpf/sockops"
+#endif
+#ifndef SOCKOPS_SOCKHASH_MAX
+#define SOCKOPS_SOCKHASH_MAX 65536
+#endif
+#ifndef SOCKOPS_PENDING_MAX
+#define SOCKOPS_PENDING_MAX 16384
+#endif
+#ifndef SOCKOPS_NETNS_MAX
+#define SOCKOPS_NETNS_MAX 1024
+#endif
+
+/*
+ * A connection is named by its client socket's view of it, in the client's network namespace:
+ * (netns cookie, client ip:port, original destination ip:port). Both ends of an accelerated
+ * connection sit in the sockhash under that one name, told apart by `role`, so either end finds
+ * the other by flipping one field. That holds for Istio's REDIRECT too, where the two sockets'
+ * 4-tuples do not mirror each other: the server end learns the name from the pending map.
+ *
+ * The netns cookie is part of every key: two pods that both talk 127.0.0.1:A <-> 127.0.0.1:B have
+ * identical 4-tuples, and a key without the namespace would deliver one pod's bytes to the other.
+ * Addresses are IPv6; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d) so an AF_INET client and a
+ * dual-stack AF_INET6 server agree on one key. Ports are in host byte order.
+ */
+struct sock_key {
+	__u64 netns;
+	__u32 client_ip[4];
+	__u32 dest_ip[4];
+	__u32 client_port;
+	__u32 dest_port;
+	__u32 role; /* ROLE_CLIENT or ROLE_SERVER */
+	__u32 pad;
+};
+
+#define ROLE_CLIENT 0
+#define ROLE_SERVER 1
+
+/* Pending map key: the client's own address, which is what the server end sees as its remote. */
+struct origin_key {
+	__u64 netns;
+	__u32 ip[4];
+	__u32 port;
+	__u32 pad;
+};
+
+/*
+ * Pending map value: written at the client's ACTIVE_ESTABLISHED, read at the server's
+ * PASSIVE_ESTABLISHED. `tag` is (client socket cookie << 2 | PEND_*): both ends change it only by
+ * compare-and-swap against the exact tag they read, so a deleted and reused entry (another
+ * connection from the same address) can never be mistaken for this one.
+ */
+struct pending {
+	__u64 tag;
+	struct sock_key conn; /* role = ROLE_CLIENT */
+};
+
+#define PEND_WAITING 0 /* client in the sockhash, no decision yet */
+#define PEND_PAIRED 1  /* server end joined the sockhash: redirect both ways */
+#define PEND_PASS 2    /* client spoke first before the server joined: TCP both ways */
+#define PEND_MASK 3
+
+/* Socket-local storage: the per-connection decision, kept for the socket's lifetime. */
+struct sock_state {
+	__u32 decision; /* DECIDE_* */
+	__u32 in_map;   /* 1 while this socket is in the sockhash under `key` */
+	__u64 cookie;   /* the client's socket cookie (the pending tag's upper bits) */
+	struct sock_key key;
+	__u32 peer_fin; /* the peer half-closed: send over TCP from now on (see sockops.bpf.c) */
+	__u32 pad;
+};
+
+#define DECIDE_UNDECIDED 0
+#define DECIDE_REDIRECT 1
+#define DECIDE_PASS 2
+
+/*
+ * Per-namespace settings, one entry per enabled network namespace (presence = enabled).
+ * Capture ports are where Istio's iptables REDIRECT sends traffic: a server socket on one of
+ * them pairs with a pending client whose destination differs (the original destination).
+ * local_ip lists the pod's own addresses: a client whose destination is loopback, one of these,
+ * or (with a sidecar) anything at all can have its server end in the same pod; other clients
+ * are never inserted.
+ */
+#define NETNS_F_SIDECAR 1 /* outbound traffic is captured to capture_out */
+#define NETNS_LOCAL_IPS 4
+
+struct netns_conf {
+	__u32 flags;
+	__u16 capture_out; /* Istio outbound capture, 15001 */
+	__u16 capture_in;  /* Istio inbound capture, 15006 */
+	__u32 local_ip[NETNS_LOCAL_IPS][4];
+};
+
+/* Per-namespace counters (a per-CPU hash; the agent creates the entry when it enables). */
+struct netns_stats {
+	__u64 redirected_bytes;
+	__u64 redirected_msgs;
+	__u64 misses;
+	__u64 sockets_inserted;
+	__u64 connections_passed;
+};
+
+/* Global per-CPU counters: indexes into the `counters` array. */
+#define CNT_SOCKETS_INSERTED 0   /* sockets put in the sockhash (both ends) */
+#define CNT_INSERT_FULL 1        /* sockhash full (E2BIG): connection not accelerated */
+#define CNT_INSERT_BUSY 2        /* socket has another sk_msg program (EBUSY) */
+#define CNT_INSERT_OTHER 3       /* any other insert error */
+#define CNT_PENDING_FULL 4       /* pending map full or entry exists: not accelerated */
+#define CNT_PAIRED_MIRROR 5      /* server paired by mirrored tuple (plain or 127.0.0.6) */
+#define CNT_PAIRED_ORIGDST 6     /* server paired through a capture port (REDIRECT) */
+#define CNT_PASSED 7             /* client spoke before its server joined: left on TCP */
+#define CNT_PAIR_RACE_LOST 8     /* server joined just after the client decided: withdrew */
+#define CNT_REDIRECTED_MSGS 9
+#define CNT_REDIRECTED_BYTES 10
+#define CNT_MISSES 11            /* redirect target gone (peer closing): sent over TCP */
+#define CNT_SOCKETS_WITHDRAWN 12 /* unpaired client removed from the sockhash */
+#define CNT_MAX 16
+
+#endif /* SOCKOPS_H */

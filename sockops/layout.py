@@ -1,0 +1,160 @@
+"""ctypes mirrors of bpf/sockops.h: the only Python definition of the BPF key and value layouts.
+
+Kept in one module so a layout change is made in two places only (the header and here), and
+tests/test_layout.py compares the two by compiling the header's sizeof/offsetof values.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+ROLE_CLIENT = 0
+ROLE_SERVER = 1
+
+PEND_WAITING = 0
+PEND_PAIRED = 1
+PEND_PASS = 2
+
+DECIDE_UNDECIDED = 0
+DECIDE_REDIRECT = 1
+DECIDE_PASS = 2
+
+NETNS_F_SIDECAR = 1
+NETNS_LOCAL_IPS = 4
+
+# Map names, which are also their pin file names under the bpffs directory.
+MAP_SOCKHASH = "sock_hash"
+MAP_PENDING = "pending"
+MAP_NETNS_CONF = "netns_conf"
+MAP_NETNS_STATS = "netns_stats"
+MAP_COUNTERS = "counters"
+MAP_SOCK_STATE = "sock_state"
+ALL_MAPS = (MAP_SOCKHASH, MAP_PENDING, MAP_NETNS_CONF, MAP_NETNS_STATS, MAP_COUNTERS, MAP_SOCK_STATE)
+
+# Counter indexes (CNT_* in the header) and the names user space reports them under.
+COUNTERS = {
+    "sockets_inserted": 0,
+    "insert_failures_map_full": 1,
+    "insert_failures_busy": 2,
+    "insert_failures_other": 3,
+    "pending_full": 4,
+    "paired_mirror": 5,
+    "paired_origdst": 6,
+    "connections_passed": 7,
+    "pair_race_lost": 8,
+    "redirected_messages": 9,
+    "redirected_bytes": 10,
+    "redirect_misses": 11,
+    "sockets_withdrawn": 12,
+}
+CNT_MAX = 16
+
+Ip6 = ctypes.c_uint32 * 4
+
+
+class SockKey(ctypes.Structure):
+    _fields_ = (
+        ("netns", ctypes.c_uint64),
+        ("client_ip", Ip6),
+        ("dest_ip", Ip6),
+        ("client_port", ctypes.c_uint32),
+        ("dest_port", ctypes.c_uint32),
+        ("role", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    )
+
+
+class OriginKey(ctypes.Structure):
+    _fields_ = (
+        ("netns", ctypes.c_uint64),
+        ("ip", Ip6),
+        ("port", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    )
+
+
+class Pending(ctypes.Structure):
+    _fields_ = (("tag", ctypes.c_uint64), ("conn", SockKey))
+
+
+class SockState(ctypes.Structure):
+    _fields_ = (
+        ("decision", ctypes.c_uint32),
+        ("in_map", ctypes.c_uint32),
+        ("cookie", ctypes.c_uint64),
+        ("key", SockKey),
+        ("peer_fin", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    )
+
+
+class NetnsConf(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint32),
+        ("capture_out", ctypes.c_uint16),
+        ("capture_in", ctypes.c_uint16),
+        ("local_ip", Ip6 * NETNS_LOCAL_IPS),
+    )
+
+
+class NetnsStats(ctypes.Structure):
+    _fields_ = (
+        ("redirected_bytes", ctypes.c_uint64),
+        ("redirected_msgs", ctypes.c_uint64),
+        ("misses", ctypes.c_uint64),
+        ("sockets_inserted", ctypes.c_uint64),
+        ("connections_passed", ctypes.c_uint64),
+    )
+
+
+def ip_to_words(addr: str) -> Ip6:
+    """An address as the header stores it: IPv6 bytes, IPv4 mapped, each word in network order."""
+    ip = ipaddress.ip_address(addr)
+    if ip.version == 4:
+        ip = ipaddress.IPv6Address("::ffff:" + str(ip))
+    raw = ip.packed
+    words = Ip6()
+    for i in range(4):
+        words[i] = int.from_bytes(raw[4 * i : 4 * i + 4], "little" if socket.htonl(1) != 1 else "big")
+    return words
+
+
+def words_to_ip(words: Ip6) -> str:
+    order = "little" if socket.htonl(1) != 1 else "big"
+    raw = b"".join(int(w).to_bytes(4, order) for w in words)
+    ip = ipaddress.IPv6Address(raw)
+    return str(ip.ipv4_mapped or ip)
+
+
+@dataclass(frozen=True)
+class NetnsSettings:
+    """What the agent writes for one enabled network namespace."""
+
+    sidecar: bool = False
+    capture_out: int = 15001
+    capture_in: int = 15006
+    local_ips: tuple[str, ...] = ()
+
+    def to_struct(self) -> NetnsConf:
+        conf = NetnsConf()
+        conf.flags = NETNS_F_SIDECAR if self.sidecar else 0
+        conf.capture_out = self.capture_out
+        conf.capture_in = self.capture_in
+        for i, ip in enumerate(self.local_ips[:NETNS_LOCAL_IPS]):
+            conf.local_ip[i] = ip_to_words(ip)
+        return conf
+
+    @classmethod
+    def from_struct(cls, conf: NetnsConf) -> NetnsSettings:
+        ips = tuple(
+            words_to_ip(conf.local_ip[i]) for i in range(NETNS_LOCAL_IPS) if any(conf.local_ip[i])
+        )
+        return cls(
+            sidecar=bool(conf.flags & NETNS_F_SIDECAR),
+            capture_out=conf.capture_out,
+            capture_in=conf.capture_in,
+            local_ips=ips,
+        )

@@ -1,0 +1,493 @@
+"""The only module that touches bcc and the bpf() syscall: compile, load, attach, pin, re-open, detach.
+
+Maps are pinned under a bpffs directory (default /sys/fs/bpf/sockops) by the programs' own map
+definitions, so a second load re-opens the same maps instead of creating new ones: that is what
+lets an agent restart or upgrade without breaking live connections. Programs are attached without
+BPF_F_ALLOW_MULTI, so a new attach atomically replaces the previous program (no window without a
+program, never two programs) and an attachment outlives the process that made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sockops import layout
+from sockops.errors import (
+    BpffsMissing,
+    CgroupMissing,
+    HeadersMissing,
+    NotLoaded,
+    PermissionMissing,
+    SockopsError,
+)
+
+DEFAULT_BPFFS_DIR = Path("/sys/fs/bpf/sockops")
+
+# bpf(2) commands and attach types used directly (bcc 0.26 exposes no query or pin API).
+_NR_BPF = 321  # x86_64
+_BPF_PROG_DETACH = 9
+_BPF_PROG_GET_FD_BY_ID = 13
+_BPF_OBJ_GET_INFO_BY_FD = 15
+_BPF_PROG_QUERY = 16
+BPF_CGROUP_SOCK_OPS = 3
+BPF_SK_MSG_VERDICT = 7
+
+PROG_SOCK_OPS = "sockops_main"
+PROG_SK_MSG = "sockops_redirect"
+
+
+def bpf_source_dir() -> Path:
+    """Where the C sources live: $SOCKOPS_BPF_DIR, else bpf/ beside the package (the repo)."""
+    env = os.environ.get("SOCKOPS_BPF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "bpf"
+
+
+def program_text(src_dir: Path | None = None) -> str:
+    """The one translation unit bcc compiles.
+
+    bcc rewrites map method calls (``pending.lookup(...)``) only in its main file, not in
+    #included ones, so the map header and both programs are joined into one text; their own
+    #include lines then hit the header's include guard.
+    """
+    d = src_dir or bpf_source_dir()
+    parts = ["#include <uapi/linux/bpf.h>\n"]
+    for name in ("maps.bpf.h", "sockops.bpf.c", "redirect.bpf.c"):
+        try:
+            parts.append(f"/* ---- {name} ---- */\n" + (d / name).read_text())
+        except FileNotFoundError as e:
+            raise SockopsError(
+                f"BPF source {d / name} not found: set SOCKOPS_BPF_DIR to the bpf/ directory"
+            ) from e
+    return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class MapSizes:
+    """Capacity of each map. A full map means "not accelerated", never a failed connection."""
+
+    sockhash: int = 65536
+    pending: int = 16384
+    netns: int = 1024
+
+
+def cflags(bpffs_dir: Path, sizes: MapSizes, src_dir: Path | None = None) -> list[str]:
+    return [
+        f"-I{src_dir or bpf_source_dir()}",
+        f'-DSOCKOPS_PIN_DIR="{bpffs_dir}"',
+        f"-DSOCKOPS_SOCKHASH_MAX={sizes.sockhash}",
+        f"-DSOCKOPS_PENDING_MAX={sizes.pending}",
+        f"-DSOCKOPS_NETNS_MAX={sizes.netns}",
+    ]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _bpf(cmd: int, attr: ctypes.Array) -> int:
+    ret = _libc().syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def _attr() -> ctypes.Array:
+    return (ctypes.c_uint8 * 128)()
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    """IDs of the programs attached to a cgroup or map for one attach type."""
+    attr = _attr()
+    ids = (ctypes.c_uint32 * 64)()
+    # union bpf_attr.query: target_fd u32, attach_type u32, query_flags u32, attach_flags u32,
+    # prog_ids u64, prog_cnt u32
+    ctypes.c_uint32.from_buffer(attr, 0).value = target_fd
+    ctypes.c_uint32.from_buffer(attr, 4).value = attach_type
+    ctypes.c_uint64.from_buffer(attr, 16).value = ctypes.addressof(ids)
+    ctypes.c_uint32.from_buffer(attr, 24).value = len(ids)
+    _bpf(_BPF_PROG_QUERY, attr)
+    count = ctypes.c_uint32.from_buffer(attr, 24).value
+    return [ids[i] for i in range(min(count, len(ids)))]
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    attr = _attr()
+    ctypes.c_uint32.from_buffer(attr, 0).value = prog_id
+    return _bpf(_BPF_PROG_GET_FD_BY_ID, attr)
+
+
+def prog_info(fd: int) -> dict[str, object]:
+    """Name and tag (a hash of the instructions) of a loaded program."""
+    info = (ctypes.c_uint8 * 256)()
+    attr = _attr()
+    ctypes.c_uint32.from_buffer(attr, 0).value = fd
+    ctypes.c_uint32.from_buffer(attr, 4).value = len(info)
+    ctypes.c_uint64.from_buffer(attr, 8).value = ctypes.addressof(info)
+    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+    # struct bpf_prog_info: type u32, id u32, tag[8], ... name[16] at offset 64
+    return {
+        "id": ctypes.c_uint32.from_buffer(info, 4).value,
+        "tag": bytes(info[8:16]).hex(),
+        "name": bytes(info[64:80]).split(b"\0", 1)[0].decode(),
+    }
+
+
+def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
+    attr = _attr()
+    # union bpf_attr (attach): target_fd u32, attach_bpf_fd u32, attach_type u32, attach_flags u32
+    ctypes.c_uint32.from_buffer(attr, 0).value = target_fd
+    ctypes.c_uint32.from_buffer(attr, 4).value = prog_fd
+    ctypes.c_uint32.from_buffer(attr, 8).value = attach_type
+    _bpf(_BPF_PROG_DETACH, attr)
+
+
+@contextlib.contextmanager
+def _dir_fd(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def check_cgroup_v2(cgroup: Path) -> None:
+    if not (cgroup / "cgroup.procs").exists() or not (cgroup / "cgroup.controllers").exists():
+        raise CgroupMissing(
+            f"{cgroup} is not a cgroup v2 directory: mount cgroup2 (mount -t cgroup2 none "
+            f"/sys/fs/cgroup/unified) and pass its path with --cgroup"
+        )
+
+
+def check_bpffs(bpffs_dir: Path) -> None:
+    parent = bpffs_dir if bpffs_dir.exists() else bpffs_dir.parent
+    try:
+        fstype = os.statvfs(parent)
+    except FileNotFoundError as e:
+        raise BpffsMissing(f"{parent} does not exist: mount -t bpf bpf /sys/fs/bpf") from e
+    del fstype
+    mounts = Path("/proc/mounts").read_text().split("\n")
+    best = ""
+    kind = ""
+    target = str(parent.resolve())
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/")):
+            if len(parts[1]) >= len(best):
+                best, kind = parts[1], parts[2]
+    if kind != "bpf":
+        raise BpffsMissing(
+            f"{parent} is not on a bpf filesystem (found {kind or 'none'}): "
+            f"mount -t bpf bpf /sys/fs/bpf, or pass --bpffs DIR inside a bpffs mount"
+        )
+
+
+class PinnedMaps:
+    """The maps under a bpffs directory, opened by path: what the CLI uses while an agent runs."""
+
+    def __init__(self, bpffs_dir: Path = DEFAULT_BPFFS_DIR) -> None:
+        from bcc import libbcc  # imported here so modules that only parse settings need no bcc
+
+        self._lib = libbcc.lib
+        self.dir = bpffs_dir
+        self.fds: dict[str, int] = {}
+        missing = [name for name in layout.ALL_MAPS if not (bpffs_dir / name).exists()]
+        if missing:
+            raise NotLoaded(
+                f"no sockops maps pinned under {bpffs_dir} (missing {', '.join(missing)}): "
+                f"start the agent first (sockops agent), or pass the agent's --bpffs"
+            )
+        for name in layout.ALL_MAPS:
+            fd = self._lib.bpf_obj_get(str(bpffs_dir / name).encode())
+            if fd < 0:
+                self.close()
+                raise PermissionMissing(
+                    f"cannot open pinned map {bpffs_dir / name}: run as root (CAP_BPF, CAP_SYS_ADMIN)"
+                )
+            self.fds[name] = fd
+        self.ncpus = _possible_cpus()
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> PinnedMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- generic map access -------------------------------------------------------------------
+    def _lookup(self, name: str, key: ctypes.Structure | ctypes._SimpleCData, value: object) -> bool:
+        return (
+            self._lib.bpf_lookup_elem(self.fds[name], ctypes.byref(key), ctypes.byref(value)) == 0
+        )
+
+    def _update(self, name: str, key: object, value: object, flags: int = 0) -> None:
+        if self._lib.bpf_update_elem(self.fds[name], ctypes.byref(key), ctypes.byref(value), flags) < 0:
+            err = ctypes.get_errno()
+            raise SockopsError(f"writing map {name} failed: {os.strerror(err) if err else 'error'}")
+
+    def _delete(self, name: str, key: object) -> bool:
+        return self._lib.bpf_delete_elem(self.fds[name], ctypes.byref(key)) == 0
+
+    def _keys(self, name: str, key_type: type) -> Iterator:
+        key = key_type()
+        nxt = key_type()
+        first = True
+        while True:
+            ret = self._lib.bpf_get_next_key(
+                self.fds[name], None if first else ctypes.byref(key), ctypes.byref(nxt)
+            )
+            if ret < 0:
+                return
+            first = False
+            yield key_type.from_buffer_copy(nxt)
+            ctypes.memmove(ctypes.byref(key), ctypes.byref(nxt), ctypes.sizeof(key_type))
+
+    def _percpu(self, name: str, key: object, value_type: type) -> list | None:
+        stride = (ctypes.sizeof(value_type) + 7) // 8 * 8
+        buf = (ctypes.c_uint8 * (stride * self.ncpus))()
+        if self._lib.bpf_lookup_elem(self.fds[name], ctypes.byref(key), buf) != 0:
+            return None
+        return [value_type.from_buffer_copy(buf, i * stride) for i in range(self.ncpus)]
+
+    # -- namespaces -----------------------------------------------------------------------------
+    def enable(self, cookie: int, settings: layout.NetnsSettings) -> None:
+        """Opt a namespace in: new connections in it are accelerated. Idempotent."""
+        key = ctypes.c_uint64(cookie)
+        if self._percpu(layout.MAP_NETNS_STATS, key, layout.NetnsStats) is None:
+            zero = (ctypes.c_uint8 * (((ctypes.sizeof(layout.NetnsStats) + 7) // 8 * 8) * self.ncpus))()
+            self._update(layout.MAP_NETNS_STATS, key, zero)
+        self._update(layout.MAP_NETNS_CONF, key, settings.to_struct())
+
+    def disable(self, cookie: int) -> bool:
+        """Opt a namespace out: only new connections are affected; live ones keep their peers.
+
+        The stats entry stays so counters of connections still running keep adding up.
+        """
+        return self._delete(layout.MAP_NETNS_CONF, ctypes.c_uint64(cookie))
+
+    def forget(self, cookie: int) -> None:
+        """Drop a namespace's counters (the namespace is gone)."""
+        self._delete(layout.MAP_NETNS_STATS, ctypes.c_uint64(cookie))
+
+    def enabled(self) -> dict[int, layout.NetnsSettings]:
+        out = {}
+        for key in self._keys(layout.MAP_NETNS_CONF, ctypes.c_uint64):
+            conf = layout.NetnsConf()
+            if self._lookup(layout.MAP_NETNS_CONF, key, conf):
+                out[key.value] = layout.NetnsSettings.from_struct(conf)
+        return out
+
+    def netns_stats(self) -> dict[int, dict[str, int]]:
+        out = {}
+        for key in self._keys(layout.MAP_NETNS_STATS, ctypes.c_uint64):
+            per_cpu = self._percpu(layout.MAP_NETNS_STATS, key, layout.NetnsStats)
+            if per_cpu is None:
+                continue
+            out[key.value] = {
+                f: sum(getattr(v, f) for v in per_cpu) for f, _ in layout.NetnsStats._fields_
+            }
+        return out
+
+    # -- counters -------------------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        totals = {}
+        for name, idx in layout.COUNTERS.items():
+            per_cpu = self._percpu(layout.MAP_COUNTERS, ctypes.c_uint32(idx), ctypes.c_uint64)
+            totals[name] = sum(v.value for v in per_cpu) if per_cpu else 0
+        return totals
+
+    def sockets(self) -> list[layout.SockKey]:
+        return list(self._keys(layout.MAP_SOCKHASH, layout.SockKey))
+
+    def pending(self) -> list[layout.OriginKey]:
+        return list(self._keys(layout.MAP_PENDING, layout.OriginKey))
+
+
+def _possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    total = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        total += int(hi or lo) - int(lo) + 1
+    return total
+
+
+@dataclass
+class DataPlane:
+    """Compiled and loaded programs plus their pinned maps."""
+
+    bpffs_dir: Path
+    sizes: MapSizes
+    bpf: object = field(repr=False)
+    sock_ops: object = field(repr=False)
+    sk_msg: object = field(repr=False)
+
+    @classmethod
+    def load(
+        cls, bpffs_dir: Path = DEFAULT_BPFFS_DIR, sizes: MapSizes | None = None, debug_text: bool = False
+    ) -> DataPlane:
+        """Compile and load; create or re-open the pinned maps."""
+        sizes = sizes or MapSizes()
+        check_bpffs(bpffs_dir)
+        if os.geteuid() != 0:
+            raise PermissionMissing("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+        check_headers()
+        try:
+            from bcc import BPF
+        except ImportError as e:
+            raise SockopsError(
+                "bcc's Python module is missing: apt-get install python3-bpfcc, and make the venv "
+                "with --system-site-packages"
+            ) from e
+        bpffs_dir.mkdir(parents=True, exist_ok=True)
+        text = program_text()
+        if debug_text:
+            print(text)
+        try:
+            b = BPF(text=text, cflags=cflags(bpffs_dir, sizes))
+            ops = b.load_func(PROG_SOCK_OPS, BPF.SOCK_OPS)
+            msg = b.load_func(PROG_SK_MSG, BPF.SK_MSG)
+        except Exception as e:  # bcc raises bare Exception with the verifier log on stderr
+            raise SockopsError(f"loading the BPF programs failed: {e}") from e
+        return cls(bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, sock_ops=ops, sk_msg=msg)
+
+    def attach(self, cgroup: Path) -> None:
+        """Attach sock_ops to the cgroup and sk_msg to the sockhash, replacing older versions.
+
+        sk_msg goes first: sockets inserted by a new sock_ops program must find the (new) verdict
+        program on the map. Each attach swaps atomically, so there is no window without one.
+        """
+        from bcc import BPF, BPFAttachType
+
+        check_cgroup_v2(cgroup)
+        map_fd = self.bpf_map_fd(layout.MAP_SOCKHASH)
+        try:
+            BPF.attach_func(self.sk_msg, map_fd, BPFAttachType.SK_MSG_VERDICT)
+        except Exception as e:
+            raise SockopsError(f"attaching sk_msg to the sockhash failed: {e}") from e
+        with _dir_fd(cgroup) as cg_fd:
+            try:
+                BPF.attach_func(self.sock_ops, cg_fd, BPFAttachType.CGROUP_SOCK_OPS)
+            except Exception as e:
+                raise SockopsError(
+                    f"attaching sock_ops to {cgroup} failed: {e} (another program attached with "
+                    f"BPF_F_ALLOW_MULTI? see bpftool cgroup show {cgroup})"
+                ) from e
+
+    def bpf_map_fd(self, name: str) -> int:
+        from bcc import libbcc
+
+        fd = libbcc.lib.bpf_table_fd(self.bpf.module, name.encode())
+        if fd < 0:
+            raise SockopsError(f"map {name} not found in the loaded module")
+        return fd
+
+    def maps(self) -> PinnedMaps:
+        return PinnedMaps(self.bpffs_dir)
+
+
+def attached_programs(cgroup: Path, bpffs_dir: Path) -> dict[str, list[dict[str, object]]]:
+    """What is attached now: sock_ops on the cgroup, sk_msg on the pinned sockhash."""
+    out: dict[str, list[dict[str, object]]] = {"sock_ops": [], "sk_msg": []}
+    with contextlib.suppress(OSError), _dir_fd(cgroup) as cg_fd:
+        out["sock_ops"] = [_describe(i) for i in prog_query(cg_fd, BPF_CGROUP_SOCK_OPS)]
+    sockhash = bpffs_dir / layout.MAP_SOCKHASH
+    if sockhash.exists():
+        from bcc import libbcc
+
+        fd = libbcc.lib.bpf_obj_get(str(sockhash).encode())
+        if fd >= 0:
+            try:
+                out["sk_msg"] = [_describe(i) for i in prog_query(fd, BPF_SK_MSG_VERDICT)]
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return out
+
+
+def _describe(prog_id: int) -> dict[str, object]:
+    fd = prog_fd_by_id(prog_id)
+    try:
+        return prog_info(fd)
+    finally:
+        os.close(fd)
+
+
+def detach_all(cgroup: Path, bpffs_dir: Path) -> None:
+    """Detach sockops' programs (by name) from the cgroup and the sockhash. Idempotent.
+
+    Detaching sk_msg from the sockhash also breaks the map<->program reference cycle, so the map
+    is freed once unpinned and its last socket is gone.
+    """
+    with contextlib.suppress(FileNotFoundError), _dir_fd(cgroup) as cg_fd:
+        for prog_id in prog_query(cg_fd, BPF_CGROUP_SOCK_OPS):
+            _detach_if_ours(cg_fd, prog_id, BPF_CGROUP_SOCK_OPS, PROG_SOCK_OPS)
+    sockhash = bpffs_dir / layout.MAP_SOCKHASH
+    if sockhash.exists():
+        from bcc import libbcc
+
+        fd = libbcc.lib.bpf_obj_get(str(sockhash).encode())
+        if fd >= 0:
+            try:
+                for prog_id in prog_query(fd, BPF_SK_MSG_VERDICT):
+                    _detach_if_ours(fd, prog_id, BPF_SK_MSG_VERDICT, PROG_SK_MSG)
+            finally:
+                os.close(fd)
+
+
+def _detach_if_ours(target_fd: int, prog_id: int, attach_type: int, name: str) -> None:
+    pfd = prog_fd_by_id(prog_id)
+    try:
+        # The kernel keeps 15 characters of the name.
+        if prog_info(pfd)["name"] == name[:15]:
+            with contextlib.suppress(OSError):
+                prog_detach(target_fd, pfd, attach_type)
+    finally:
+        os.close(pfd)
+
+
+def unpin(bpffs_dir: Path) -> None:
+    for name in layout.ALL_MAPS:
+        with contextlib.suppress(FileNotFoundError):
+            (bpffs_dir / name).unlink()
+    with contextlib.suppress(OSError):
+        bpffs_dir.rmdir()
+
+
+def check_headers() -> None:
+    """bcc needs kernel headers; raise with the fix when none are where it looks."""
+    env = os.environ.get("BCC_KERNEL_SOURCE")
+    release = os.uname().release
+    candidates = [Path(env)] if env else []
+    candidates += [Path(f"/lib/modules/{release}/build"), Path(f"/lib/modules/{release}/source")]
+    if any((c / "include").is_dir() for c in candidates):
+        return
+    raise HeadersMissing(
+        f"bcc could not find kernel headers for {release}: install linux-headers-amd64 (or "
+        f"linux-headers-{release}) and link /lib/modules/{release}/build and /source to "
+        f"/usr/src/linux-headers-*-amd64 and -common, or set BCC_KERNEL_SOURCE"
+    )
+
+
+__all__ = [
+    "DEFAULT_BPFFS_DIR",
+    "DataPlane",
+    "MapSizes",
+    "PinnedMaps",
+    "attached_programs",
+    "detach_all",
+    "unpin",
+]
