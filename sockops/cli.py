@@ -1,0 +1,382 @@
+"""The `sockops` command: doctor, agent, enable/disable, status, uninstall, demo.
+
+Every flag has an environment-variable default (shown in --help), so the same settings work on a
+command line and in a DaemonSet's env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sockops import __version__, layout, loader
+from sockops import netns as netns_mod
+from sockops.errors import SockopsError
+
+log = logging.getLogger("sockops")
+
+EPILOG = """examples:
+  sockops doctor                      can acceleration run here?
+  sockops agent --source static --netns pod-a
+                                      load, attach, accelerate the namespace pod-a
+  sockops enable --netns pod-b        opt another namespace in while the agent runs
+  sockops status --json               sockets, redirected bytes, misses, per namespace
+  sockops uninstall                   stop new acceleration, drain, detach, unpin
+  sockops demo                        an Istio-style pod with Envoy, off then on
+"""
+
+
+def env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--bpffs",
+        type=Path,
+        default=Path(env("SOCKOPS_BPFFS", str(loader.DEFAULT_BPFFS_DIR))),
+        help="bpffs directory of the pinned maps (env SOCKOPS_BPFFS; default %(default)s)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=env("SOCKOPS_LOG_FORMAT", "text"),
+        help="log line format (env SOCKOPS_LOG_FORMAT; default %(default)s)",
+    )
+
+
+def _sizes(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sockhash-size",
+        type=int,
+        default=int(env("SOCKOPS_SOCKHASH_SIZE", "65536")),
+        help="sockets the sockhash holds (env SOCKOPS_SOCKHASH_SIZE; default %(default)s)",
+    )
+    p.add_argument(
+        "--pending-size",
+        type=int,
+        default=int(env("SOCKOPS_PENDING_SIZE", "16384")),
+        help="connections waiting for their peer (env SOCKOPS_PENDING_SIZE; default %(default)s)",
+    )
+    p.add_argument(
+        "--netns-size",
+        type=int,
+        default=int(env("SOCKOPS_NETNS_SIZE", "1024")),
+        help="namespaces that can be enabled (env SOCKOPS_NETNS_SIZE; default %(default)s)",
+    )
+
+
+def _target(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--netns", help="network namespace name (ip netns) or path, e.g. /proc/PID/ns/net")
+    g.add_argument("--pid", type=int, help="a process inside the pod")
+    p.add_argument(
+        "--sidecar",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="Istio sidecar capture: auto reads the namespace's nat rules (default auto)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sockops",
+        description="eBPF sockmap acceleration for service-mesh sidecars.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"sockops {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("doctor", help="probe kernel features; exit 0 only where acceleration can run")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--cgroup", type=Path, default=None)
+
+    a = sub.add_parser("agent", help="load and attach the programs, then serve until SIGTERM")
+    _common(a)
+    _sizes(a)
+    a.add_argument(
+        "--source",
+        choices=("static",),
+        default=env("SOCKOPS_SOURCE", "static"),
+        help="where desired state comes from (env SOCKOPS_SOURCE; default %(default)s)",
+    )
+    a.add_argument(
+        "--cgroup",
+        type=Path,
+        default=Path(env("SOCKOPS_CGROUP", "")) if env("SOCKOPS_CGROUP", "") else None,
+        help="cgroup v2 directory to attach sock_ops to (env SOCKOPS_CGROUP; default the cgroup v2 root)",
+    )
+    a.add_argument(
+        "--netns",
+        action="append",
+        default=[n for n in env("SOCKOPS_STATIC_NETNS", "").split(",") if n],
+        help="static source: namespace to accelerate, repeatable (env SOCKOPS_STATIC_NETNS, comma-separated)",
+    )
+    a.add_argument(
+        "--resync",
+        type=float,
+        default=float(env("SOCKOPS_RESYNC_SECONDS", "30")),
+        help="seconds between resyncs that repair drift (env SOCKOPS_RESYNC_SECONDS)",
+    )
+    a.add_argument("--print-program", action="store_true", help="print the generated BPF C and exit")
+
+    for name, helptext in (
+        ("enable", "opt a network namespace in (new connections are accelerated)"),
+        ("disable", "opt a network namespace out (live connections keep running)"),
+    ):
+        e = sub.add_parser(name, help=helptext)
+        _common(e)
+        _target(e)
+
+    s = sub.add_parser("status", help="enabled namespaces, sockets in the map, counters")
+    _common(s)
+    s.add_argument("--json", action="store_true")
+
+    u = sub.add_parser("uninstall", help="stop accelerating, wait for accelerated connections, detach, unpin")
+    _common(u)
+    u.add_argument("--cgroup", type=Path, default=None)
+    u.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=float(env("SOCKOPS_DRAIN_TIMEOUT", "60")),
+        help="seconds to wait for accelerated connections to close (default %(default)s)",
+    )
+
+    m = sub.add_parser("demo", help="Istio-style pod with Envoy: traffic with acceleration off, then on")
+    m.add_argument("--connections", type=int, default=4)
+    m.add_argument("--seconds", type=float, default=5.0, help="load duration per phase")
+    m.add_argument("--size", type=int, default=1024, help="request size in bytes")
+    return p
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage()}
+        out.update(getattr(record, "fields", {}))
+        return json.dumps(out)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        level = record.levelname.lower()
+        return f"{time.strftime('%H:%M:%S')} {level:5} {record.getMessage()} {fields}".rstrip()
+
+
+def setup_logging(fmt: str) -> None:
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[h], force=True)
+
+
+def _settings(args: argparse.Namespace, path: Path) -> layout.NetnsSettings:
+    sidecar = {"auto": None, "yes": True, "no": False}[args.sidecar]
+    return netns_mod.settings_for(path, sidecar)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from sockops import doctor
+
+    probes = doctor.probe_all(cgroup=args.cgroup)
+    print(doctor.render(probes, args.json))
+    return 0 if doctor.verdict(probes) else 1
+
+
+def cmd_enable(args: argparse.Namespace, on: bool) -> int:
+    path = netns_mod.resolve(args.netns, args.pid)
+    cookie = netns_mod.cookie(path)
+    with loader.PinnedMaps(args.bpffs) as maps:
+        if on:
+            settings = _settings(args, path)
+            maps.enable(cookie, settings)
+            log.info(
+                "enabled",
+                extra={"fields": {"netns": str(path), "cookie": cookie, "sidecar": settings.sidecar}},
+            )
+        else:
+            maps.disable(cookie)
+            log.info("disabled", extra={"fields": {"netns": str(path), "cookie": cookie}})
+    return 0
+
+
+def _netns_names() -> dict[int, str]:
+    """Cookie -> name for the namespaces `ip netns` knows, to make status readable."""
+    names = {}
+    if netns_mod.NETNS_RUN_DIR.is_dir():
+        for entry in netns_mod.NETNS_RUN_DIR.iterdir():
+            try:
+                names[netns_mod.cookie(entry)] = entry.name
+            except (SockopsError, OSError):
+                continue
+    return names
+
+
+def status_report(bpffs: Path) -> dict[str, object]:
+    with loader.PinnedMaps(bpffs) as maps:
+        counters = maps.counters()
+        enabled = maps.enabled()
+        stats = maps.netns_stats()
+        sockets = maps.sockets()
+        pending = maps.pending()
+    names = _netns_names()
+    return {
+        "sockets_active": len(sockets),
+        "pending_connections": len(pending),
+        "redirected_bytes": counters["redirected_bytes"],
+        "redirected_messages": counters["redirected_messages"],
+        "redirect_misses": counters["redirect_misses"],
+        "enabled_netns": [
+            {
+                "cookie": c,
+                "name": names.get(c),
+                "sidecar": s.sidecar,
+                "capture_ports": [s.capture_out, s.capture_in],
+                "local_ips": list(s.local_ips),
+                **stats.get(c, {}),
+            }
+            for c, s in sorted(enabled.items())
+        ],
+        "counters": counters,
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report = status_report(args.bpffs)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        f"sockets in the sockhash: {report['sockets_active']}   "
+        f"waiting for a peer: {report['pending_connections']}"
+    )
+    print(
+        f"redirected: {report['redirected_bytes']} bytes in {report['redirected_messages']} messages, "
+        f"misses {report['redirect_misses']}"
+    )
+    print("enabled namespaces:")
+    for ns in report["enabled_netns"]:
+        print(
+            f"  {ns['name'] or '-':<20} cookie={ns['cookie']:<8} "
+            f"sidecar={'yes' if ns['sidecar'] else 'no':<3} "
+            f"redirected_bytes={ns.get('redirected_bytes', 0)} misses={ns.get('misses', 0)}"
+        )
+    if not report["enabled_netns"]:
+        print("  (none)")
+    print("counters:")
+    for k, v in report["counters"].items():
+        print(f"  {k:<28} {v}")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from sockops.cgroups import find_cgroup2_root
+
+    if args.print_program:
+        print(loader.program_text())
+        return 0
+    cgroup = args.cgroup or find_cgroup2_root()
+    sizes = loader.MapSizes(args.sockhash_size, args.pending_size, args.netns_size)
+    plane = loader.DataPlane.load(args.bpffs, sizes)
+    plane.attach(cgroup)
+    log.info("attached", extra={"fields": {"cgroup": str(cgroup), "bpffs": str(args.bpffs)}})
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with plane.maps() as maps:
+        while True:
+            _reconcile_static(maps, args)
+            if stop.wait(args.resync):
+                break
+    # Programs stay attached and maps pinned: accelerated connections keep running, and the
+    # next agent re-opens the same maps.
+    log.info("stopping; programs stay attached and maps pinned", extra={"fields": {"bpffs": str(args.bpffs)}})
+    return 0
+
+
+def _reconcile_static(maps: loader.PinnedMaps, args: argparse.Namespace) -> None:
+    """Static source: the namespaces named on the command line are enabled; idempotent."""
+    for name in args.netns:
+        try:
+            path = netns_mod.resolve(name)
+            settings = netns_mod.settings_for(path)
+            cookie = netns_mod.cookie(path)
+            if maps.enabled().get(cookie) != settings:
+                maps.enable(cookie, settings)
+                log.info(
+                    "enabled",
+                    extra={"fields": {"netns": name, "cookie": cookie, "sidecar": settings.sidecar}},
+                )
+        except SockopsError as e:
+            log.warning("not accelerated", extra={"fields": {"netns": name, "reason": str(e)}})
+
+
+def uninstall(bpffs: Path, cgroup: Path, drain_timeout: float) -> dict[str, object]:
+    """Stop new acceleration, wait for accelerated connections to close, then detach and unpin.
+
+    Removing a socket from its last map purges unread data, so the maps are only unpinned once
+    the sockhash is empty or the timeout has passed; even then, unpinning leaves live sockets in
+    the (now unnamed) map until they close, so nothing is purged.
+    """
+    drained = True
+    remaining = 0
+    if (bpffs / layout.MAP_SOCKHASH).exists():
+        with loader.PinnedMaps(bpffs) as maps:
+            for cookie in list(maps.enabled()):
+                maps.disable(cookie)
+            deadline = time.monotonic() + drain_timeout
+            while (remaining := len(maps.sockets())) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            drained = remaining == 0
+    loader.detach_all(cgroup, bpffs)
+    loader.unpin(bpffs)
+    return {"drained": drained, "sockets_left": remaining}
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from sockops.cgroups import find_cgroup2_root
+
+    result = uninstall(args.bpffs, args.cgroup or find_cgroup2_root(), args.drain_timeout)
+    if result["drained"]:
+        log.info("uninstalled", extra={"fields": result})
+    else:
+        log.warning(
+            "uninstalled after drain timeout; live connections keep their sockets until they close",
+            extra={"fields": result},
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "log_format", "text"))
+    try:
+        if args.cmd == "doctor":
+            return cmd_doctor(args)
+        if args.cmd == "agent":
+            return cmd_agent(args)
+        if args.cmd in ("enable", "disable"):
+            return cmd_enable(args, args.cmd == "enable")
+        if args.cmd == "status":
+            return cmd_status(args)
+        if args.cmd == "uninstall":
+            return cmd_uninstall(args)
+        if args.cmd == "demo":
+            from sockops import demo
+
+            return demo.run(args)
+    except SockopsError as e:
+        log.error(str(e))
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -149,9 +149,7 @@ class NetnsSettings:
 
     @classmethod
     def from_struct(cls, conf: NetnsConf) -> NetnsSettings:
-        ips = tuple(
-            words_to_ip(conf.local_ip[i]) for i in range(NETNS_LOCAL_IPS) if any(conf.local_ip[i])
-        )
+        ips = tuple(words_to_ip(conf.local_ip[i]) for i in range(NETNS_LOCAL_IPS) if any(conf.local_ip[i]))
         return cls(
             sidecar=bool(conf.flags & NETNS_F_SIDECAR),
             capture_out=conf.capture_out,

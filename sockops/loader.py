@@ -173,15 +173,17 @@ def check_bpffs(bpffs_dir: Path) -> None:
     except FileNotFoundError as e:
         raise BpffsMissing(f"{parent} does not exist: mount -t bpf bpf /sys/fs/bpf") from e
     del fstype
-    mounts = Path("/proc/mounts").read_text().split("\n")
+    # The longest mount point that holds the directory decides its filesystem type.
     best = ""
     kind = ""
     target = str(parent.resolve())
-    for line in mounts:
+    for line in Path("/proc/mounts").read_text().splitlines():
         parts = line.split()
-        if len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/")):
-            if len(parts[1]) >= len(best):
-                best, kind = parts[1], parts[2]
+        if len(parts) < 3:
+            continue
+        holds = target == parts[1] or target.startswith(parts[1].rstrip("/") + "/")
+        if holds and len(parts[1]) >= len(best):
+            best, kind = parts[1], parts[2]
     if kind != "bpf":
         raise BpffsMissing(
             f"{parent} is not on a bpf filesystem (found {kind or 'none'}): "
@@ -228,9 +230,7 @@ class PinnedMaps:
 
     # -- generic map access -------------------------------------------------------------------
     def _lookup(self, name: str, key: ctypes.Structure | ctypes._SimpleCData, value: object) -> bool:
-        return (
-            self._lib.bpf_lookup_elem(self.fds[name], ctypes.byref(key), ctypes.byref(value)) == 0
-        )
+        return self._lib.bpf_lookup_elem(self.fds[name], ctypes.byref(key), ctypes.byref(value)) == 0
 
     def _update(self, name: str, key: object, value: object, flags: int = 0) -> None:
         if self._lib.bpf_update_elem(self.fds[name], ctypes.byref(key), ctypes.byref(value), flags) < 0:
@@ -295,9 +295,7 @@ class PinnedMaps:
             per_cpu = self._percpu(layout.MAP_NETNS_STATS, key, layout.NetnsStats)
             if per_cpu is None:
                 continue
-            out[key.value] = {
-                f: sum(getattr(v, f) for v in per_cpu) for f, _ in layout.NetnsStats._fields_
-            }
+            out[key.value] = {f: sum(getattr(v, f) for v in per_cpu) for f, _ in layout.NetnsStats._fields_}
         return out
 
     # -- counters -------------------------------------------------------------------------------

@@ -93,7 +93,10 @@ def istio_capture_ports(path: Path) -> tuple[int, int] | None:
     try:
         rules = subprocess.run(
             ["nsenter", f"--net={path}", "iptables-save", "-t", "nat"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None

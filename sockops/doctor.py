@@ -1,0 +1,130 @@
+"""Can acceleration run on this machine? Each probe says what it found and, if it fails, the fix.
+
+The last probe compiles and loads the real programs (into a scratch bpffs directory it removes),
+so "ok" means the kernel's verifier accepted exactly what the agent would attach: every program
+type, map type and helper it needs, not a guess from a version number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sockops import loader
+from sockops.cgroups import find_cgroup2_root
+from sockops.errors import SockopsError
+
+MIN_KERNEL = (5, 15)  # sk_storage + netns cookie in sk_msg, BPF atomics, HDR_OPT callbacks
+
+
+@dataclass
+class Probe:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    release = release or os.uname().release
+    parts = release.split("-")[0].split(".")
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+
+
+def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None) -> list[Probe]:
+    probes: list[Probe] = []
+    release = os.uname().release
+    kv = kernel_version(release)
+    probes.append(
+        Probe(
+            "kernel",
+            kv >= MIN_KERNEL,
+            f"{release}",
+            f"needs Linux {MIN_KERNEL[0]}.{MIN_KERNEL[1]} or newer",
+        )
+    )
+    btf = Path("/sys/kernel/btf/vmlinux").exists()
+    probes.append(
+        Probe(
+            "btf",
+            btf,
+            "/sys/kernel/btf/vmlinux" + ("" if btf else " missing"),
+            "a kernel built with CONFIG_DEBUG_INFO_BTF",
+            required=False,
+        )
+    )
+    probes.append(
+        Probe(
+            "root",
+            os.geteuid() == 0,
+            f"euid {os.geteuid()}",
+            "run as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)",
+        )
+    )
+    try:
+        cg = cgroup or find_cgroup2_root()
+        loader.check_cgroup_v2(cg)
+        probes.append(Probe("cgroup_v2", True, str(cg)))
+    except Exception as e:
+        probes.append(Probe("cgroup_v2", False, str(e), "mount -t cgroup2 none /sys/fs/cgroup/unified"))
+    try:
+        loader.check_bpffs(bpffs_root / "sockops")
+        probes.append(Probe("bpffs", True, str(bpffs_root)))
+    except SockopsError as e:
+        probes.append(Probe("bpffs", False, str(e), "mount -t bpf bpf /sys/fs/bpf"))
+    try:
+        loader.check_headers()
+        probes.append(Probe("kernel_headers", True, f"/lib/modules/{release}/build"))
+    except SockopsError as e:
+        probes.append(Probe("kernel_headers", False, str(e), "install linux-headers-amd64 and link them"))
+    try:
+        import bcc  # noqa: F401
+
+        probes.append(Probe("bcc", True, "python bcc module importable"))
+    except ImportError:
+        probes.append(Probe("bcc", False, "python bcc module missing", "apt-get install python3-bpfcc"))
+
+    if all(p.ok for p in probes if p.required):
+        probes.append(_probe_load(bpffs_root))
+    else:
+        probes.append(Probe("programs_load", False, "skipped: fix the failures above first"))
+    return probes
+
+
+def _probe_load(bpffs_root: Path) -> Probe:
+    scratch = bpffs_root / f"sockops-doctor-{uuid.uuid4().hex[:8]}"
+    try:
+        plane = loader.DataPlane.load(scratch, loader.MapSizes(sockhash=16, pending=16, netns=4))
+        del plane
+        return Probe("programs_load", True, "sock_ops + sk_msg programs, sockhash, sk_storage, pinned maps")
+    except SockopsError as e:
+        return Probe("programs_load", False, str(e), "see the verifier message above")
+    finally:
+        loader.unpin(scratch)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(scratch)
+
+
+def verdict(probes: list[Probe]) -> bool:
+    return all(p.ok for p in probes if p.required)
+
+
+def render(probes: list[Probe], as_json: bool) -> str:
+    ok = verdict(probes)
+    if as_json:
+        return json.dumps({"ok": ok, "probes": [asdict(p) for p in probes]}, indent=2)
+    lines = []
+    for p in probes:
+        mark = "ok  " if p.ok else ("FAIL" if p.required else "warn")
+        lines.append(f"  [{mark}] {p.name:<15} {p.detail}")
+        if not p.ok and p.fix:
+            lines.append(f"         fix: {p.fix}")
+    lines.append("")
+    lines.append("verdict: acceleration can run here" if ok else "verdict: acceleration can NOT run here")
+    return "\n".join(lines)

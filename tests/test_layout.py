@@ -1,0 +1,97 @@
+"""The ctypes mirrors in sockops/layout.py must match bpf/sockops.h byte for byte."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sockops import layout
+
+ROOT = Path(__file__).resolve().parent.parent
+
+STRUCTS = {
+    "sock_key": layout.SockKey,
+    "origin_key": layout.OriginKey,
+    "pending": layout.Pending,
+    "sock_state": layout.SockState,
+    "netns_conf": layout.NetnsConf,
+    "netns_stats": layout.NetnsStats,
+}
+
+
+def _c_layout(tmp_path: Path) -> dict[str, int]:
+    """Compile a tiny C program against the header and print sizes, offsets and constants."""
+    lines = []
+    for name, cls in STRUCTS.items():
+        lines.append(f'printf("sizeof.{name} %zu\\n", sizeof(struct {name}));')
+        for field, _ in cls._fields_:
+            lines.append(f'printf("offset.{name}.{field} %zu\\n", offsetof(struct {name}, {field}));')
+    consts = [
+        "ROLE_CLIENT",
+        "ROLE_SERVER",
+        "PEND_WAITING",
+        "PEND_PAIRED",
+        "PEND_PASS",
+        "DECIDE_UNDECIDED",
+        "DECIDE_REDIRECT",
+        "DECIDE_PASS",
+        "NETNS_F_SIDECAR",
+        "NETNS_LOCAL_IPS",
+        "CNT_MAX",
+    ]
+    for c in consts:
+        lines.append(f'printf("const.{c} %d\\n", (int){c});')
+    src = tmp_path / "layout.c"
+    src.write_text(
+        "#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n"
+        f'#include "{ROOT / "bpf" / "sockops.h"}"\nint main(void) {{\n' + "\n".join(lines) + "\nreturn 0; }\n"
+    )
+    exe = tmp_path / "layout"
+    subprocess.run(["cc", "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs linux/types.h")
+def test_structs_match_header(tmp_path: Path) -> None:
+    c = _c_layout(tmp_path)
+    for name, cls in STRUCTS.items():
+        assert ctypes.sizeof(cls) == c[f"sizeof.{name}"], name
+        for field, _ in cls._fields_:
+            assert getattr(cls, field).offset == c[f"offset.{name}.{field}"], f"{name}.{field}"
+    assert c["const.ROLE_SERVER"] == layout.ROLE_SERVER
+    assert c["const.PEND_PAIRED"] == layout.PEND_PAIRED
+    assert c["const.PEND_PASS"] == layout.PEND_PASS
+    assert c["const.DECIDE_REDIRECT"] == layout.DECIDE_REDIRECT
+    assert c["const.NETNS_F_SIDECAR"] == layout.NETNS_F_SIDECAR
+    assert c["const.NETNS_LOCAL_IPS"] == layout.NETNS_LOCAL_IPS
+    assert c["const.CNT_MAX"] == layout.CNT_MAX
+
+
+def test_counter_indexes_match_header() -> None:
+    header = (ROOT / "bpf" / "sockops.h").read_text()
+    defined = {}
+    for line in header.splitlines():
+        parts = line.split()
+        if (
+            len(parts) >= 3
+            and parts[0] == "#define"
+            and parts[1].startswith("CNT_")
+            and parts[1] != "CNT_MAX"
+        ):
+            defined[parts[1]] = int(parts[2])
+    assert sorted(defined.values()) == sorted(layout.COUNTERS.values())
+    assert len(set(layout.COUNTERS.values())) == len(layout.COUNTERS)
+
+
+def test_addresses_round_trip() -> None:
+    for ip in ("127.0.0.1", "10.244.1.10", "::1", "fd00:10:244::10"):
+        assert layout.words_to_ip(layout.ip_to_words(ip)) == ip
+    s = layout.NetnsSettings(
+        sidecar=True, capture_out=15001, capture_in=15006, local_ips=("10.244.1.10", "::1")
+    )
+    assert layout.NetnsSettings.from_struct(s.to_struct()) == s
