@@ -168,11 +168,8 @@ def check_cgroup_v2(cgroup: Path) -> None:
 
 def check_bpffs(bpffs_dir: Path) -> None:
     parent = bpffs_dir if bpffs_dir.exists() else bpffs_dir.parent
-    try:
-        fstype = os.statvfs(parent)
-    except FileNotFoundError as e:
-        raise BpffsMissing(f"{parent} does not exist: mount -t bpf bpf /sys/fs/bpf") from e
-    del fstype
+    if not parent.exists():
+        raise BpffsMissing(f"{parent} does not exist: mount -t bpf bpf /sys/fs/bpf")
     # The longest mount point that holds the directory decides its filesystem type.
     best = ""
     kind = ""
