@@ -1,0 +1,230 @@
+"""Traffic helpers for the kernel tests: start the echo server and run checking clients in a pod.
+
+Every wait is bounded: a hung client or a server that never listens fails the test (with what
+the process printed) instead of stalling CI. The processes are plain blocking-socket programs
+(sockops.apps, tests/pinned_client.py), so a spurious EAGAIN reaches them as an error.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sockops.podlab import Pod
+
+APP_UID = 1000
+APP_PORT = 8080
+HEADER_BYTES = 8  # sockops.apps request header, sent client -> server only
+PINNED_CLIENT = Path(__file__).resolve().parent / "pinned_client.py"
+HALFCLOSE_CLIENT = Path(__file__).resolve().parent / "halfclose_client.py"
+
+
+def _read_json_line(proc: subprocess.Popen[Any], timeout: float, what: str) -> dict[str, Any]:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            pytest.fail(f"{what}: no output within {timeout}s (pid {proc.pid})")
+    line = proc.stdout.readline()
+    if not line:
+        pytest.fail(f"{what}: exited with {proc.wait(5)} before printing a line")
+    return json.loads(line)
+
+
+@dataclass
+class EchoServer:
+    pod: Pod
+    proc: subprocess.Popen[Any]
+    log: Path
+
+    def errors(self) -> list[str]:
+        """Errors the server printed (one JSON line per failed connection, e.g. an EAGAIN)."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [line for line in text.splitlines() if line.strip()]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def start_echo_server(
+    pod: Pod,
+    log_dir: Path,
+    host: str = "0.0.0.0",
+    port: int = APP_PORT,
+    ipv6: bool = False,
+    uid: int = APP_UID,
+) -> EchoServer:
+    """``python -m sockops.apps server`` in the pod as ``uid``; returns once it listens."""
+    argv = [sys.executable, "-m", "sockops.apps", "server", "--host", host, "--port", str(port)]
+    if ipv6:
+        argv.append("--ipv6")
+    log = log_dir / f"server-{pod.lab.id}-{pod.name}-{port}.stderr"
+    with open(log, "wb") as err:
+        proc = pod.popen(argv, uid=uid, stdout=subprocess.PIPE, stderr=err, text=True)
+    ready = _read_json_line(proc, 15.0, f"echo server in pod {pod.name}")
+    assert ready == {"listening": [host, port]}, ready
+    return EchoServer(pod, proc, log)
+
+
+def run_client(
+    pod: Pod,
+    host: str,
+    port: int = APP_PORT,
+    connections: int = 4,
+    requests: int = 10,
+    sizes: Sequence[int] = (1024,),
+    uid: int = APP_UID,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """``python -m sockops.apps client`` in the pod; its JSON line plus ``returncode``/``stderr``.
+
+    Each of the ``connections`` (opened at once) makes ``requests`` requests whose sizes cycle
+    through ``sizes``. A client that runs past ``timeout`` is killed and the test fails.
+    """
+    argv = [
+        sys.executable, "-m", "sockops.apps", "client",
+        "--host", host, "--port", str(port),
+        "--connections", str(connections), "--requests", str(requests),
+        "--sizes", ",".join(str(s) for s in sizes),
+    ]  # fmt: skip
+    try:
+        res = pod.run(argv, uid=uid, timeout=timeout, text=True)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"client in pod {pod.name} -> {host}:{port} hung for {timeout}s: {e.stderr!r}")
+    lines = [line for line in (res.stdout or "").splitlines() if line.strip()]
+    if not lines:
+        pytest.fail(f"client in pod {pod.name} printed nothing (rc {res.returncode}): {res.stderr}")
+    out: dict[str, Any] = json.loads(lines[-1])
+    out["returncode"] = res.returncode
+    out["stderr"] = res.stderr
+    return out
+
+
+def run_halfclose_client(
+    pod: Pod,
+    host: str,
+    port: int = APP_PORT,
+    connections: int = 8,
+    rounds: int = 50,
+    sizes: Sequence[int] = (1, 1000),
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """tests/halfclose_client.py in the pod: ``connections * rounds`` one-request connections that
+    half-close after sending. Returns its JSON line (ok, mismatches, errors by type)."""
+    argv = [
+        sys.executable, str(HALFCLOSE_CLIENT), host, str(port),
+        "--connections", str(connections), "--rounds", str(rounds),
+        "--sizes", ",".join(str(s) for s in sizes),
+    ]  # fmt: skip
+    try:
+        res = pod.run(argv, uid=APP_UID, timeout=timeout, text=True)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"half-close client in pod {pod.name} hung for {timeout}s: {e.stderr!r}")
+    lines = [line for line in (res.stdout or "").splitlines() if line.strip()]
+    if not lines:
+        pytest.fail(
+            f"half-close client in pod {pod.name} printed nothing (rc {res.returncode}): {res.stderr}"
+        )
+    out: dict[str, Any] = json.loads(lines[-1])
+    out["stderr"] = res.stderr
+    return out
+
+
+def assert_intact(result: dict[str, Any], connections: int, requests: int, sizes: Sequence[int]) -> None:
+    """Every request came back byte-for-byte, no connection failed (any EAGAIN is an error here)."""
+    assert result["errors"] == [], result["errors"]
+    assert result["mismatches"] == 0, result
+    assert result["requests"] == connections * requests, result
+    assert result["bytes"] == payload_bytes(connections, requests, sizes), result
+    assert result["returncode"] == 0, result["stderr"]
+
+
+def payload_bytes(connections: int, requests: int, sizes: Sequence[int]) -> int:
+    """What sockops.apps sends: request n of connection i has size sizes[(i + n) % len(sizes)]."""
+    return sum(sizes[(i + n) % len(sizes)] for i in range(connections) for n in range(requests))
+
+
+def wire_bytes(result: dict[str, Any]) -> int:
+    """Bytes written by both ends of one hop: requests with headers, plus the echoed payloads."""
+    return 2 * result["bytes"] + HEADER_BYTES * result["requests"]
+
+
+class PinnedClients:
+    """tests/pinned_client.py running in several pods at once (see its docstring)."""
+
+    def __init__(self, pods: Mapping[str, Pod], host: str, port: int = APP_PORT, **opts: Any) -> None:
+        """``pods`` maps a tag (the payload prefix, unique per client) to the pod to run in."""
+        self.procs: dict[str, subprocess.Popen[Any]] = {}
+        self.pods = dict(pods)
+        flags: list[str] = []
+        for key, value in opts.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                flags.append(flag)
+            elif value is not False:
+                flags += [flag, str(value)]
+        for tag, pod in self.pods.items():
+            argv = [sys.executable, str(PINNED_CLIENT), host, str(port), "--tag", tag, *flags]
+            self.procs[tag] = pod.popen(
+                argv,
+                uid=APP_UID,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
+    def wait_held(self, timeout: float = 30.0) -> dict[str, list[int]]:
+        """With --hold: wait until every client holds its connections open; their local ports."""
+        return {
+            tag: _read_json_line(p, timeout, f"pinned client {tag}")["held"] for tag, p in self.procs.items()
+        }
+
+    def release(self) -> None:
+        for p in self.procs.values():
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+
+    def results(self, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+        """Each client's final JSON line (all collected in parallel, bounded by ``timeout``)."""
+        out: dict[str, dict[str, Any]] = {}
+        failures: list[str] = []
+
+        def collect(tag: str, proc: subprocess.Popen[Any]) -> None:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                failures.append(f"pinned client {tag} hung for {timeout}s")
+                return
+            lines = [line for line in stdout.splitlines() if line.strip()]
+            if not lines:
+                failures.append(f"pinned client {tag} printed nothing (rc {proc.returncode}): {stderr}")
+                return
+            res = json.loads(lines[-1])
+            res["returncode"] = proc.returncode
+            res["stderr"] = stderr
+            out[tag] = res
+
+        threads = [threading.Thread(target=collect, args=item) for item in self.procs.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            pytest.fail("; ".join(failures))
+        return out
