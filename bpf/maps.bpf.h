@@ -67,4 +67,15 @@ static __always_inline void count(__u32 idx, __u64 n)
 		*v += n; /* per-CPU slot: no atomic needed */
 }
 
+/* The pending-map key of a client: its own address, as its server end sees it remotely. */
+static __always_inline struct origin_key client_origin(const struct sock_state *st)
+{
+	struct origin_key origin = {};
+
+	origin.netns = st->key.netns;
+	__builtin_memcpy(origin.ip, st->key.client_ip, sizeof(origin.ip));
+	origin.port = st->key.client_port;
+	return origin;
+}
+
 #endif /* SOCKOPS_MAPS_H */

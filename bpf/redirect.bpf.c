@@ -20,14 +20,11 @@
 
 static __always_inline void decide_client(struct sock_state *st)
 {
-	struct origin_key origin = {};
+	struct origin_key origin = client_origin(st);
 	__u64 mine = st->cookie << 2;
 	struct pending *p;
 	__u64 old;
 
-	origin.netns = st->key.netns;
-	__builtin_memcpy(origin.ip, st->key.client_ip, sizeof(origin.ip));
-	origin.port = st->key.client_port;
 	p = pending.lookup(&origin);
 	if (!p) {
 		st->decision = DECIDE_PASS;

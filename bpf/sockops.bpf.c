@@ -138,7 +138,7 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 	__u64 netns = bpf_get_netns_cookie(skops);
 	struct netns_conf *conf = netns_conf.lookup(&netns);
 	struct sock_key key = {};
-	struct origin_key origin = {};
+	struct origin_key origin;
 	struct pending pend = {};
 	struct sock_state *st;
 	__u64 cookie;
@@ -165,9 +165,7 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 	st->key = key;
 	st->decision = DECIDE_PASS;	/* until both map updates below succeed */
 
-	origin.netns = netns;
-	__builtin_memcpy(origin.ip, key.client_ip, sizeof(origin.ip));
-	origin.port = key.client_port;
+	origin = client_origin(st);
 	pend.tag = (cookie << 2) | PEND_WAITING;
 	pend.conn = key;
 	if (pending.insert(&origin, &pend)) {
@@ -253,16 +251,6 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	count(CNT_SOCKETS_INSERTED, 1);
 	count(mirror ? CNT_PAIRED_MIRROR : CNT_PAIRED_ORIGDST, 1);
 	netns_inserted(netns);
-}
-
-static __always_inline struct origin_key client_origin(const struct sock_state *st)
-{
-	struct origin_key origin = {};
-
-	origin.netns = st->key.netns;
-	__builtin_memcpy(origin.ip, st->key.client_ip, sizeof(origin.ip));
-	origin.port = st->key.client_port;
-	return origin;
 }
 
 /*
