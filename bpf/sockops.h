@@ -98,6 +98,7 @@ struct sock_state {
  * are never inserted.
  */
 #define NETNS_F_SIDECAR 1 /* outbound traffic is captured to capture_out */
+#define NETNS_F_AGENT 2   /* written by the agent, which may remove it; others are manual (CLI) */
 #define NETNS_LOCAL_IPS 4
 
 struct netns_conf {

@@ -23,6 +23,7 @@ DECIDE_REDIRECT = 1
 DECIDE_PASS = 2
 
 NETNS_F_SIDECAR = 1
+NETNS_F_AGENT = 2
 NETNS_LOCAL_IPS = 4
 
 # Map names, which are also their pin file names under the bpffs directory.
@@ -137,10 +138,13 @@ class NetnsSettings:
     capture_out: int = 15001
     capture_in: int = 15006
     local_ips: tuple[str, ...] = ()
+    # Entries the agent wrote carry NETNS_F_AGENT: its resync removes those it no longer wants and
+    # leaves entries made by hand (`sockops enable`) alone.
+    managed: bool = False
 
     def to_struct(self) -> NetnsConf:
         conf = NetnsConf()
-        conf.flags = NETNS_F_SIDECAR if self.sidecar else 0
+        conf.flags = (NETNS_F_SIDECAR if self.sidecar else 0) | (NETNS_F_AGENT if self.managed else 0)
         conf.capture_out = self.capture_out
         conf.capture_in = self.capture_in
         for i, ip in enumerate(self.local_ips[:NETNS_LOCAL_IPS]):
@@ -155,4 +159,5 @@ class NetnsSettings:
             capture_out=conf.capture_out,
             capture_in=conf.capture_in,
             local_ips=ips,
+            managed=bool(conf.flags & NETNS_F_AGENT),
         )

@@ -1,0 +1,226 @@
+"""Desired state: the workloads (pods, containers, named namespaces) the agent may accelerate.
+
+Sources turn the world into :class:`Workload` values; the reconciler turns those into map state.
+Everything a source needs to decide is here, so the opt-in rules and the parsing of annotations
+are written once and fuzzed once, whichever source read them.
+
+Opt-in rules (the pod annotation wins over the namespace default):
+
+* pod annotation ``sockops.io/accelerate: "true" | "false"``;
+* namespace label ``sockops.io/accelerate=enabled | disabled`` sets the default of its pods;
+* anything else: not accelerated.
+
+A value that is not one of these is a user's mistake, not a reason to guess: the workload is not
+accelerated, and its reason says which value was wrong and what to write instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+ANNOTATION = "sockops.io/accelerate"
+NAMESPACE_LABEL = "sockops.io/accelerate"
+DOCKER_LABEL = "sockops.io/accelerate"
+
+# Istio's per-pod capture annotations (field notes §1).
+ISTIO_INCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/includeOutboundPorts"
+ISTIO_EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
+ISTIO_INCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/includeInboundPorts"
+ISTIO_EXCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/excludeInboundPorts"
+ISTIO_EXCLUDE_OUTBOUND_RANGES = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
+ISTIO_SIDECAR_STATUS = "sidecar.istio.io/status"
+ISTIO_PROXY_CONTAINER = "istio-proxy"
+
+MAX_ANNOTATION_LEN = 4096
+
+
+class InvalidValue(ValueError):
+    """A label or annotation value sockops cannot use; the message says what would be valid."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    accelerate: bool
+    reason: str
+    error: str | None = None  # set when a value was invalid (counted and logged by the reconciler)
+
+
+def _bool_annotation(value: str) -> bool:
+    v = value.strip().lower()
+    if v == "true":
+        return True
+    if v == "false":
+        return False
+    raise InvalidValue(f'{ANNOTATION}="{value[:64]}" is not valid: write "true" or "false"')
+
+
+def _namespace_default(value: str) -> bool:
+    v = value.strip().lower()
+    if v == "enabled":
+        return True
+    if v == "disabled":
+        return False
+    raise InvalidValue(f'namespace label {NAMESPACE_LABEL}={value[:64]} is not valid: write enabled or disabled')
+
+
+def decide(annotations: Mapping[str, str] | None, namespace_labels: Mapping[str, str] | None) -> Decision:
+    """Whether a pod is accelerated, and why: the one place the opt-in rules live."""
+    annotations = annotations or {}
+    namespace_labels = namespace_labels or {}
+    if ANNOTATION in annotations:
+        try:
+            on = _bool_annotation(str(annotations[ANNOTATION]))
+        except InvalidValue as e:
+            return Decision(False, "invalid pod annotation", str(e))
+        return Decision(on, f"pod annotation {ANNOTATION}={'true' if on else 'false'}")
+    if NAMESPACE_LABEL in namespace_labels:
+        try:
+            on = _namespace_default(str(namespace_labels[NAMESPACE_LABEL]))
+        except InvalidValue as e:
+            return Decision(False, "invalid namespace label", str(e))
+        return Decision(on, f"namespace label {NAMESPACE_LABEL}={'enabled' if on else 'disabled'}")
+    return Decision(False, "not opted in")
+
+
+def decide_container(labels: Mapping[str, str] | None) -> Decision:
+    """Docker: the container label ``sockops.io/accelerate=true`` opts a container in."""
+    labels = labels or {}
+    if DOCKER_LABEL not in labels:
+        return Decision(False, "not opted in")
+    try:
+        on = _bool_annotation(str(labels[DOCKER_LABEL]))
+    except InvalidValue as e:
+        return Decision(False, "invalid container label", str(e).replace("sockops.io", "label sockops.io", 1))
+    return Decision(on, f"container label {DOCKER_LABEL}={'true' if on else 'false'}")
+
+
+# -- Istio capture annotations -------------------------------------------------------------------
+
+
+def parse_ports(value: str, name: str) -> tuple[int, ...] | None:
+    """A port list as istio-iptables takes it: ``*`` (all, returned as None), ``""`` or ``a,b,c``."""
+    if len(value) > MAX_ANNOTATION_LEN:
+        raise InvalidValue(f"{name} is longer than {MAX_ANNOTATION_LEN} characters")
+    v = value.strip()
+    if v == "*":
+        return None
+    out = []
+    for part in filter(None, (p.strip() for p in v.split(","))):
+        if not part.isdigit() or not 0 < int(part) < 65536:
+            raise InvalidValue(f'{name}="{value[:64]}": "{part[:16]}" is not a port (1-65535), use a,b,c or *')
+        out.append(int(part))
+    return tuple(out)
+
+
+def parse_cidrs(value: str, name: str) -> tuple[str, ...] | None:
+    """A CIDR list (``*`` = every address, returned as None)."""
+    if len(value) > MAX_ANNOTATION_LEN:
+        raise InvalidValue(f"{name} is longer than {MAX_ANNOTATION_LEN} characters")
+    v = value.strip()
+    if v == "*":
+        return None
+    out = []
+    for part in filter(None, (p.strip() for p in v.split(","))):
+        try:
+            out.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError:
+            raise InvalidValue(f'{name}="{value[:64]}": "{part[:45]}" is not a CIDR, e.g. 10.0.0.0/8') from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class IstioCapture:
+    """What a pod's Istio annotations say about capture; None fields mean "Istio's default".
+
+    The kernel side pairs through the capture ports the pod's nat table really has (istio-init
+    applied these annotations when it wrote the rules); the agent keeps them to report them, to
+    validate them, and to know that a pod whose outbound capture is switched off has no outbound
+    leg through the original-destination map.
+    """
+
+    include_outbound_ports: tuple[int, ...] | None = None
+    exclude_outbound_ports: tuple[int, ...] = ()
+    include_inbound_ports: tuple[int, ...] | None = None
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_ranges: tuple[str, ...] | None = ()
+
+    @property
+    def outbound_captured(self) -> bool:
+        """False when the annotations switch outbound capture off entirely."""
+        return not (self.include_outbound_ports == () or self.exclude_outbound_ranges is None)
+
+    @property
+    def inbound_captured(self) -> bool:
+        return self.include_inbound_ports != ()
+
+
+def parse_istio(annotations: Mapping[str, str] | None) -> tuple[IstioCapture, list[str]]:
+    """The pod's capture annotations, plus one message per invalid one (which is then ignored)."""
+    annotations = annotations or {}
+    errors: list[str] = []
+    kw: dict[str, object] = {}
+    for key, attr, parser in (
+        (ISTIO_INCLUDE_OUTBOUND_PORTS, "include_outbound_ports", parse_ports),
+        (ISTIO_EXCLUDE_OUTBOUND_PORTS, "exclude_outbound_ports", parse_ports),
+        (ISTIO_INCLUDE_INBOUND_PORTS, "include_inbound_ports", parse_ports),
+        (ISTIO_EXCLUDE_INBOUND_PORTS, "exclude_inbound_ports", parse_ports),
+        (ISTIO_EXCLUDE_OUTBOUND_RANGES, "exclude_outbound_ranges", parse_cidrs),
+    ):
+        if key not in annotations:
+            continue
+        try:
+            value = parser(str(annotations[key]), key)
+        except InvalidValue as e:
+            errors.append(str(e))
+            continue
+        if value is None and attr.startswith("exclude") and attr != "exclude_outbound_ranges":
+            errors.append(f'{key}="*" is not meaningful; list ports instead')
+            continue
+        kw[attr] = value
+    return IstioCapture(**kw), errors  # type: ignore[arg-type]
+
+
+# -- the unit of desired state ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Locator:
+    """How to find a workload's network namespace, fastest hint first.
+
+    ``pid``: a process known to be inside (docker's State.Pid); ``netns``: a name or path (static);
+    ``pod_uid``: search /proc for a process whose cgroup path holds the pod UID (runtime-agnostic).
+    """
+
+    pid: int | None = None
+    netns: str | None = None
+    pod_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One pod, container or namespace and what the agent should do with it.
+
+    ``uid`` is unique within its source (pod UID, container id, namespace name). ``sidecar`` is a
+    hint from the source (an istio-proxy container was declared); None means read it from the
+    namespace's nat rules.
+    """
+
+    source: str
+    uid: str
+    namespace: str
+    name: str
+    accelerate: bool
+    reason: str
+    locator: Locator
+    sidecar: bool | None = None
+    capture: IstioCapture = field(default_factory=IstioCapture)
+    errors: tuple[str, ...] = ()  # invalid annotations or labels, each a message for the user
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.source, self.uid)
+
+    def log_fields(self) -> dict[str, object]:
+        return {"source": self.source, "namespace": self.namespace, "pod": self.name, "uid": self.uid}
