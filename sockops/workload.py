@@ -62,7 +62,9 @@ def _namespace_default(value: str) -> bool:
         return True
     if v == "disabled":
         return False
-    raise InvalidValue(f'namespace label {NAMESPACE_LABEL}={value[:64]} is not valid: write enabled or disabled')
+    raise InvalidValue(
+        f"namespace label {NAMESPACE_LABEL}={value[:64]} is not valid: write enabled or disabled"
+    )
 
 
 def decide(annotations: Mapping[str, str] | None, namespace_labels: Mapping[str, str] | None) -> Decision:
@@ -108,8 +110,11 @@ def parse_ports(value: str, name: str) -> tuple[int, ...] | None:
         return None
     out = []
     for part in filter(None, (p.strip() for p in v.split(","))):
-        if not part.isdigit() or not 0 < int(part) < 65536:
-            raise InvalidValue(f'{name}="{value[:64]}": "{part[:16]}" is not a port (1-65535), use a,b,c or *')
+        # isascii(): str.isdigit() also accepts digits int() refuses, such as "²".
+        if not (part.isascii() and part.isdigit()) or not 0 < int(part) < 65536:
+            raise InvalidValue(
+                f'{name}="{value[:64]}": "{part[:16]}" is not a port (1-65535), use a,b,c or *'
+            )
         out.append(int(part))
     return tuple(out)
 
@@ -126,7 +131,9 @@ def parse_cidrs(value: str, name: str) -> tuple[str, ...] | None:
         try:
             out.append(str(ipaddress.ip_network(part, strict=False)))
         except ValueError:
-            raise InvalidValue(f'{name}="{value[:64]}": "{part[:45]}" is not a CIDR, e.g. 10.0.0.0/8') from None
+            raise InvalidValue(
+                f'{name}="{value[:64]}": "{part[:45]}" is not a CIDR, e.g. 10.0.0.0/8'
+            ) from None
     return tuple(out)
 
 
