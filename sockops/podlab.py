@@ -523,6 +523,8 @@ class Pod:
         self.envoy_log: Path | None = None
         self.bootstrap_path: Path | None = None
         self.processes: list[subprocess.Popen[Any]] = []
+        # None: the Lab's cgroup. Otherwise a descendant of it (see Lab.add_pod's ``cgroup``).
+        self.cgroup_path: str | None = None
         self._nsfd: int | None = None
 
     # -- namespace ------------------------------------------------------------------------------
@@ -580,7 +582,7 @@ class Pod:
         popen_kwargs.setdefault("start_new_session", True)
         popen_kwargs.setdefault("cwd", "/")
         preexec = _make_preexec(
-            self.lab.cgroup_path_str,
+            self.cgroup_path or self.lab.cgroup_path_str,
             self._open_ns(),
             uid,
             gid,
@@ -943,6 +945,7 @@ class Lab:
         services: Sequence[Service] | None = None,
         protocol: str = "tcp",
         envoy_args: Sequence[str] = (),
+        cgroup: str | os.PathLike[str] | None = None,
     ) -> Pod:
         """Create a pod: netns, ``lo`` up, ``eth0`` = veth to the lab bridge with ``ip/16`` (and
         ``ipv6/64``), and with ``sidecar`` Istio's nat rules plus a ready Envoy as UID 1337.
@@ -952,6 +955,11 @@ class Lab:
         the pod has IPv6), which gives the single-pod three-leg path described in the module doc.
         ``capture_ports`` is (outbound, inbound); ``protocol`` is ``"tcp"`` (tcp_proxy) or
         ``"http"`` (http_connection_manager + router).
+
+        ``cgroup`` puts every process of this pod (Envoy included) in that directory instead of the
+        Lab's cgroup, so a benchmark can read one pod's CPU from its ``cpu.stat``. It must be the
+        Lab's cgroup or a descendant of it: programs attached to the Lab's cgroup then still see
+        the pod's sockets (cgroup BPF programs are inherited by descendants).
         """
         if not self._started or self._closed:
             raise LabError("use the Lab as a context manager (or call start()) before add_pod")
@@ -970,8 +978,20 @@ class Lab:
                 raise ValueError(f"address already used by pod {other.name}")
         if protocol not in ("tcp", "http"):
             raise ValueError(f"unknown protocol {protocol!r}")
+        pod_cgroup: str | None = None
+        if cgroup is not None:
+            assert self.cgroup_path is not None
+            resolved = Path(cgroup).resolve()
+            if resolved != self.cgroup_path.resolve() and not resolved.is_relative_to(
+                self.cgroup_path.resolve()
+            ):
+                raise ValueError(f"pod cgroup {cgroup} is not inside the lab's cgroup {self.cgroup_path}")
+            if not (resolved / "cgroup.procs").exists():
+                raise LabError(f"{cgroup} is not a cgroup v2 directory")
+            pod_cgroup = os.fspath(resolved)
 
         pod = Pod(self, name, f"{self.prefix}-{self.id}-{name}", str(addr4), str(addr6) if addr6 else None)
+        pod.cgroup_path = pod_cgroup
         self.pods[name] = pod
         try:
             self._create_netns(pod.netns)
