@@ -10,13 +10,11 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
-from sockops import __version__, layout, loader
+from sockops import __version__, config, layout, loader
 from sockops import netns as netns_mod
 from sockops.errors import SockopsError
 
@@ -38,39 +36,13 @@ def env(name: str, default: str) -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--bpffs",
-        type=Path,
-        default=Path(env("SOCKOPS_BPFFS", str(loader.DEFAULT_BPFFS_DIR))),
-        help="bpffs directory of the pinned maps (env SOCKOPS_BPFFS; default %(default)s)",
-    )
-    p.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default=env("SOCKOPS_LOG_FORMAT", "text"),
-        help="log line format (env SOCKOPS_LOG_FORMAT; default %(default)s)",
-    )
+    config.BPFFS.add_to(p)
+    config.LOG_FORMAT.add_to(p)
 
 
 def _sizes(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--sockhash-size",
-        type=int,
-        default=int(env("SOCKOPS_SOCKHASH_SIZE", "65536")),
-        help="sockets the sockhash holds (env SOCKOPS_SOCKHASH_SIZE; default %(default)s)",
-    )
-    p.add_argument(
-        "--pending-size",
-        type=int,
-        default=int(env("SOCKOPS_PENDING_SIZE", "16384")),
-        help="connections waiting for their peer (env SOCKOPS_PENDING_SIZE; default %(default)s)",
-    )
-    p.add_argument(
-        "--netns-size",
-        type=int,
-        default=int(env("SOCKOPS_NETNS_SIZE", "1024")),
-        help="namespaces that can be enabled (env SOCKOPS_NETNS_SIZE; default %(default)s)",
-    )
+    for setting in config.SIZES:
+        setting.add_to(p)
 
 
 def _target(p: argparse.ArgumentParser) -> None:
@@ -99,33 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.add_argument("--cgroup", type=Path, default=None)
 
-    a = sub.add_parser("agent", help="load and attach the programs, then serve until SIGTERM")
+    a = sub.add_parser("agent", help="load and attach the programs, reconcile pods until SIGTERM")
     _common(a)
     _sizes(a)
-    a.add_argument(
-        "--source",
-        choices=("static",),
-        default=env("SOCKOPS_SOURCE", "static"),
-        help="where desired state comes from (env SOCKOPS_SOURCE; default %(default)s)",
-    )
-    a.add_argument(
-        "--cgroup",
-        type=Path,
-        default=Path(env("SOCKOPS_CGROUP", "")) if env("SOCKOPS_CGROUP", "") else None,
-        help="cgroup v2 directory to attach sock_ops to (env SOCKOPS_CGROUP; default the cgroup v2 root)",
-    )
-    a.add_argument(
-        "--netns",
-        action="append",
-        default=[n for n in env("SOCKOPS_STATIC_NETNS", "").split(",") if n],
-        help="static source: namespace to accelerate, repeatable (env SOCKOPS_STATIC_NETNS, comma-separated)",
-    )
-    a.add_argument(
-        "--resync",
-        type=float,
-        default=float(env("SOCKOPS_RESYNC_SECONDS", "30")),
-        help="seconds between resyncs that repair drift (env SOCKOPS_RESYNC_SECONDS)",
-    )
+    for setting in config.AGENT:
+        setting.add_to(a)
+    config.STATE_FILE.add_to(a)
     a.add_argument("--print-program", action="store_true", help="print the generated BPF C and exit")
 
     for name, helptext in (
@@ -136,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         _common(e)
         _target(e)
 
-    s = sub.add_parser("status", help="enabled namespaces, sockets in the map, counters")
+    s = sub.add_parser("status", help="workloads and why, enabled namespaces, sockets in the map, counters")
     _common(s)
+    config.STATE_FILE.add_to(s)
     s.add_argument("--json", action="store_true")
 
     u = sub.add_parser("uninstall", help="stop accelerating, wait for accelerated connections, detach, unpin")
@@ -219,7 +171,10 @@ def _netns_names() -> dict[int, str]:
     return names
 
 
-def status_report(bpffs: Path) -> dict[str, object]:
+def status_report(bpffs: Path, state_file: Path | None = None) -> dict[str, object]:
+    from sockops.reconciler import read_state
+
+    workloads = read_state(state_file) if state_file else None
     with loader.PinnedMaps(bpffs) as maps:
         counters = maps.counters()
         enabled = maps.enabled()
@@ -245,11 +200,13 @@ def status_report(bpffs: Path) -> dict[str, object]:
             for c, s in sorted(enabled.items())
         ],
         "counters": counters,
+        # What the agent decided for each pod and why (None: no agent has published a state file).
+        "workloads": workloads,
     }
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    report = status_report(args.bpffs)
+    report = status_report(args.bpffs, args.state_file)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -261,6 +218,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"redirected: {report['redirected_bytes']} bytes in {report['redirected_messages']} messages, "
         f"misses {report['redirect_misses']}"
     )
+    workloads = report["workloads"]
+    if workloads is not None:
+        print("workloads:")
+        for w in workloads:
+            who = f"{w['namespace']}/{w['name']}" if w["namespace"] else w["name"]
+            print(f"  {who:<36} {w['state']:<12} {w['reason']}")
+            for err in w["errors"]:
+                print(f"  {'':<36} {'':<12} ! {err}")
+        if not workloads:
+            print("  (none reported by the sources)")
     print("enabled namespaces:")
     for ns in report["enabled_netns"]:
         print(
@@ -277,45 +244,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from sockops.cgroups import find_cgroup2_root
+    from sockops import agent
 
     if args.print_program:
         print(loader.program_text())
         return 0
-    cgroup = args.cgroup or find_cgroup2_root()
-    sizes = loader.MapSizes(args.sockhash_size, args.pending_size, args.netns_size)
-    plane = loader.DataPlane.load(args.bpffs, sizes)
-    plane.attach(cgroup)
-    log.info("attached", extra={"fields": {"cgroup": str(cgroup), "bpffs": str(args.bpffs)}})
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    with plane.maps() as maps:
-        while True:
-            _reconcile_static(maps, args)
-            if stop.wait(args.resync):
-                break
-    # Programs stay attached and maps pinned: accelerated connections keep running, and the
-    # next agent re-opens the same maps.
-    log.info("stopping; programs stay attached and maps pinned", extra={"fields": {"bpffs": str(args.bpffs)}})
-    return 0
-
-
-def _reconcile_static(maps: loader.PinnedMaps, args: argparse.Namespace) -> None:
-    """Static source: the namespaces named on the command line are enabled; idempotent."""
-    for name in args.netns:
-        try:
-            path = netns_mod.resolve(name)
-            settings = netns_mod.settings_for(path)
-            cookie = netns_mod.cookie(path)
-            if maps.enabled().get(cookie) != settings:
-                maps.enable(cookie, settings)
-                log.info(
-                    "enabled",
-                    extra={"fields": {"netns": name, "cookie": cookie, "sidecar": settings.sidecar}},
-                )
-        except SockopsError as e:
-            log.warning("not accelerated", extra={"fields": {"netns": name, "reason": str(e)}})
+    unknown = set(args.source or []) - set(config.SOURCES)
+    if unknown:
+        raise SockopsError(f"unknown --source {', '.join(sorted(unknown))}: use {', '.join(config.SOURCES)}")
+    return agent.run(args)
 
 
 def uninstall(bpffs: Path, cgroup: Path, drain_timeout: float) -> dict[str, object]:

@@ -27,3 +27,7 @@ class NotLoaded(SockopsError):
 
 class NetnsNotFound(SockopsError):
     pass
+
+
+class IncompatiblePins(SockopsError):
+    pass

@@ -21,6 +21,7 @@ from sockops.errors import (
     BpffsMissing,
     CgroupMissing,
     HeadersMissing,
+    IncompatiblePins,
     NotLoaded,
     PermissionMissing,
     SockopsError,
@@ -138,6 +139,85 @@ def prog_info(fd: int) -> dict[str, object]:
         "tag": bytes(info[8:16]).hex(),
         "name": bytes(info[64:80]).split(b"\0", 1)[0].decode(),
     }
+
+
+def map_info(fd: int) -> dict[str, int]:
+    """Type, key/value sizes and capacity of a map (struct bpf_map_info's first fields)."""
+    info = (ctypes.c_uint8 * 128)()
+    attr = _attr()
+    ctypes.c_uint32.from_buffer(attr, 0).value = fd
+    ctypes.c_uint32.from_buffer(attr, 4).value = len(info)
+    ctypes.c_uint64.from_buffer(attr, 8).value = ctypes.addressof(info)
+    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+    fields = ("type", "id", "key_size", "value_size", "max_entries")
+    return {f: ctypes.c_uint32.from_buffer(info, 4 * i).value for i, f in enumerate(fields)}
+
+
+def pinned_map_info(bpffs_dir: Path) -> dict[str, dict[str, int]]:
+    """map_info() of every sockops map pinned under the directory (empty when nothing is)."""
+    from bcc import libbcc
+
+    out = {}
+    for name in layout.ALL_MAPS:
+        path = bpffs_dir / name
+        if not path.exists():
+            continue
+        fd = libbcc.lib.bpf_obj_get(str(path).encode())
+        if fd < 0:
+            raise PermissionMissing(f"cannot open pinned map {path}: run as root (CAP_BPF, CAP_SYS_ADMIN)")
+        try:
+            out[name] = map_info(fd)
+        finally:
+            os.close(fd)
+    return out
+
+
+# Key and value sizes of the maps whose layout user space and both programs must agree on.
+_LAYOUTS = {
+    layout.MAP_SOCKHASH: (ctypes.sizeof(layout.SockKey), None),
+    layout.MAP_PENDING: (ctypes.sizeof(layout.OriginKey), ctypes.sizeof(layout.Pending)),
+    layout.MAP_NETNS_CONF: (8, ctypes.sizeof(layout.NetnsConf)),
+    layout.MAP_NETNS_STATS: (8, ctypes.sizeof(layout.NetnsStats)),
+    layout.MAP_SOCK_STATE: (4, ctypes.sizeof(layout.SockState)),
+}
+
+
+def adopt_sizes(bpffs_dir: Path, wanted: MapSizes) -> tuple[MapSizes, list[str]]:
+    """The sizes a load must use so it re-opens the pinned maps, and what differs from ``wanted``.
+
+    A pinned map cannot be resized while sockets sit in it, and bcc silently re-opens a pin of
+    another size, so the agent adopts the pinned capacity and says so; resizing takes an
+    uninstall (which drains) and a fresh start. Pins of another key or value layout (a
+    downgrade, or an upgrade that changed sockops.h) cannot be shared at all: raise with the fix.
+    """
+    info = pinned_map_info(bpffs_dir)
+    for name, (key_size, value_size) in _LAYOUTS.items():
+        if name not in info:
+            continue
+        got = info[name]
+        if got["key_size"] != key_size or (value_size is not None and got["value_size"] != value_size):
+            raise IncompatiblePins(
+                f"the map pinned at {bpffs_dir / name} has another layout (key {got['key_size']} B, "
+                f"value {got['value_size']} B; this version needs {key_size} B / {value_size} B): "
+                f"it was made by another sockops version. Run that version's `sockops uninstall` "
+                f"(drains live connections), or start this one with another --bpffs directory"
+            )
+    notes = []
+    effective = {}
+    for field_name, map_name in (
+        ("sockhash", layout.MAP_SOCKHASH),
+        ("pending", layout.MAP_PENDING),
+        ("netns", layout.MAP_NETNS_CONF),
+    ):
+        want = getattr(wanted, field_name)
+        have = info.get(map_name, {}).get("max_entries", want)
+        effective[field_name] = have
+        if have != want:
+            notes.append(
+                f"{map_name} is pinned with {have} entries, not the configured {want}: keeping {have} "
+                f"(maps in use cannot be resized; `sockops uninstall` then restart to resize)"
+            )
+    return MapSizes(**effective), notes
 
 
 def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
@@ -328,6 +408,7 @@ class DataPlane:
     bpf: object = field(repr=False)
     sock_ops: object = field(repr=False)
     sk_msg: object = field(repr=False)
+    notes: list[str] = field(default_factory=list)  # what the load adapted to (pinned sizes)
 
     @classmethod
     def load(
@@ -346,6 +427,9 @@ class DataPlane:
                 "bcc's Python module is missing: apt-get install python3-bpfcc, and make the venv "
                 "with --system-site-packages"
             ) from e
+        notes: list[str] = []
+        if bpffs_dir.exists():
+            sizes, notes = adopt_sizes(bpffs_dir, sizes)
         bpffs_dir.mkdir(parents=True, exist_ok=True)
         text = program_text()
         if debug_text:
@@ -356,7 +440,7 @@ class DataPlane:
             msg = b.load_func(PROG_SK_MSG, BPF.SK_MSG)
         except Exception as e:  # bcc raises bare Exception with the verifier log on stderr
             raise SockopsError(f"loading the BPF programs failed: {e}") from e
-        return cls(bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, sock_ops=ops, sk_msg=msg)
+        return cls(bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, sock_ops=ops, sk_msg=msg, notes=notes)
 
     def attach(self, cgroup: Path) -> None:
         """Attach sock_ops to the cgroup and sk_msg to the sockhash, replacing older versions.
@@ -411,6 +495,16 @@ def attached_programs(cgroup: Path, bpffs_dir: Path) -> dict[str, list[dict[str,
             finally:
                 os.close(fd)
     return out
+
+
+def programs_attached(cgroup: Path, bpffs_dir: Path) -> dict[str, bool]:
+    """Whether sockops' own programs (by name) are attached: the health a user alerts on."""
+    names = {"sock_ops": PROG_SOCK_OPS[:15], "sk_msg": PROG_SK_MSG[:15]}
+    try:
+        found = attached_programs(cgroup, bpffs_dir)
+    except OSError:
+        return dict.fromkeys(names, False)
+    return {kind: any(p["name"] == name for p in found[kind]) for kind, name in names.items()}
 
 
 def _describe(prog_id: int) -> dict[str, object]:
@@ -482,7 +576,9 @@ __all__ = [
     "DataPlane",
     "MapSizes",
     "PinnedMaps",
+    "adopt_sizes",
     "attached_programs",
     "detach_all",
+    "programs_attached",
     "unpin",
 ]

@@ -1,0 +1,256 @@
+"""The node agent: load or adopt the data plane, run the sources, the reconciler and the HTTP port.
+
+Lifecycle, and why it is safe for traffic:
+
+* start: ``DataPlane.load`` re-opens maps already pinned by an earlier agent (sizes adopted, see
+  loader.adopt_sizes) and ``attach`` swaps the programs atomically, so a restart or an upgrade to
+  changed programs never leaves a moment without a program nor attaches twice. Sockets already
+  in the sockhash keep the sk_msg program they were inserted with until they close.
+* run: sources report, the reconciler enforces; a source that crashes is restarted with backoff.
+* SIGTERM/SIGINT: one stop event ends everything; programs stay attached and maps pinned, so
+  accelerated connections keep running and new connections of enabled pods are still accelerated
+  while no agent runs (nothing changes until the next agent reconciles).
+* a kernel that cannot run the programs: exit non-zero with the reason, or (``--if-unsupported
+  idle``) keep serving health and metrics (``sockops_kernel_supported 0``) and touch nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sockops import __version__, loader
+from sockops.errors import SockopsError
+from sockops.reconciler import ACCELERATED, PENDING, Reconciler, Resolver
+from sockops.sources import Source
+
+log = logging.getLogger("sockops.agent")
+
+
+def build_sources(args: Any) -> list[Source]:
+    """The sources named by --source, each constructed from its own flags."""
+    out: list[Source] = []
+    for name in dict.fromkeys(args.source or ["static"]):
+        if name == "static":
+            from sockops.sources.static import StaticSource
+
+            out.append(StaticSource(args.netns or []))
+        elif name == "kubernetes":
+            from sockops.sources.kubernetes import KubernetesSource, load_config
+
+            if not args.node_name:
+                raise SockopsError(
+                    "--source kubernetes needs this node's name: set NODE_NAME from the downward API "
+                    "(fieldRef spec.nodeName) or pass --node-name"
+                )
+            out.append(KubernetesSource(args.node_name, api_client=load_config(args.kubeconfig)))
+        elif name == "docker":
+            from sockops.sources.docker import DockerSource
+
+            out.append(DockerSource())
+        else:
+            raise SockopsError(f"unknown source {name!r}: use kubernetes, docker or static")
+    return out
+
+
+class _MetricsObserver:
+    """Reconciler events -> the agent's own Prometheus metrics."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.m = metrics
+
+    def reconcile_error(self, source: str) -> None:
+        self.m.reconcile_errors.labels(source=source).inc()
+
+    def watch_restart(self, source: str) -> None:
+        self.m.watch_restarts.labels(source=source).inc()
+
+    def enforced(self, seconds: float) -> None:
+        self.m.enforce_latency.observe(seconds)
+
+
+class Agent:
+    """Owns the data plane handle, the reconciler and the threads; implements metrics.AgentView."""
+
+    def __init__(self, args: Any, stop: threading.Event | None = None) -> None:
+        from sockops.cgroups import find_cgroup2_root
+
+        self.args = args
+        self.stop = stop or threading.Event()
+        self.cgroup: Path = args.cgroup or find_cgroup2_root()
+        self.bpffs: Path = args.bpffs
+        self.sizes = loader.MapSizes(args.sockhash_size, args.pending_size, args.netns_size)
+        self.plane: loader.DataPlane | None = None
+        self.unsupported: str | None = None
+        self.reconciler: Reconciler | None = None
+        self.started = time.monotonic()
+        self._attached_cache: tuple[float, dict[str, bool]] = (0.0, {})
+
+    # -- AgentView (read by the metrics collector at scrape time) ---------------------------------------
+    @contextlib.contextmanager
+    def open_maps(self) -> Iterator[loader.PinnedMaps | None]:
+        if self.plane is None:
+            yield None
+            return
+        try:
+            maps = loader.PinnedMaps(self.bpffs)
+        except SockopsError:
+            yield None
+            return
+        with maps:
+            yield maps
+
+    def pod_labels(self) -> dict[int, tuple[str, str]]:
+        return self.reconciler.pod_labels() if self.reconciler else {}
+
+    def _count(self, state: str) -> int:
+        return sum(s.state == state for s in self.reconciler.snapshot()) if self.reconciler else 0
+
+    def pods_accelerated(self) -> int:
+        return self._count(ACCELERATED)
+
+    def pods_pending(self) -> int:
+        return self._count(PENDING)
+
+    def programs_attached(self) -> dict[str, bool]:
+        if self.plane is None:
+            return {"sock_ops": False, "sk_msg": False}
+        at, cached = self._attached_cache
+        if time.monotonic() - at > 2.0:  # probes and scrapes may come close together
+            cached = loader.programs_attached(self.cgroup, self.bpffs)
+            self._attached_cache = (time.monotonic(), cached)
+        return cached
+
+    def kernel_supported(self) -> bool:
+        return self.unsupported is None
+
+    def map_sizes(self) -> loader.MapSizes:
+        return self.plane.sizes if self.plane else self.sizes
+
+    # -- health ---------------------------------------------------------------------------------------
+    def healthy(self) -> tuple[bool, str]:
+        rec = self.reconciler
+        if self.unsupported is not None:
+            return True, f"idle: {self.unsupported}"
+        if rec is None or rec.last_enforce is None:
+            return True, "starting"
+        age = time.monotonic() - rec.last_enforce
+        limit = 3 * self.args.resync + 30
+        if age > limit:
+            return False, f"control loop stuck: last enforce {age:.0f} s ago"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        if self.unsupported is not None:
+            return False, f"not accelerating: {self.unsupported}"
+        attached = self.programs_attached()
+        if not all(attached.values()):
+            return False, f"programs not attached: {attached}"
+        rec = self.reconciler
+        if rec is None or not rec.synced or not rec.enforced_once:
+            return False, "waiting for the first list of every source"
+        return True, "ok"
+
+    # -- run --------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        try:
+            self.plane = loader.DataPlane.load(self.bpffs, self.sizes)
+            self.plane.attach(self.cgroup)
+        except SockopsError as e:
+            if self.args.if_unsupported != "idle":
+                raise
+            self.plane = None
+            self.unsupported = str(e)
+            log.error(
+                "not accelerating anything: the data plane cannot run here",
+                extra={"fields": {"reason": str(e)}},
+            )
+            return
+        for note in self.plane.notes:
+            log.warning(note, extra={"fields": {"bpffs": str(self.bpffs)}})
+        log.info(
+            "programs attached",
+            extra={
+                "fields": {
+                    "cgroup": str(self.cgroup),
+                    "bpffs": str(self.bpffs),
+                    "sizes": str(self.plane.sizes),
+                }
+            },
+        )
+
+    def _supervise(self, source: Source) -> None:
+        """Run a source until stop; an unexpected crash is logged, counted and restarted."""
+        delay = 1.0
+        while not self.stop.is_set():
+            try:
+                source.run(self.reconciler, self.stop)  # type: ignore[arg-type]
+                return
+            except Exception as e:
+                log.exception(
+                    "source crashed; restarting", extra={"fields": {"source": source.name, "error": str(e)}}
+                )
+                if self.reconciler:
+                    self.reconciler.error(source.name, f"source crashed: {e}")
+                if self.stop.wait(delay * (0.5 + random.random())):
+                    return
+                delay = min(delay * 2, 30.0)
+
+    def run(self) -> int:
+        from sockops import podresolve
+        from sockops.health import HealthServer
+        from sockops.metrics import build_registry
+
+        sources = build_sources(self.args)
+        self.load()
+        registry, metrics = build_registry(self)
+        with contextlib.suppress(Exception):
+            metrics.build_info.labels(version=__version__, kernel=os.uname().release).set(1)
+        server = HealthServer(self.args.metrics_addr, registry, self.healthy, self.ready).start()
+        log.info(
+            "serving /metrics /healthz /readyz",
+            extra={"fields": {"addr": f"{server.address[0]}:{server.address[1]}"}},
+        )
+        try:
+            if self.plane is None:
+                self.stop.wait()
+                return 0
+            with self.plane.maps() as maps:
+                self.reconciler = Reconciler(
+                    maps,
+                    Resolver(find_pod=podresolve.find_pod_netns, index_pods=podresolve.index_pods),
+                    [s.name for s in sources],
+                    observer=_MetricsObserver(metrics),
+                    state_file=self.args.state_file,
+                )
+                threads = [
+                    threading.Thread(target=self._supervise, args=(s,), name=f"source-{s.name}", daemon=True)
+                    for s in sources
+                ]
+                for t in threads:
+                    t.start()
+                self.reconciler.run(self.stop, self.args.resync)
+                for t in threads:
+                    t.join(timeout=5)
+        finally:
+            server.close()
+        log.info(
+            "stopped; programs stay attached and maps pinned, accelerated connections keep running",
+            extra={"fields": {"bpffs": str(self.bpffs)}},
+        )
+        return 0
+
+
+def run(args: Any) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return Agent(args, stop).run()

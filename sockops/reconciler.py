@@ -1,0 +1,464 @@
+"""The one place desired state becomes BPF map state.
+
+Sources report workloads (see sockops.sources); the reconciler keeps the union of their views,
+resolves each opted-in workload to its network namespace cookie, and makes the ``netns_conf`` map
+hold exactly the namespaces that should be accelerated. It is idempotent: ``enforce()`` computes
+the target from scratch and writes only differences, so a periodic resync repairs any drift (an
+entry removed or changed by hand comes back; one the agent no longer wants goes).
+
+Why only ``netns_conf``: it is read by sock_ops when a connection is established, so changing it
+affects new connections only. Sockets already in the sockhash stay there with their peers until
+they close; removing a live socket from its last map would purge its unread data (field notes
+§2.4). Disabling a pod is therefore always safe for its live connections.
+
+Entries the agent writes carry NETNS_F_AGENT; entries made by hand (``sockops enable``) do not,
+and the reconciler never removes them. Until every source has completed its first list, the
+reconciler adds but never removes: a restarted agent must not switch a node's pods off for the
+moment before its sources have caught up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from sockops import netns as netns_mod
+from sockops.errors import NetnsNotFound, SockopsError
+from sockops.layout import NetnsSettings
+from sockops.workload import Locator, Workload
+
+log = logging.getLogger("sockops.reconciler")
+
+ACCELERATED = "accelerated"
+PENDING = "pending"  # opted in, namespace not resolved yet (retried)
+OFF = "off"
+ERROR = "error"  # opted in, but the map write failed (retried)
+
+
+@dataclass(frozen=True)
+class WorkloadStatus:
+    """What the agent did with one workload, and why: what `sockops status` shows."""
+
+    workload: Workload
+    state: str
+    reason: str
+    cookie: int | None = None
+    netns: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        w = self.workload
+        return {
+            "source": w.source,
+            "uid": w.uid,
+            "namespace": w.namespace,
+            "name": w.name,
+            "state": self.state,
+            "reason": self.reason,
+            "cookie": self.cookie,
+            "netns": self.netns,
+            "errors": list(w.errors),
+        }
+
+
+class MapWriter(Protocol):
+    """The part of loader.PinnedMaps the reconciler needs (tests may pass a fake)."""
+
+    def enable(self, cookie: int, settings: NetnsSettings) -> None: ...
+
+    def disable(self, cookie: int) -> bool: ...
+
+    def enabled(self) -> dict[int, NetnsSettings]: ...
+
+
+class Observer(Protocol):
+    """Where the reconciler reports for metrics (sockops.metrics.AgentMetrics fits)."""
+
+    def reconcile_error(self, source: str) -> None: ...
+
+    def watch_restart(self, source: str) -> None: ...
+
+    def enforced(self, seconds: float) -> None: ...
+
+
+class _NullObserver:
+    def reconcile_error(self, source: str) -> None:
+        pass
+
+    def watch_restart(self, source: str) -> None:
+        pass
+
+    def enforced(self, seconds: float) -> None:
+        pass
+
+
+# -- resolution ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resolved:
+    path: Path
+    cookie: int
+    settings: NetnsSettings
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+class Resolver:
+    """Locator -> network namespace, cookie and settings.
+
+    The host's own namespace is refused whatever a source says: enabling it would put the node's
+    own sockets (and every host-network pod's) in the sockhash.
+    """
+
+    def __init__(
+        self,
+        find_pod: Callable[[str], Path | None] | None = None,
+        index_pods: Callable[[Iterable[str]], dict[str, Path]] | None = None,
+        settings_for: Callable[[Path, bool | None], NetnsSettings] = netns_mod.settings_for,
+        host_netns: Path = Path("/proc/self/ns/net"),
+    ) -> None:
+        self._find_pod = find_pod
+        self._index_pods = index_pods
+        self._index: dict[str, Path] = {}
+        self._settings_for = settings_for
+        self.host_netns = host_netns
+
+    def path(self, loc: Locator) -> Path:
+        if loc.pid is not None:
+            path = Path(f"/proc/{loc.pid}/ns/net")
+            if not path.exists():
+                raise NetnsNotFound(
+                    f"process {loc.pid} is gone; waiting for the runtime to report the new one"
+                )
+        elif loc.netns is not None:
+            path = netns_mod.resolve(loc.netns)
+        elif loc.pod_uid is not None:
+            found = self._index.get(loc.pod_uid)
+            if found is None and self._find_pod:
+                found = self._find_pod(loc.pod_uid)
+            if found is None:
+                raise NetnsNotFound(
+                    f"no process of pod {loc.pod_uid} found yet (looked for its UID in /proc/*/cgroup: "
+                    f"is /proc the host's, i.e. hostPID or a /proc hostPath mount?)"
+                )
+            path = found
+        else:
+            raise NetnsNotFound("the source gave no way to find this workload's network namespace")
+        if _same_file(path, self.host_netns):
+            raise NetnsNotFound("it uses the host's network namespace (host network): never accelerated")
+        return path
+
+    def prefetch(self, pod_uids: Iterable[str]) -> None:
+        """Find many pods in one pass over /proc (a resync of hundreds of pods is one scan)."""
+        uids = list(pod_uids)
+        self._index = self._index_pods(uids) if self._index_pods and uids else {}
+
+    def resolve(self, w: Workload) -> Resolved:
+        path = self.path(w.locator)
+        cookie = netns_mod.cookie(path)
+        settings = self._settings_for(path, w.sidecar)
+        return Resolved(path, cookie, replace(settings, managed=True))
+
+
+# -- the reconciler ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Event:
+    kind: str  # replace | upsert | delete | error | restarted
+    source: str
+    seen: float
+    workloads: tuple[Workload, ...] = ()
+    uid: str = ""
+    message: str = ""
+    fields: Mapping[str, object] = field(default_factory=dict)
+
+
+class Reconciler:
+    """Implements sockops.sources.Sink; ``run()`` applies events and enforces until stopped."""
+
+    def __init__(
+        self,
+        maps: MapWriter,
+        resolver: Resolver,
+        sources: Iterable[str],
+        observer: Observer | None = None,
+        state_file: Path | None = None,
+        retry: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.maps = maps
+        self.resolver = resolver
+        self.expected_sources = set(sources)
+        self.observer: Observer = observer or _NullObserver()
+        self.state_file = state_file
+        self.retry = retry
+        self.clock = clock
+        self._events: queue.Queue[_Event] = queue.Queue()
+        self._lock = threading.Lock()
+        self._desired: dict[tuple[str, str], Workload] = {}
+        self._synced: set[str] = set()
+        self._resolved: dict[tuple[str, str], Resolved] = {}
+        self._status: dict[tuple[str, str], WorkloadStatus] = {}
+        self._last_state: str | None = None
+        self.enforced_once = False
+        self.last_enforce: float | None = None
+
+    # -- Sink (called from source threads) ----------------------------------------------------------
+    def replace(self, source: str, workloads: Iterable[Workload]) -> None:
+        self._events.put(_Event("replace", source, self.clock(), workloads=tuple(workloads)))
+
+    def upsert(self, workload: Workload) -> None:
+        self._events.put(_Event("upsert", workload.source, self.clock(), workloads=(workload,)))
+
+    def delete(self, source: str, uid: str) -> None:
+        self._events.put(_Event("delete", source, self.clock(), uid=uid))
+
+    def error(self, source: str, message: str, fields: Mapping[str, object] | None = None) -> None:
+        self._events.put(_Event("error", source, self.clock(), message=message, fields=dict(fields or {})))
+
+    def restarted(self, source: str, reason: str) -> None:
+        self._events.put(_Event("restarted", source, self.clock(), message=reason))
+
+    # -- views (any thread) -----------------------------------------------------------------------------
+    @property
+    def synced(self) -> bool:
+        """Every source has delivered its first complete list (readiness)."""
+        with self._lock:
+            return self.expected_sources <= self._synced
+
+    def snapshot(self) -> list[WorkloadStatus]:
+        with self._lock:
+            return sorted(self._status.values(), key=lambda s: (s.workload.namespace, s.workload.name))
+
+    def pod_labels(self) -> dict[int, tuple[str, str]]:
+        """netns cookie -> (namespace, pod) of accelerated workloads, for per-pod metrics."""
+        return {
+            s.cookie: (s.workload.namespace, s.workload.name)
+            for s in self.snapshot()
+            if s.state == ACCELERATED and s.cookie is not None
+        }
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def run(self, stop: threading.Event, resync: float = 30.0) -> None:
+        """Apply events as they come and enforce after each batch; full resync every ``resync`` s.
+
+        A workload that could not be resolved is retried every ``retry`` seconds, so a pod seen
+        before its sandbox exists is accelerated as soon as it does.
+        """
+        next_resync = self.clock()
+        while not stop.is_set():
+            now = self.clock()
+            full = now >= next_resync
+            batch = self._drain(timeout=0 if full else self._wait_time(next_resync))
+            if stop.is_set():
+                break
+            self.step(batch, full=full)
+            if full:
+                next_resync = self.clock() + resync
+
+    def _wait_time(self, next_resync: float) -> float:
+        until_resync = max(0.0, next_resync - self.clock())
+        return min(until_resync, self.retry) if self._unresolved() else until_resync
+
+    def _unresolved(self) -> bool:
+        with self._lock:
+            return any(s.state in (PENDING, ERROR) for s in self._status.values())
+
+    def _drain(self, timeout: float) -> list[_Event]:
+        batch: list[_Event] = []
+        try:
+            batch.append(self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait())
+        except queue.Empty:
+            return batch
+        while True:
+            try:
+                batch.append(self._events.get_nowait())
+            except queue.Empty:
+                return batch
+
+    def step(self, batch: list[_Event], full: bool = False) -> None:
+        """Apply a batch of events, then enforce. ``full`` re-resolves every workload."""
+        for ev in batch:
+            self._apply(ev)
+        try:
+            self.enforce(full=full)
+        except SockopsError as e:
+            self.observer.reconcile_error("reconciler")
+            log.error("enforcing map state failed", extra={"fields": {"error": str(e)}})
+            return
+        now = self.clock()
+        for ev in batch:
+            if ev.kind in ("replace", "upsert", "delete"):
+                self.observer.enforced(now - ev.seen)
+
+    def _apply(self, ev: _Event) -> None:
+        with self._lock:
+            if ev.kind == "replace":
+                for key in [k for k in self._desired if k[0] == ev.source]:
+                    del self._desired[key]
+                for w in ev.workloads:
+                    self._desired[w.key] = w
+                if ev.source not in self._synced:
+                    log.info(
+                        "source synced",
+                        extra={"fields": {"source": ev.source, "workloads": len(ev.workloads)}},
+                    )
+                self._synced.add(ev.source)
+            elif ev.kind == "upsert":
+                self._desired[ev.workloads[0].key] = ev.workloads[0]
+            elif ev.kind == "delete":
+                self._desired.pop((ev.source, ev.uid), None)
+        if ev.kind in ("replace", "upsert"):
+            for w in ev.workloads:
+                for err in w.errors:
+                    self.observer.reconcile_error(w.source)
+                    log.warning(err, extra={"fields": w.log_fields()})
+        elif ev.kind == "error":
+            self.observer.reconcile_error(ev.source)
+            log.warning(ev.message, extra={"fields": {"source": ev.source, **ev.fields}})
+        elif ev.kind == "restarted":
+            self.observer.watch_restart(ev.source)
+            log.info("watch restarted", extra={"fields": {"source": ev.source, "reason": ev.message}})
+
+    def enforce(self, full: bool = False) -> None:
+        """Make netns_conf hold exactly the managed entries desired now. Idempotent."""
+        with self._lock:
+            desired = dict(self._desired)
+            synced = self.expected_sources <= self._synced
+        statuses: dict[tuple[str, str], WorkloadStatus] = {}
+        target: dict[int, NetnsSettings] = {}
+        owners: dict[int, list[tuple[str, str]]] = {}
+        self.resolver.prefetch(
+            w.locator.pod_uid
+            for key, w in desired.items()
+            if w.accelerate and w.locator.pod_uid and (full or key not in self._resolved)
+        )
+        for key, w in desired.items():
+            if not w.accelerate:
+                statuses[key] = WorkloadStatus(w, OFF, w.reason)
+                self._resolved.pop(key, None)
+                continue
+            res = None if full else self._resolved.get(key)
+            if res is None:
+                try:
+                    res = self.resolver.resolve(w)
+                except (SockopsError, OSError) as e:
+                    self._resolved.pop(key, None)
+                    prev = self._status.get(key)
+                    if prev is None or prev.state != PENDING or prev.reason != str(e):
+                        log.warning(
+                            "not accelerated yet", extra={"fields": {**w.log_fields(), "reason": str(e)}}
+                        )
+                    statuses[key] = WorkloadStatus(w, PENDING, str(e))
+                    continue
+                self._resolved[key] = res
+            # Two workloads in one namespace (a pod seen by two sources, containers sharing a
+            # sandbox) enable it once; the first one's settings win, in a stable order.
+            target.setdefault(res.cookie, res.settings)
+            owners.setdefault(res.cookie, []).append(key)
+            statuses[key] = WorkloadStatus(w, ACCELERATED, w.reason, res.cookie, str(res.path))
+        for key in [k for k in self._resolved if k not in desired]:
+            del self._resolved[key]
+
+        current = self.maps.enabled()
+        for cookie, settings in target.items():
+            if current.get(cookie) == settings:
+                continue
+            try:
+                self.maps.enable(cookie, settings)
+            except SockopsError as e:
+                for key in owners[cookie]:
+                    w = desired[key]
+                    self.observer.reconcile_error(w.source)
+                    log.error("enabling failed", extra={"fields": {**w.log_fields(), "error": str(e)}})
+                    statuses[key] = WorkloadStatus(w, ERROR, f"writing the map failed: {e}", cookie)
+                continue
+            for key in owners[cookie]:
+                log.info(
+                    "accelerated",
+                    extra={
+                        "fields": {
+                            **desired[key].log_fields(),
+                            "netns": statuses[key].netns,
+                            "cookie": cookie,
+                        }
+                    },
+                )
+        if synced:
+            for cookie, settings in current.items():
+                if settings.managed and cookie not in target:
+                    self.maps.disable(cookie)
+                    log.info("acceleration off for new connections", extra={"fields": {"cookie": cookie}})
+        with self._lock:
+            for key, st in statuses.items():
+                prev = self._status.get(key)
+                if prev and prev.state == ACCELERATED and st.state == OFF:
+                    log.info(
+                        "acceleration off for new connections; live ones keep running",
+                        extra={"fields": {**st.workload.log_fields(), "cookie": prev.cookie}},
+                    )
+            self._status = statuses
+        if full and synced:
+            self._forget_gone(target)
+        self.enforced_once = True
+        self.last_enforce = self.clock()
+        self._write_state()
+
+    def _forget_gone(self, target: Mapping[int, NetnsSettings]) -> None:
+        """Drop per-namespace counters nobody can use any more: not enabled, no socket left.
+
+        Keeps the stats map bounded under pod churn; counters of a namespace whose accelerated
+        connections still run stay until the last one closes.
+        """
+        stats = getattr(self.maps, "netns_stats", None)
+        sockets = getattr(self.maps, "sockets", None)
+        forget = getattr(self.maps, "forget", None)
+        if not (stats and sockets and forget):
+            return
+        live = {k.netns for k in sockets()}
+        enabled = set(self.maps.enabled())
+        for cookie in stats():
+            if cookie not in target and cookie not in enabled and cookie not in live:
+                forget(cookie)
+
+    def _write_state(self) -> None:
+        """Publish the statuses for `sockops status` (atomic rename; only when they changed)."""
+        if self.state_file is None:
+            return
+        doc = json.dumps({"workloads": [s.to_json() for s in self.snapshot()]}, indent=1)
+        if doc == self._last_state:
+            return
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_name(self.state_file.name + f".{os.getpid()}.tmp")
+            tmp.write_text(doc)
+            tmp.replace(self.state_file)
+            self._last_state = doc
+        except OSError as e:
+            log.warning(
+                "cannot write the state file",
+                extra={"fields": {"path": str(self.state_file), "error": str(e)}},
+            )
+
+
+def read_state(path: Path) -> list[dict[str, Any]] | None:
+    """The workloads an agent published, or None when no agent wrote the file."""
+    try:
+        return json.loads(path.read_text())["workloads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,256 @@
+"""The reconciler's rules, with an in-memory map (no BPF): what ends up enabled, and when.
+
+The kernel-side effect of the same rules is covered by tests/test_agent.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from sockops.errors import NetnsNotFound, SockopsError
+from sockops.layout import NetnsSettings
+from sockops.reconciler import ACCELERATED, ERROR, OFF, PENDING, Reconciler, Resolved, Resolver
+from sockops.workload import Locator, Workload
+
+
+class FakeMaps:
+    def __init__(self) -> None:
+        self.conf: dict[int, NetnsSettings] = {}
+        self.fail = False
+        self.writes = 0
+
+    def enable(self, cookie: int, settings: NetnsSettings) -> None:
+        if self.fail:
+            raise SockopsError("writing map netns_conf failed: Argument list too long")
+        self.writes += 1
+        self.conf[cookie] = settings
+
+    def disable(self, cookie: int) -> bool:
+        return self.conf.pop(cookie, None) is not None
+
+    def enabled(self) -> dict[int, NetnsSettings]:
+        return dict(self.conf)
+
+
+class FakeResolver(Resolver):
+    """Pod UID -> cookie from a dict the test edits; unknown UIDs are "not found yet"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cookies: dict[str, int] = {}
+        self.calls = 0
+
+    def resolve(self, w: Workload) -> Resolved:
+        self.calls += 1
+        uid = w.locator.pod_uid or ""
+        if uid not in self.cookies:
+            raise NetnsNotFound(f"no process of pod {uid} found yet")
+        return Resolved(
+            Path(f"/proc/{self.cookies[uid]}/ns/net"), self.cookies[uid], NetnsSettings(managed=True)
+        )
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.restarts: list[str] = []
+        self.latencies: list[float] = []
+
+    def reconcile_error(self, source: str) -> None:
+        self.errors.append(source)
+
+    def watch_restart(self, source: str) -> None:
+        self.restarts.append(source)
+
+    def enforced(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+
+
+def pod(uid: str, on: bool = True, ns: str = "default", **kw: object) -> Workload:
+    return Workload(
+        source="kubernetes",
+        uid=uid,
+        namespace=ns,
+        name=f"pod-{uid}",
+        accelerate=on,
+        reason="pod annotation" if on else "not opted in",
+        locator=Locator(pod_uid=uid),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def rec(tmp_path: Path) -> tuple[Reconciler, FakeMaps, FakeResolver, Observer]:
+    maps, res, obs = FakeMaps(), FakeResolver(), Observer()
+    r = Reconciler(maps, res, ["kubernetes"], observer=obs, state_file=tmp_path / "state.json")
+    return r, maps, res, obs
+
+
+def settle(r: Reconciler, full: bool = False) -> None:
+    r.step(r._drain(timeout=0), full=full)
+
+
+def test_enables_opted_in_pods_only(rec) -> None:
+    r, maps, res, _ = rec
+    res.cookies.update({"a": 11, "b": 12})
+    r.replace("kubernetes", [pod("a"), pod("b", on=False)])
+    settle(r)
+    assert set(maps.conf) == {11}
+    assert maps.conf[11].managed
+    states = {s.workload.uid: s.state for s in r.snapshot()}
+    assert states == {"a": ACCELERATED, "b": OFF}
+    assert r.pod_labels() == {11: ("default", "pod-a")}
+
+
+def test_toggle_and_delete(rec) -> None:
+    r, maps, res, _ = rec
+    res.cookies["a"] = 11
+    r.replace("kubernetes", [pod("a")])
+    settle(r)
+    r.upsert(pod("a", on=False))
+    settle(r)
+    assert maps.conf == {}
+    r.upsert(pod("a"))
+    settle(r)
+    assert set(maps.conf) == {11}
+    r.delete("kubernetes", "a")
+    settle(r)
+    assert maps.conf == {} and r.snapshot() == []
+
+
+def test_idempotent_writes_only_differences(rec) -> None:
+    r, maps, res, _ = rec
+    res.cookies["a"] = 11
+    r.replace("kubernetes", [pod("a")])
+    settle(r)
+    for _ in range(3):
+        settle(r)
+    assert maps.writes == 1
+
+
+def test_resync_repairs_drift_but_keeps_manual_entries(rec) -> None:
+    r, maps, res, _ = rec
+    res.cookies["a"] = 11
+    r.replace("kubernetes", [pod("a")])
+    settle(r)
+    maps.conf.pop(11)  # removed by hand
+    maps.conf[99] = NetnsSettings(managed=True)  # a stale entry of an earlier agent
+    maps.conf[77] = NetnsSettings(managed=False)  # `sockops enable` by an operator
+    settle(r, full=True)
+    assert set(maps.conf) == {11, 77}
+
+
+def test_nothing_removed_before_every_source_listed(tmp_path: Path) -> None:
+    """A restarted agent must not switch pods off before its sources caught up."""
+    maps, res = FakeMaps(), FakeResolver()
+    maps.conf[11] = NetnsSettings(managed=True)
+    r = Reconciler(maps, res, ["kubernetes", "docker"])
+    r.replace("kubernetes", [])
+    settle(r, full=True)
+    assert 11 in maps.conf and not r.synced
+    r.replace("docker", [])
+    settle(r, full=True)
+    assert maps.conf == {} and r.synced
+
+
+def test_unresolved_pod_is_pending_then_accelerated(rec) -> None:
+    r, maps, res, _ = rec
+    r.replace("kubernetes", [pod("late")])
+    settle(r)
+    (st,) = r.snapshot()
+    assert st.state == PENDING and "late" in st.reason
+    res.cookies["late"] = 21
+    settle(r)  # a retry, no new event
+    assert set(maps.conf) == {21}
+
+
+def test_map_write_failure_is_counted_and_retried(rec) -> None:
+    r, maps, res, obs = rec
+    res.cookies["a"] = 11
+    maps.fail = True
+    r.replace("kubernetes", [pod("a")])
+    settle(r)
+    (st,) = r.snapshot()
+    assert st.state == ERROR and "too long" in st.reason
+    assert obs.errors == ["kubernetes"]
+    maps.fail = False
+    settle(r)
+    assert set(maps.conf) == {11}
+
+
+def test_invalid_annotations_are_counted(rec) -> None:
+    r, _maps, _res, obs = rec
+    r.replace("kubernetes", [pod("a", on=False, errors=('sockops.io/accelerate="yes" is not valid',))])
+    settle(r)
+    assert obs.errors == ["kubernetes"]
+
+
+def test_two_workloads_one_namespace(rec) -> None:
+    """A pod seen by two sources (or containers sharing a sandbox) enables its netns once."""
+    r, maps, res, _ = rec
+    res.cookies["a"] = 11
+    docker_view = replace(pod("a"), source="docker", uid="c0ffee")
+    r.expected_sources.add("docker")
+    r.replace("kubernetes", [pod("a")])
+    r.replace("docker", [replace(docker_view, locator=Locator(pod_uid="a"))])
+    settle(r)
+    assert set(maps.conf) == {11}
+    r.upsert(pod("a", on=False))  # one view turns off, the other still wants it
+    settle(r)
+    assert set(maps.conf) == {11}
+
+
+def test_state_file_says_why(rec, tmp_path: Path) -> None:
+    r, _maps, _res, _ = rec
+    r.replace("kubernetes", [pod("late"), pod("off", on=False)])
+    settle(r)
+    doc = json.loads((tmp_path / "state.json").read_text())
+    by = {w["uid"]: w for w in doc["workloads"]}
+    assert by["late"]["state"] == "pending" and "found yet" in by["late"]["reason"]
+    assert by["off"]["state"] == "off"
+
+
+def test_events_and_latency_observed(rec) -> None:
+    r, _maps, res, obs = rec
+    res.cookies["a"] = 11
+    r.restarted("kubernetes", "410 Gone")
+    r.error("kubernetes", "malformed pod object")
+    r.replace("kubernetes", [pod("a")])
+    settle(r)
+    assert obs.restarts == ["kubernetes"]
+    assert obs.errors == ["kubernetes"]
+    assert len(obs.latencies) == 1 and 0 <= obs.latencies[0] < 1
+
+
+def test_run_loop_stops_promptly(rec) -> None:
+    r, maps, res, _ = rec
+    res.cookies["a"] = 11
+    stop = threading.Event()
+    t = threading.Thread(target=r.run, args=(stop, 30.0))
+    t.start()
+    r.replace("kubernetes", [pod("a")])
+    deadline = time.monotonic() + 5
+    while 11 not in maps.conf and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert 11 in maps.conf
+    stop.set()
+    r.upsert(pod("b"))  # wakes the loop
+    t.join(timeout=3)
+    assert not t.is_alive()
+
+
+def test_resolver_refuses_host_namespace() -> None:
+    with pytest.raises(NetnsNotFound, match="host"):
+        Resolver().path(Locator(pid=os.getpid()))
+
+
+def test_resolver_pod_not_found_says_where_it_looked() -> None:
+    with pytest.raises(NetnsNotFound, match="cgroup"):
+        Resolver(find_pod=lambda uid: None).path(Locator(pod_uid="0000"))
