@@ -1,0 +1,158 @@
+"""AgentView implementations for tests: one over a real data plane, one over fake maps.
+
+The agent implements :class:`sockops.metrics.AgentView` itself; these stand-ins let the metrics
+tests (and the alert and dashboard tests, which check names against a real scrape) run without
+the agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Plane
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sockops import loader
+from sockops.loader import MapSizes, PinnedMaps, attached_programs
+from sockops.podlab import Pod
+
+PAIR_TRAFFIC = Path(__file__).resolve().parent / "pair_traffic.py"
+APP_UID = 1000
+
+
+@dataclass
+class PlaneView:
+    """The view of an agent running a real data plane: maps opened by path at each scrape."""
+
+    bpffs_dir: Path
+    cgroup: Path
+    sizes: MapSizes
+    labels: dict[int, tuple[str, str]] = field(default_factory=dict)
+    pending: int = 0
+    supported: bool = True
+
+    @contextlib.contextmanager
+    def open_maps(self) -> Iterator[PinnedMaps | None]:
+        if not self.bpffs_dir.exists():
+            yield None
+            return
+        with PinnedMaps(self.bpffs_dir) as maps:
+            yield maps
+
+    def pod_labels(self) -> dict[int, tuple[str, str]]:
+        return dict(self.labels)
+
+    def pods_accelerated(self) -> int:
+        return len(self.labels)
+
+    def pods_pending(self) -> int:
+        return self.pending
+
+    def programs_attached(self) -> dict[str, bool]:
+        found = attached_programs(self.cgroup, self.bpffs_dir)
+        names = {"sock_ops": "sockops_main", "sk_msg": "sockops_redirect"}
+        return {kind: any(p["name"] == name[:15] for p in found[kind]) for kind, name in names.items()}
+
+    def kernel_supported(self) -> bool:
+        return self.supported
+
+    def map_sizes(self) -> MapSizes:
+        return self.sizes
+
+
+def plane_view(plane: Plane, sizes: MapSizes, labels: dict[int, tuple[str, str]]) -> PlaneView:
+    return PlaneView(bpffs_dir=plane.bpffs_dir, cgroup=plane.cgroup, sizes=sizes, labels=dict(labels))
+
+
+def detach_sock_ops(cgroup: Path) -> None:
+    """Detach sockops' sock_ops program from the test cgroup only (sk_msg stays on the map)."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for prog_id in loader.prog_query(fd, loader.BPF_CGROUP_SOCK_OPS):
+            pfd = loader.prog_fd_by_id(prog_id)
+            try:
+                loader.prog_detach(fd, pfd, loader.BPF_CGROUP_SOCK_OPS)
+            finally:
+                os.close(pfd)
+    finally:
+        os.close(fd)
+
+
+def scrape(registry: Any) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """generate_latest() parsed back: sample name -> {sorted label items: value}."""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def value(
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str
+) -> float | None:
+    return samples.get(name, {}).get(tuple(sorted(labels.items())))
+
+
+class PairTraffic:
+    """tests/pair_traffic.py in a pod (see its docstring)."""
+
+    def __init__(self, pod: Pod, connections: int, size: int, rounds: int, hold: bool) -> None:
+        argv = [
+            sys.executable, str(PAIR_TRAFFIC), "--connections", str(connections),
+            "--size", str(size), "--rounds", str(rounds),
+        ]  # fmt: skip
+        if hold:
+            argv.append("--hold")
+        self.proc = pod.popen(
+            argv,
+            uid=APP_UID,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def held(self, timeout: float = 30.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                pytest.fail(f"pair_traffic did not hold its connections within {timeout}s")
+        line = self.proc.stdout.readline()
+        if not line:
+            pytest.fail(f"pair_traffic exited early: {self.proc.communicate(timeout=5)}")
+        return json.loads(line)
+
+    def finish(self, timeout: float = 60.0) -> dict[str, Any]:
+        try:
+            out, err = self.proc.communicate("go\n", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"pair_traffic hung for {timeout}s: {self.proc.communicate()}")
+        assert self.proc.returncode == 0, err
+        return json.loads(out.strip().splitlines()[-1])
+
+
+def run_pairs(pod: Pod, connections: int, size: int, rounds: int) -> dict[str, Any]:
+    t = PairTraffic(pod, connections, size, rounds, hold=False)
+    return t.finish()
+
+
+def wait_drained(plane: Plane, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while plane.maps.sockets() or plane.maps.pending():
+        if time.monotonic() > deadline:
+            pytest.fail("maps not drained")
+        time.sleep(0.05)
