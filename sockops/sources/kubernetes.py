@@ -1,0 +1,772 @@
+"""Kubernetes source: the pods of this node and the namespaces that set their defaults.
+
+Two list+watch loops (pods with ``spec.nodeName=<node>``, all namespaces) feed one in-memory view;
+every change of a pod, or of the label of its namespace, becomes an ``upsert``/``delete`` on the
+sink, every complete pod list a ``replace``. The loops follow the API's rules for a cache that
+never misses a change:
+
+* list, then watch from the list's resourceVersion (with bookmarks, which advance it while
+  nothing changes on this node, so that a reconnect after a quiet hour does not need a re-list);
+* a dropped stream or an API error re-watches from the last resourceVersion after an exponential
+  backoff with jitter (so a thousand agents do not hammer a recovering API server in step);
+  "410 Gone" (the version was compacted away) re-lists and replaces the whole view;
+* nothing the API server sends can stop the loop: an unreadable line or object is reported to the
+  sink and skipped; 401/403 are reported with the fix and retried slowly (the agent fails open:
+  acceleration already set up keeps running while the RBAC is repaired).
+
+Objects are read as plain JSON (``_preload_content=False``) rather than through the client's
+models: the models turn a single malformed pod into an exception for the whole list, and watch
+lines must be parsed one by one to survive a bad one.
+
+``run()`` returns within about a second of ``stop.set()``, even in the middle of a watch: the
+loops run in worker threads and the open responses' sockets are shut down from ``run()``'s thread;
+after ``run()`` returns the sink is never called again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sockops.errors import SockopsError
+from sockops.sources import Sink
+from sockops.workload import (
+    ISTIO_PROXY_CONTAINER,
+    ISTIO_SIDECAR_STATUS,
+    Locator,
+    Workload,
+    decide,
+    parse_istio,
+)
+
+log = logging.getLogger(__name__)
+
+SOURCE = "kubernetes"
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+# The API server refuses more than this in one object's annotations (TotalAnnotationSizeLimitB);
+# anything larger did not come from a real API server and is not worth parsing.
+MAX_ANNOTATIONS_BYTES = 256 * 1024
+# One watch line is one object; a pod is a few KiB, a line this long means a broken stream.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+MAX_NAME_LEN = 253
+RBAC_FIX = (
+    "the ServiceAccount lacks get/list/watch on {what}: apply daemonset/rbac "
+    "(a ClusterRole with get, list, watch on pods and namespaces, bound to the agent's ServiceAccount)"
+)
+NODE_ENV = ("SOCKOPS_NODE_NAME", "NODE_NAME")
+
+
+class KubeConfigMissing(SockopsError):
+    """No way to reach an API server: neither in a pod nor a usable kubeconfig."""
+
+
+class NodeNameMissing(SockopsError):
+    """The agent does not know which node it runs on, so it cannot select its pods."""
+
+
+class Malformed(ValueError):
+    """An API object sockops cannot read; the message says what is wrong with it."""
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def load_config(kubeconfig: str | os.PathLike[str] | None = None, context: str | None = None) -> Any:
+    """An ``ApiClient`` for this environment: in-cluster in a pod, else the kubeconfig.
+
+    In-cluster is chosen when ``KUBERNETES_SERVICE_HOST`` is set and no kubeconfig was named
+    (that is how the kubelet tells a container where its API server is). Otherwise the kubeconfig
+    is ``kubeconfig``, ``$KUBECONFIG`` (a ``:``-separated list, merged) or ``~/.kube/config``.
+    Raises :class:`KubeConfigMissing` with what to do.
+    """
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        cfg = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except ConfigException as e:
+            raise KubeConfigMissing(
+                f"in-cluster Kubernetes config is unusable ({e}): the pod needs its ServiceAccount token "
+                "(automountServiceAccountToken: true in daemonset/), or pass --kubeconfig"
+            ) from e
+        return client.ApiClient(cfg)
+    if kubeconfig is not None:
+        paths = [str(kubeconfig)]
+    elif os.environ.get("KUBECONFIG"):
+        paths = [p for p in os.environ["KUBECONFIG"].split(os.pathsep) if p]
+    else:
+        paths = ["~/.kube/config"]
+    existing = [p for p in paths if Path(p).expanduser().is_file()]
+    if not existing:
+        raise KubeConfigMissing(
+            f"no Kubernetes config: not in a pod (KUBERNETES_SERVICE_HOST unset) and no kubeconfig at "
+            f"{', '.join(paths)}; run the agent as the DaemonSet in daemonset/, or pass --kubeconfig FILE "
+            "(or set KUBECONFIG)"
+        )
+    try:
+        return config.new_client_from_config(config_file=os.pathsep.join(existing), context=context)
+    except (ConfigException, OSError, ValueError) as e:
+        raise KubeConfigMissing(
+            f"kubeconfig {', '.join(existing)} is unusable ({e}): check it with kubectl --kubeconfig, "
+            "or pass another with --kubeconfig"
+        ) from e
+
+
+def node_name_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """The node this agent runs on, from ``SOCKOPS_NODE_NAME`` or ``NODE_NAME``.
+
+    There is no fallback to the hostname: on many clouds the node name differs from it, and a
+    wrong name would silently select no pods at all.
+    """
+    environ = os.environ if environ is None else environ
+    for var in NODE_ENV:
+        if environ.get(var, "").strip():
+            return environ[var].strip()
+    raise NodeNameMissing(
+        "the node name is unknown: set NODE_NAME from the downward API in the DaemonSet "
+        "(env: [{name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}]) or pass --node-name"
+    )
+
+
+# -- objects -> workloads ------------------------------------------------------------------------
+
+
+def _str_map(value: Any, what: str) -> dict[str, str]:
+    """A labels/annotations map as the API defines it (string to string), or Malformed."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Malformed(f"{what} is a {type(value).__name__}, not a map")
+    size = 0
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise Malformed(f"{what} must map strings to strings (key {str(k)[:64]!r})")
+        size += len(k) + len(v)
+    if size > MAX_ANNOTATIONS_BYTES:
+        raise Malformed(
+            f"{what} hold {size} bytes, more than the API server's limit of {MAX_ANNOTATIONS_BYTES}"
+        )
+    return value
+
+
+def _name(meta: dict[str, Any], key: str, what: str) -> str:
+    value = meta.get(key)
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LEN:
+        raise Malformed(f"{what} has no usable metadata.{key} ({str(value)[:64]!r})")
+    return value
+
+
+def pod_identity(pod: Any) -> tuple[str, str, str]:
+    """``(uid, namespace, name)`` of a pod object, or Malformed when it has none usable."""
+    if not isinstance(pod, dict):
+        raise Malformed(f"pod object is a {type(pod).__name__}, not a JSON object")
+    meta = pod.get("metadata")
+    if not isinstance(meta, dict):
+        raise Malformed("pod object has no metadata")
+    return _name(meta, "uid", "pod"), _name(meta, "namespace", "pod"), _name(meta, "name", "pod")
+
+
+def pod_node(pod: dict[str, Any]) -> str | None:
+    spec = pod.get("spec")
+    node = spec.get("nodeName") if isinstance(spec, dict) else None
+    return node if isinstance(node, str) else None
+
+
+def pod_is_gone(pod: dict[str, Any]) -> bool:
+    """Terminal or being deleted: its sockets are closing, nothing is left to accelerate."""
+    meta = pod.get("metadata") or {}
+    if isinstance(meta, dict) and meta.get("deletionTimestamp"):
+        return True
+    status = pod.get("status")
+    return isinstance(status, dict) and status.get("phase") in TERMINAL_PHASES
+
+
+def _has_istio_proxy(spec: dict[str, Any]) -> bool:
+    """An ``istio-proxy`` container, or init container (native sidecars are init containers)."""
+    for key in ("containers", "initContainers"):
+        containers = spec.get(key)
+        if not isinstance(containers, list):
+            continue
+        for c in containers:
+            if isinstance(c, dict) and c.get("name") == ISTIO_PROXY_CONTAINER:
+                return True
+    return False
+
+
+def pod_to_workload(pod: Any, namespace_labels: Mapping[str, str] | None) -> Workload | None:
+    """The pod as desired state, or None when it is gone for us (terminal, being deleted).
+
+    Raises :class:`Malformed` when the pod has no usable identity. A pod with an identity but
+    unreadable content (annotations of the wrong type or size, spec not an object) is returned not
+    accelerated, with the problem in ``errors``: it must not keep acceleration a previous, valid
+    version of it had.
+    """
+    uid, namespace, name = pod_identity(pod)
+    if pod_is_gone(pod):
+        return None
+
+    def unreadable(message: str) -> Workload:
+        return Workload(
+            source=SOURCE,
+            uid=uid,
+            namespace=namespace,
+            name=name,
+            accelerate=False,
+            reason="unreadable pod object",
+            locator=Locator(pod_uid=uid),
+            errors=(message,),
+        )
+
+    spec = pod.get("spec")
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        return unreadable(f"pod {namespace}/{name}: spec is a {type(spec).__name__}, not an object")
+    try:
+        annotations = _str_map(pod["metadata"].get("annotations"), f"pod {namespace}/{name}: annotations")
+    except Malformed as e:
+        return unreadable(str(e))
+
+    decision = decide(annotations, namespace_labels)
+    capture, istio_errors = parse_istio(annotations)
+    errors = ([decision.error] if decision.error else []) + istio_errors
+    accelerate, reason = decision.accelerate, decision.reason
+    if spec.get("hostNetwork") is True:
+        # The pod's sockets live in the node's netns: accelerating it would accelerate the node.
+        accelerate, reason = False, "host network"
+    sidecar = True if (ISTIO_SIDECAR_STATUS in annotations or _has_istio_proxy(spec)) else None
+    return Workload(
+        source=SOURCE,
+        uid=uid,
+        namespace=namespace,
+        name=name,
+        accelerate=accelerate,
+        reason=reason,
+        locator=Locator(pod_uid=uid),
+        sidecar=sidecar,
+        capture=capture,
+        errors=tuple(errors),
+    )
+
+
+def namespace_of(obj: Any) -> tuple[str, dict[str, str]]:
+    """``(name, labels)`` of a namespace object; Malformed when it has no name.
+
+    Labels of the wrong type are also Malformed; the caller then treats the namespace as
+    unlabelled (the default is "not accelerated": an unreadable label never turns acceleration on).
+    """
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+        raise Malformed("namespace object has no metadata")
+    name = _name(obj["metadata"], "name", "namespace")
+    return name, _str_map(obj["metadata"].get("labels"), f"namespace {name}: labels")
+
+
+def _resource_version(obj: Any) -> str | None:
+    if isinstance(obj, dict) and isinstance(obj.get("metadata"), dict):
+        rv = obj["metadata"].get("resourceVersion")
+        if isinstance(rv, str) and rv:
+            return rv
+    return None
+
+
+# -- backoff -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: ``base * 2**n`` capped, times a random factor in [0.5, 1].
+
+    The jitter spreads the reconnects of every agent of a cluster after an API server restart;
+    the lower bound of 0.5 keeps the growth visible (and testable).
+    """
+
+    base: float = 0.5
+    cap: float = 30.0
+    attempts: int = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * (2 ** min(self.attempts, 32)))
+        self.attempts += 1
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+# -- the source ----------------------------------------------------------------------------------
+
+
+class _Gone(Exception):
+    """The watch's resourceVersion was compacted away (410): only a re-list can continue."""
+
+
+class _StreamBroken(Exception):
+    """The watch stream cannot be continued (ERROR event, unframed data); re-watch from the RV."""
+
+
+@dataclass
+class _Failure:
+    reason: str
+    permanent: bool = False
+
+
+class KubernetesSource:
+    """Pods of one node, with namespace defaults, as desired state (see the module docstring).
+
+    ``api_client``: a ``kubernetes.client.ApiClient``; by default :func:`load_config` (so a
+    missing config fails at construction, before the agent reports ready). ``backoff_base`` and
+    ``backoff_cap``: reconnects after temporary errors; ``auth_backoff``: the (slow) retry after
+    401/403 and other errors a retry will not fix by itself. ``watch_timeout``: seconds the API
+    server keeps one watch open (it is then re-established from its resourceVersion, which costs
+    one request and is not counted as a restart). ``request_timeout``: connect and read timeout
+    of lists; a watch may be silent for ``watch_timeout`` plus this. ``namespace_wait``: how long
+    the first pod list waits for the first namespace list (so that pods of a labelled namespace
+    are not reported unaccelerated for a moment at startup).
+    """
+
+    name = SOURCE
+
+    def __init__(
+        self,
+        node_name: str,
+        api_client: Any = None,
+        *,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        auth_backoff: float = 30.0,
+        watch_timeout: int = 300,
+        request_timeout: float = 30.0,
+        namespace_wait: float = 10.0,
+    ) -> None:
+        if not node_name or not isinstance(node_name, str):
+            raise NodeNameMissing("KubernetesSource needs the node name (NODE_NAME)")
+        from kubernetes import client
+
+        self.node_name = node_name
+        self.api_client = api_client if api_client is not None else load_config()
+        self._api = client.CoreV1Api(self.api_client)
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.auth_backoff = auth_backoff
+        self.watch_timeout = max(1, int(watch_timeout))
+        self.request_timeout = request_timeout
+        self.namespace_wait = namespace_wait
+
+        self._lock = threading.RLock()  # the view below, and every call to the sink
+        self._sink: Sink | None = None
+        self._closed = False
+        self._pods: dict[str, dict[str, Any]] = {}  # uid -> last pod object seen (not gone)
+        self._namespaces: dict[str, dict[str, str]] = {}  # name -> labels
+        self._emitted: dict[str, Workload] = {}  # uid -> what the sink was last told
+        self._pods_synced = False
+        self._ns_synced = threading.Event()
+        self._responses: set[Any] = set()
+        self._resource_versions: dict[str, str | None] = {"pods": None, "namespaces": None}
+
+    # -- public ---------------------------------------------------------------------------------
+
+    @property
+    def resource_versions(self) -> dict[str, str | None]:
+        """The last resourceVersion of each watch (for tests and ``status``)."""
+        with self._lock:
+            return dict(self._resource_versions)
+
+    def run(self, sink: Sink, stop: threading.Event) -> None:
+        """Report to ``sink`` until ``stop`` is set; returns within about a second of it."""
+        with self._lock:
+            self._sink, self._closed = sink, False
+        workers = [
+            threading.Thread(target=self._loop, args=(kind, stop), name=f"sockops-k8s-{kind}", daemon=True)
+            for kind in ("namespaces", "pods")
+        ]
+        for w in workers:
+            w.start()
+        try:
+            while not stop.wait(0.5):
+                if not any(w.is_alive() for w in workers):  # only on a bug: the loops catch all
+                    log.error("kubernetes source: watch loops ended unexpectedly")
+                    stop.wait()
+        finally:
+            self._abort_responses()
+            deadline = time.monotonic() + 1.0
+            for w in workers:
+                w.join(max(0.0, deadline - time.monotonic()))
+            # A worker still blocked in a request (an API server that accepted the connection
+            # and never answered) finishes on its timeout; it must not call the sink after this.
+            if self._lock.acquire(timeout=0.5):
+                self._closed = True
+                self._lock.release()
+            else:
+                self._closed = True
+
+    # -- sink calls -----------------------------------------------------------------------------
+
+    def _emit(self, fn: Callable[..., None], *args: Any) -> None:
+        """Call the sink unless ``run`` has returned; a failing sink is logged, never fatal."""
+        if self._closed or self._sink is None:
+            return
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("kubernetes source: the sink raised in %s", getattr(fn, "__name__", fn))
+
+    def _error(self, message: str, **fields: object) -> None:
+        log.warning("kubernetes source: %s %s", message, fields or "")
+        with self._lock:
+            if self._sink is not None:
+                self._emit(self._sink.error, SOURCE, message, dict(fields))
+
+    def _restarted(self, reason: str) -> None:
+        log.info("kubernetes source: watch re-established after: %s", reason)
+        with self._lock:
+            if self._sink is not None:
+                self._emit(self._sink.restarted, SOURCE, reason)
+
+    # -- the view (callers hold self._lock) -----------------------------------------------------
+
+    def _workload(self, pod: dict[str, Any]) -> Workload | None:
+        namespace = pod_identity(pod)[1]
+        return pod_to_workload(pod, self._namespaces.get(namespace))
+
+    def _set_pod(self, pod: dict[str, Any]) -> None:
+        uid, namespace, name = pod_identity(pod)
+        node = pod_node(pod)
+        wl = None if (node is not None and node != self.node_name) else self._workload(pod)
+        if wl is None:
+            self._forget_pod(uid)
+            return
+        self._pods[uid] = pod
+        if wl.errors and wl.reason == "unreadable pod object":
+            self._error(wl.errors[0], kind="pod", namespace=namespace, pod=name, uid=uid)
+        if self._emitted.get(uid) != wl:
+            self._emitted[uid] = wl
+            assert self._sink is not None
+            self._emit(self._sink.upsert, wl)
+
+    def _forget_pod(self, uid: str) -> None:
+        self._pods.pop(uid, None)
+        if self._emitted.pop(uid, None) is not None:
+            assert self._sink is not None
+            self._emit(self._sink.delete, SOURCE, uid)
+
+    def _reevaluate(self, namespace: str | None = None) -> None:
+        """Re-decide the pods of ``namespace`` (all when None) after its labels changed."""
+        if not self._pods_synced:
+            return  # the first pod list decides with whatever namespaces are known by then
+        for pod in list(self._pods.values()):
+            if namespace is None or pod_identity(pod)[1] == namespace:
+                self._set_pod(pod)
+
+    def _replace_pods(self, items: list[Any]) -> None:
+        pods: dict[str, dict[str, Any]] = {}
+        workloads: dict[str, Workload] = {}
+        for item in items:
+            try:
+                uid, namespace, name = pod_identity(item)
+                node = pod_node(item)
+                if node is not None and node != self.node_name:
+                    continue
+                wl = self._workload(item)
+            except Malformed as e:
+                self._error(f"skipped a pod in the list: {e}", kind="pod")
+                continue
+            if wl is None:
+                continue
+            if wl.errors and wl.reason == "unreadable pod object":
+                self._error(wl.errors[0], kind="pod", namespace=namespace, pod=name, uid=uid)
+            pods[uid], workloads[uid] = item, wl
+        self._pods, self._emitted, self._pods_synced = pods, workloads, True
+        assert self._sink is not None
+        self._emit(self._sink.replace, SOURCE, list(workloads.values()))
+
+    def _set_namespace(self, obj: Any, deleted: bool = False) -> None:
+        try:
+            name, labels = namespace_of(obj)
+        except Malformed as e:
+            name = _resource_name(obj)
+            if name is None:
+                self._error(f"skipped a namespace: {e}", kind="namespace")
+                return
+            self._error(f"{e}; treating the namespace as unlabelled", kind="namespace", namespace=name)
+            labels = {}
+        old = self._namespaces.get(name)
+        if deleted:
+            self._namespaces.pop(name, None)
+            labels = {}
+        else:
+            self._namespaces[name] = labels
+        if (old or {}) != labels:
+            self._reevaluate(name)
+
+    def _replace_namespaces(self, items: list[Any]) -> None:
+        old = self._namespaces
+        self._namespaces = {}
+        for item in items:
+            try:
+                name, labels = namespace_of(item)
+            except Malformed as e:
+                name = _resource_name(item)
+                self._error(f"skipped a namespace in the list: {e}", kind="namespace")
+                if name is None:
+                    continue
+                labels = {}
+            self._namespaces[name] = labels
+        for name in set(old) | set(self._namespaces):
+            if old.get(name, {}) != self._namespaces.get(name, {}):
+                self._reevaluate(name)
+
+    # -- list and watch -------------------------------------------------------------------------
+
+    def _call(self, kind: str, **kwargs: Any) -> Any:
+        """One raw list or watch request (urllib3 response; non-2xx raises ApiException)."""
+        if kind == "pods":
+            return self._api.list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={self.node_name}", _preload_content=False, **kwargs
+            )
+        return self._api.list_namespace(_preload_content=False, **kwargs)
+
+    def _track(self, resp: Any, stop: threading.Event) -> None:
+        with self._lock:
+            self._responses.add(resp)
+        if stop.is_set():
+            self._abort_responses()
+
+    def _untrack(self, resp: Any) -> None:
+        with self._lock:
+            self._responses.discard(resp)
+        with contextlib.suppress(Exception):
+            resp.release_conn()
+        with contextlib.suppress(Exception):
+            resp.close()
+
+    def _abort_responses(self) -> None:
+        """Shut down the sockets of open responses: a blocked read returns at once."""
+        with self._lock:
+            responses = list(self._responses)
+        for resp in responses:
+            try:
+                resp.shutdown()  # urllib3 >= 2.3
+            except Exception:
+                with contextlib.suppress(Exception):
+                    resp.close()
+
+    def _list(self, kind: str, stop: threading.Event) -> str:
+        """List ``kind`` and replace the view with it; returns the list's resourceVersion."""
+        resp = self._call(kind, _request_timeout=(self.request_timeout, self.request_timeout))
+        self._track(resp, stop)
+        try:
+            body = resp.data
+        finally:
+            self._untrack(resp)
+        if stop.is_set():
+            raise _StreamBroken("stopping")
+        try:
+            doc = json.loads(body)
+        except ValueError as e:
+            raise _StreamBroken(f"the {kind} list is not JSON ({e})") from None
+        items = doc.get("items") if isinstance(doc, dict) else None
+        rv = _resource_version(doc) if isinstance(doc, dict) else None
+        if items is None:
+            items = []
+        if not isinstance(items, list) or rv is None:
+            raise _StreamBroken(f"the {kind} list has no items or no metadata.resourceVersion")
+        with self._lock:
+            if kind == "pods":
+                self._replace_pods(items)
+            else:
+                self._replace_namespaces(items)
+            self._resource_versions[kind] = rv
+        if kind == "namespaces":
+            self._ns_synced.set()
+        return rv
+
+    def _lines(self, resp: Any) -> Iterator[bytes]:
+        buf = b""
+        for chunk in resp.stream(amt=None, decode_content=False):
+            buf += chunk
+            while True:
+                line, sep, rest = buf.partition(b"\n")
+                if not sep:
+                    break
+                buf = rest
+                if line.strip():
+                    yield line
+            if len(buf) > MAX_LINE_BYTES:
+                raise _StreamBroken(f"a watch line is longer than {MAX_LINE_BYTES} bytes")
+        if buf.strip():
+            yield buf
+
+    def _watch(self, kind: str, rv: str, stop: threading.Event, on_open: Callable[[], None]) -> int:
+        """Watch ``kind`` from ``rv`` until the stream ends; returns the number of events."""
+        resp = self._call(
+            kind,
+            watch=True,
+            resource_version=rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.watch_timeout,
+            _request_timeout=(self.request_timeout, self.watch_timeout + self.request_timeout),
+        )
+        self._track(resp, stop)
+        events = 0
+        try:
+            on_open()
+            for line in self._lines(resp):
+                if stop.is_set():
+                    break
+                self._handle_line(kind, line)
+                events += 1
+        finally:
+            self._untrack(resp)
+        return events
+
+    def _handle_line(self, kind: str, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+        except ValueError as e:
+            self._error(f"malformed watch event for {kind} skipped ({e}): {line[:120]!r}", kind=kind)
+            return
+        if not isinstance(event, dict):
+            self._error(f"malformed watch event for {kind} skipped: {line[:120]!r}", kind=kind)
+            return
+        typ, obj = event.get("type"), event.get("object")
+        if typ == "ERROR":
+            code = obj.get("code") if isinstance(obj, dict) else None
+            if code == 410:
+                raise _Gone(f"410 Gone in the {kind} watch")
+            message = obj.get("message") if isinstance(obj, dict) else obj
+            raise _StreamBroken(f"ERROR event in the {kind} watch (code {code}): {str(message)[:200]}")
+        if typ == "BOOKMARK":
+            rv = _resource_version(obj)
+            if rv is None:
+                self._error(f"bookmark without resourceVersion in the {kind} watch", kind=kind)
+                return
+            with self._lock:
+                self._resource_versions[kind] = rv
+            return
+        if typ not in ("ADDED", "MODIFIED", "DELETED"):
+            self._error(f"watch event of unknown type {str(typ)[:32]!r} for {kind} skipped", kind=kind)
+            return
+        with self._lock:
+            try:
+                if kind == "pods":
+                    if typ == "DELETED":
+                        self._forget_pod(pod_identity(obj)[0])
+                    else:
+                        self._set_pod(obj)
+                else:
+                    self._set_namespace(obj, deleted=typ == "DELETED")
+            except Malformed as e:
+                self._error(f"{typ} event skipped: {e}", kind=kind)
+            rv = _resource_version(obj)
+            if rv is not None:
+                self._resource_versions[kind] = rv
+
+    def _loop(self, kind: str, stop: threading.Event) -> None:
+        """List, then watch, forever: the one place where failures become retries."""
+        backoff = Backoff(self.backoff_base, self.backoff_cap)
+        must_list = True
+        pending: str | None = None  # why the last stream ended, reported once re-established
+        if kind == "pods":
+            deadline = time.monotonic() + self.namespace_wait
+            while not (self._ns_synced.is_set() or stop.is_set()) and time.monotonic() < deadline:
+                self._ns_synced.wait(0.1)
+
+        def established() -> None:
+            nonlocal pending
+            if pending is not None:
+                self._restarted(pending)
+                pending = None
+
+        while not stop.is_set():
+            failure: _Failure | None = None
+            try:
+                if must_list:
+                    self._list(kind, stop)
+                    must_list = False
+                    established()
+                rv = self.resource_versions[kind]
+                assert rv is not None
+                started = time.monotonic()
+                events = self._watch(kind, rv, stop, established)
+                if stop.is_set():
+                    break
+                lasted = time.monotonic() - started
+                if lasted >= self.watch_timeout * 0.9:
+                    backoff.reset()  # the server's timeout: normal, re-watch at once, not a restart
+                    continue
+                pending = f"the API server closed the {kind} watch after {lasted:.1f}s"
+                if events:
+                    backoff.reset()
+                    continue
+                failure = _Failure(pending)
+            except _Gone as e:
+                must_list, pending = True, f"{e}: re-listed"
+                if backoff.attempts == 0:
+                    backoff.attempts = 1  # re-list at once, but back off if it loops
+                    continue
+                failure = _Failure(pending)
+            except _StreamBroken as e:
+                failure = _Failure(str(e))
+            except Exception as e:
+                failure = self._classify(kind, e)
+                if failure is None:  # 410 as an HTTP status
+                    must_list, pending = True, f"410 Gone for the {kind} watch: re-listed"
+                    continue
+            if stop.is_set():
+                break
+            pending = failure.reason
+            if failure.permanent:
+                self._error(failure.reason, kind=kind)
+                delay = self.auth_backoff * random.uniform(0.8, 1.2)
+            else:
+                log.warning("kubernetes source: %s", failure.reason)
+                delay = backoff.next()
+            stop.wait(delay)
+
+    def _classify(self, kind: str, e: Exception) -> _Failure | None:
+        """Temporary (retry with backoff) or permanent (report with the fix, retry slowly)."""
+        from kubernetes.client.exceptions import ApiException
+
+        if isinstance(e, ApiException):
+            status = e.status or 0
+            if status == 410:
+                return None
+            if status == 401:
+                return _Failure(
+                    f"the API server rejected the agent's credentials (401) listing {kind}: "
+                    "check the ServiceAccount token or the kubeconfig's user",
+                    permanent=True,
+                )
+            if status == 403:
+                return _Failure(f"403 Forbidden on {kind}: " + RBAC_FIX.format(what=kind), permanent=True)
+            if status == 429 or status >= 500 or status == 0:
+                return _Failure(f"API error {status} on {kind}: {str(e.reason)[:200]}")
+            return _Failure(f"API error {status} on {kind}: {str(e.reason)[:200]}", permanent=True)
+        if isinstance(e, OSError | http.client.HTTPException | _urllib3_errors()):
+            return _Failure(f"connection to the API server lost ({type(e).__name__}: {str(e)[:200]})")
+        log.exception("kubernetes source: unexpected error in the %s loop", kind)
+        return _Failure(f"unexpected error in the {kind} loop: {type(e).__name__}: {str(e)[:200]}")
+
+
+def _urllib3_errors() -> type[Exception]:
+    import urllib3.exceptions
+
+    return urllib3.exceptions.HTTPError
+
+
+def _resource_name(obj: Any) -> str | None:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) and 0 < len(name) <= MAX_NAME_LEN else None
