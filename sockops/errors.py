@@ -31,3 +31,11 @@ class NetnsNotFound(SockopsError):
 
 class IncompatiblePins(SockopsError):
     pass
+
+
+class KubeConfigMissing(SockopsError):
+    """No way to reach a Kubernetes API server: not in a pod, and no usable kubeconfig."""
+
+
+class NodeNameMissing(SockopsError):
+    """The agent does not know its node, so it cannot select the pods it is responsible for."""

@@ -529,6 +529,9 @@ def test_load_config(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "config"
     path.write_text(json.dumps(cfg))
     assert load_config(path).configuration.host == "http://127.0.0.1:1"
+    assert load_config(f"{tmp_path}/missing:{path}").configuration.host == "http://127.0.0.1:1"
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path}/missing:{path}")
+    assert load_config("").configuration.host == "http://127.0.0.1:1", "empty --kubeconfig: $KUBECONFIG"
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
     with pytest.raises(KubeConfigMissing, match="ServiceAccount token"):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sockops.errors import SockopsError
+from sockops.errors import KubeConfigMissing, NodeNameMissing
 from sockops.sources import Sink
 from sockops.workload import (
     ISTIO_PROXY_CONTAINER,
@@ -66,14 +66,6 @@ RBAC_FIX = (
 NODE_ENV = ("SOCKOPS_NODE_NAME", "NODE_NAME")
 
 
-class KubeConfigMissing(SockopsError):
-    """No way to reach an API server: neither in a pod nor a usable kubeconfig."""
-
-
-class NodeNameMissing(SockopsError):
-    """The agent does not know which node it runs on, so it cannot select its pods."""
-
-
 class Malformed(ValueError):
     """An API object sockops cannot read; the message says what is wrong with it."""
 
@@ -86,9 +78,12 @@ def load_config(kubeconfig: str | os.PathLike[str] | None = None, context: str |
 
     In-cluster is chosen when ``KUBERNETES_SERVICE_HOST`` is set and no kubeconfig was named
     (that is how the kubelet tells a container where its API server is). Otherwise the kubeconfig
-    is ``kubeconfig``, ``$KUBECONFIG`` (a ``:``-separated list, merged) or ``~/.kube/config``.
+    is ``kubeconfig``, ``$KUBECONFIG`` or ``~/.kube/config``; either may be a ``:``-separated
+    list, merged as kubectl does (``--kubeconfig`` often comes from ``$KUBECONFIG``).
     Raises :class:`KubeConfigMissing` with what to do.
     """
+    if kubeconfig is not None and not str(kubeconfig):
+        kubeconfig = None
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
 
@@ -103,7 +98,7 @@ def load_config(kubeconfig: str | os.PathLike[str] | None = None, context: str |
             ) from e
         return client.ApiClient(cfg)
     if kubeconfig is not None:
-        paths = [str(kubeconfig)]
+        paths = [p for p in str(kubeconfig).split(os.pathsep) if p]
     elif os.environ.get("KUBECONFIG"):
         paths = [p for p in os.environ["KUBECONFIG"].split(os.pathsep) if p]
     else:
