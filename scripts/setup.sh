@@ -11,9 +11,11 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-# Debian packages: bcc and kernel headers for it, network tools, load generators, bench/test helpers.
+# Debian packages: bcc and kernel headers for it, network tools, load generators, bench/test helpers,
+# and a docker engine with what the tests build their local images from (no image registry here).
 PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv iproute2 iptables bpftool
-      sockperf wrk iperf3 nghttp2-client tcpdump util-linux procps)
+      sockperf wrk iperf3 nghttp2-client tcpdump util-linux procps
+      docker.io debootstrap busybox-static)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

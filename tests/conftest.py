@@ -31,6 +31,9 @@ import pytest
 from sockops.cgroups import Cgroup, find_cgroup2_root
 from sockops.podlab import NETNS_DIR, Lab, Pod, envoy_binary
 
+# docker_engine, busybox_image, base_image (tests/dockerd.py)
+pytest_plugins = ["dockerd"]
+
 TEST_PREFIX = "sockops-test"
 BPFFS_ROOT = Path("/sys/fs/bpf")
 
