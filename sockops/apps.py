@@ -112,8 +112,11 @@ def run_client(args: argparse.Namespace) -> dict[str, object]:
         try:
             with socket.create_connection((args.host, args.port)) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                for n in range(args.requests):
+                hold_until = time.monotonic() + args.hold if args.hold else None
+                n = 0
+                while n < args.requests or (hold_until is not None and time.monotonic() < hold_until):
                     size = sizes[(i + n) % len(sizes)]
+                    n += 1
                     ok, secs = _one_request(sock, size)
                     with lock:
                         result["requests"] += 1
@@ -157,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--requests", type=int, default=10, help="requests per connection")
     c.add_argument("--sizes", default="1024", help="comma-separated payload sizes in bytes")
     c.add_argument("--duration", type=float, default=0.0, help="repeat rounds until this many seconds")
+    c.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        help="keep each connection making requests for this many seconds (one long-lived connection)",
+    )
     args = p.parse_args(argv)
     if args.cmd == "server":
         serve(args.host, args.port, socket.AF_INET6 if args.ipv6 else socket.AF_INET)

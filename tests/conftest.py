@@ -34,7 +34,9 @@ from sockops.podlab import NETNS_DIR, Lab, Pod, envoy_binary
 # docker_engine, busybox_image, base_image (tests/dockerd.py)
 pytest_plugins = ["dockerd"]
 
-TEST_PREFIX = "sockops-test"
+# Every object a test session makes is named with this session's own prefix, so the leftover
+# check at the end sees only its own objects, even while another test run shares the machine.
+TEST_PREFIX = f"sockops-test-{os.environ.get('SOCKOPS_TEST_SESSION') or secrets.token_hex(2)}"
 BPFFS_ROOT = Path("/sys/fs/bpf")
 
 
@@ -115,8 +117,6 @@ def _nothing_left_behind() -> Iterator[None]:
     yield
     if os.geteuid() != 0:
         return
-    # Only what this session made counts: another test run on the machine (a developer's, in
-    # parallel) may own test objects that exist before and during this one.
     left = sorted(set(leftovers()) - before)
     assert not left, f"the tests left these behind: {left}"
     assert _root_sock_ops() == root_progs, "a sock_ops program was attached to the cgroup v2 root"

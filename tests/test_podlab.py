@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TEST_PREFIX
 
 from sockops.cgroups import Cgroup
 from sockops.podlab import NETNS_DIR, Lab, Pod, envoy_binary
@@ -174,13 +175,13 @@ def assert_echoed(result: dict[str, Any], tag: str = "echo", size: int = PAYLOAD
 
 @pytest.fixture
 def cgroup() -> Iterator[Cgroup]:
-    with Cgroup("sockops-test-") as cg:
+    with Cgroup(f"{TEST_PREFIX}-") as cg:
         yield cg
 
 
 @pytest.fixture
 def lab(cgroup: Cgroup) -> Iterator[Lab]:
-    with Lab(cgroup, prefix="sockops-test") as lab:
+    with Lab(cgroup, prefix=TEST_PREFIX) as lab:
         yield lab
 
 
@@ -260,7 +261,7 @@ def test_without_sidecar_apps_talk_directly(lab: Lab) -> None:
 
 
 def test_two_labs_with_identical_ips(cgroup: Cgroup) -> None:
-    with Lab(cgroup, prefix="sockops-test") as lab_a, Lab(cgroup, prefix="sockops-test") as lab_b:
+    with Lab(cgroup, prefix=TEST_PREFIX) as lab_a, Lab(cgroup, prefix=TEST_PREFIX) as lab_b:
         pod_a = lab_a.add_pod("app", ip="10.244.1.10")
         pod_b = lab_b.add_pod("app", ip="10.244.1.10")
         assert pod_a.netns != pod_b.netns
@@ -289,8 +290,8 @@ def test_two_labs_with_identical_ips(cgroup: Cgroup) -> None:
 def test_lab_exit_leaves_nothing(failure: bool, own_cgroup: bool) -> None:
     before = _ip_netns_list()
     with contextlib.ExitStack() as stack:
-        shared = None if own_cgroup else stack.enter_context(Cgroup("sockops-test-"))
-        lab = Lab(shared, prefix="sockops-test")
+        shared = None if own_cgroup else stack.enter_context(Cgroup(f"{TEST_PREFIX}-"))
+        lab = Lab(shared, prefix=TEST_PREFIX)
         with pytest.raises(RuntimeError, match="boom") if failure else contextlib.nullcontext(), lab:
             pod = lab.add_pod("app", ip="10.244.1.10")
             server = start_echo_server(pod)
