@@ -12,10 +12,11 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # Debian packages: bcc and kernel headers for it, network tools, load generators, bench/test helpers,
-# and a docker engine with what the tests build their local images from (no image registry here).
+# and a docker engine with what the tests build their local images from (no image registry here);
+# prometheus for promtool, which checks and unit-tests the alert rules in daemonset/alerts.
 PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv iproute2 iptables bpftool
       sockperf wrk iperf3 nghttp2-client tcpdump util-linux procps
-      docker.io debootstrap busybox-static)
+      docker.io debootstrap busybox-static prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -24,6 +25,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Only promtool is wanted: on a systemd host the package also starts a Prometheus server (:9090).
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 # bcc compiles against the running kernel's headers. The running kernel ships none, so point
