@@ -52,3 +52,28 @@ def expected_alert(name: str, labels: dict[str, str]) -> dict[str, Any]:
         "exp_labels": all_labels,
         "exp_annotations": {k: render(v, all_labels) for k, v in rule.get("annotations", {}).items()},
     }
+
+
+_PROMQL_KEYWORDS = {
+    "and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
+    "group_left", "group_right", "inf", "nan",
+}  # fmt: skip
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_IDENT = re.compile(r"(?<![\w$.:])[A-Za-z_:][A-Za-z0-9_:]*")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (good enough for the expressions in this repo:
+    strings, label matchers, ranges and grouping clauses are removed; what is left that is not a
+    function call, a keyword or a number is a metric name)."""
+    text = _STRINGS.sub('""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = _GROUPING.sub(" ", text)
+    names = set()
+    for m in _IDENT.finditer(text):
+        is_call = text[m.end() :].lstrip().startswith("(")
+        if not is_call and m.group(0).lower() not in _PROMQL_KEYWORDS:
+            names.add(m.group(0))
+    return names

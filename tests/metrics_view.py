@@ -90,18 +90,19 @@ def detach_sock_ops(cgroup: Path) -> None:
         os.close(fd)
 
 
-def scrape(registry: Any) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+def scrape(registry: Any) -> Samples:
     """generate_latest() parsed back: sample name -> {sorted label items: value}."""
-    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    out: Samples = {}
     for fam in text_string_to_metric_families(generate_latest(registry).decode()):
         for s in fam.samples:
             out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
     return out
 
 
-def value(
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str
-) -> float | None:
+def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get(name, {}).get(tuple(sorted(labels.items())))
 
 
@@ -156,3 +157,19 @@ def wait_drained(plane: Plane, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail("maps not drained")
         time.sleep(0.05)
+
+
+def real_scrape(plane: Plane, pod: Pod) -> Samples:
+    """A scrape of a real agent-like registry after real accelerated traffic in ``pod``: every
+    family the agent can export has samples (per-pod ones included), so the names in it are the
+    names alerts and dashboards may use."""
+    from sockops.metrics import build_registry
+
+    cookie = plane.enable(pod)
+    registry, metrics = build_registry(plane_view(plane, MapSizes(), {cookie: ("shop", pod.name)}))
+    metrics.init_source("kubernetes")
+    metrics.enforce_latency.observe(0.02)
+    metrics.last_reconcile.set_to_current_time()
+    res = run_pairs(pod, 2, 100, 2)
+    assert res["mismatches"] == 0
+    return scrape(registry)
