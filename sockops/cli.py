@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--connections", type=int, default=4)
     m.add_argument("--seconds", type=float, default=5.0, help="load duration per phase")
     m.add_argument("--size", type=int, default=1024, help="request size in bytes")
+    # Listed here for --help only: main() hands everything after "bench" to bench's own parser.
+    sub.add_parser("bench", add_help=False, help="Envoy mesh benchmark, sockops off vs on (bench --help)")
     return p
 
 
@@ -292,6 +294,11 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from bench.__main__ import main as bench_main
+
+        return bench_main(argv[1:], prog="sockops bench")
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "log_format", "text"))
     try:
