@@ -22,9 +22,14 @@ reset. A pod that is gone leaves the output at the next scrape, because every sc
 scratch from the maps and the view.
 
 Cost of a scrape: counting the sockhash and the original-destination map walks their keys with
-``bpf(BPF_MAP_GET_NEXT_KEY)``, O(entries). Measured on this VM (2 vCPU, kernel 6.18) with a full
-sockhash of 65,536 sockets: 90 ms per scrape for ``PinnedMaps.sockets()``; everything else the
-collector reads takes well under a millisecond. ``sockops_scrape_duration_seconds`` reports it.
+``bpf(BPF_MAP_GET_NEXT_KEY)``, O(entries). Measured on this VM (2 vCPU shared, kernel 6.18) with a
+full sockhash of 65,536 sockets: 90-120 ms for ``PinnedMaps.sockets()`` (a bare key walk without
+building key objects: 60-70 ms), 105-115 ms for a whole ``generate_latest()``; everything else the
+collector reads takes under a millisecond. That is acceptable at a 15-30 s scrape interval, and
+``sockops_scrape_duration_seconds`` shows it. If it is not (bigger maps, several scrapers), the
+fix is a gauge kept by the data plane: a per-CPU counter incremented where a socket enters the
+sockhash and decremented on its removal (withdraw, and the TCP_CLOSE state callback of a socket
+with ``in_map`` set), read like the other counters in O(CPUs).
 """
 
 from __future__ import annotations
