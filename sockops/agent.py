@@ -44,14 +44,10 @@ def build_sources(args: Any) -> list[Source]:
 
             out.append(StaticSource(args.netns or []))
         elif name == "kubernetes":
-            from sockops.sources.kubernetes import KubernetesSource, load_config
+            from sockops.sources.kubernetes import KubernetesSource, load_config, node_name_from_env
 
-            if not args.node_name:
-                raise SockopsError(
-                    "--source kubernetes needs this node's name: set NODE_NAME from the downward API "
-                    "(fieldRef spec.nodeName) or pass --node-name"
-                )
-            out.append(KubernetesSource(args.node_name, api_client=load_config(args.kubeconfig)))
+            node = args.node_name or node_name_from_env()
+            out.append(KubernetesSource(node, api_client=load_config(args.kubeconfig)))
         elif name == "docker":
             from sockops.sources.docker import DockerSource
 

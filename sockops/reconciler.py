@@ -415,7 +415,8 @@ class Reconciler:
             self._status = statuses
         if full and synced:
             self._forget_gone(target)
-        self.enforced_once = True
+        # Readiness: true once an enforce has run on every source's complete view.
+        self.enforced_once = self.enforced_once or synced
         self.last_enforce = self.clock()
         self._write_state()
 

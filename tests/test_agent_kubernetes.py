@@ -1,0 +1,176 @@
+"""The agent with ``--source kubernetes`` on the real kernel, against the fake API server.
+
+Pods are podlab pods whose processes sit in a cgroup named like the kubelet's (``pod<UID>``), so
+the agent finds their network namespaces exactly as on a node: by scanning /proc for the UID.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from agentproc import AgentProcess, agents, wait_for
+from conftest import TEST_PREFIX
+from kubeapi import FakeKubeAPI
+from podtraffic import start_echo_server
+from test_agent import Transfer
+
+from sockops import loader, netns
+from sockops.cgroups import Cgroup
+from sockops.podlab import Lab, Pod
+
+pytestmark = pytest.mark.kernel
+
+ON = {"sockops.io/accelerate": "true"}
+OFF = {"sockops.io/accelerate": "false"}
+
+
+@dataclass
+class KubeEnv:
+    api: FakeKubeAPI
+    cgroup: Cgroup
+    lab: Lab
+    bpffs: Path
+    tmp: Path
+    started: list[AgentProcess]
+    next_ip: int = 10
+
+    def pod(self, name: str, namespace: str = "default", annotations: dict[str, str] | None = None,
+            node: str = "node-a") -> tuple[str, Pod]:  # fmt: skip
+        """A pod in the API and a running pod (echo server) whose cgroup holds its UID."""
+        uid = str(uuid.uuid4())
+        cg = self.cgroup.path / "kubepods" / f"pod{uid}"
+        cg.mkdir(parents=True)
+        self.next_ip += 1
+        pod = self.lab.add_pod(name, ip=f"10.244.4.{self.next_ip}", sidecar=False, cgroup=cg)
+        start_echo_server(pod, self.tmp, host="127.0.0.1")
+        self.api.add_pod(name, namespace, node, annotations=annotations, uid=uid)
+        return uid, pod
+
+    def agent(self) -> AgentProcess:
+        a = AgentProcess(
+            self.cgroup.path,
+            self.bpffs,
+            self.tmp,
+            ["--source", "kubernetes", "--node-name", "node-a", "--kubeconfig", str(self.kubeconfig())],
+        )
+        self.started.append(a)
+        return a
+
+    def kubeconfig(self) -> Path:
+        path = self.tmp / "kubeconfig"
+        path.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters: [{{name: fake, cluster: {{server: '{self.api.url}'}}}}]\n"
+            "users: [{name: fake, user: {}}]\n"
+            "contexts: [{name: fake, context: {cluster: fake, user: fake}}]\n"
+            "current-context: fake\n"
+        )
+        return path
+
+    def enabled(self) -> set[int]:
+        with loader.PinnedMaps(self.bpffs) as m:
+            return set(m.enabled())
+
+
+@pytest.fixture
+def kube(cgroup: Cgroup, lab: Lab, tmp_path: Path) -> Iterator[KubeEnv]:
+    api = FakeKubeAPI().start()
+    bpffs = Path("/sys/fs/bpf") / f"{TEST_PREFIX}-kube-{secrets.token_hex(4)}"
+    with agents() as started:
+        try:
+            yield KubeEnv(api, cgroup, lab, bpffs, tmp_path, started)
+        finally:
+            for a in started:
+                if a.proc.poll() is None:
+                    a.proc.kill()
+                    a.proc.wait()
+            api.close()
+            loader.detach_all(cgroup.path, bpffs)
+            loader.unpin(bpffs)
+
+
+def cookie(pod: Pod) -> int:
+    return netns.cookie(pod.netns_path)
+
+
+def test_opt_in_rules_live_changes_and_deletion(kube: KubeEnv) -> None:
+    kube.api.add_namespace("shop", {"sockops.io/accelerate": "enabled"})
+    kube.api.add_namespace("default")
+    # pre-existing pods: picked up by the first list
+    uid_a, shop_a = kube.pod("shop-a", "shop")
+    _, plain = kube.pod("plain", "default")
+    _, elsewhere = kube.pod("other-node", "default", ON, node="node-b")
+    agent = kube.agent().wait_ready()
+    assert kube.enabled() == {cookie(shop_a)}
+
+    # a pod created later, opted in by its annotation
+    uid_b, pod_b = kube.pod("opted", "default", ON)
+    wait_for(lambda: cookie(pod_b) in kube.enabled(), 10, "annotated pod enabled")
+    Transfer(pod_b, seconds=0.5).assert_intact()
+    with loader.PinnedMaps(kube.bpffs) as m:
+        assert m.netns_stats()[cookie(pod_b)]["redirected_bytes"] > 0
+
+    # annotation on -> off -> on
+    kube.api.update_pod(uid_b, annotations=OFF)
+    wait_for(lambda: cookie(pod_b) not in kube.enabled(), 10, "annotation off")
+    kube.api.update_pod(uid_b, annotations=ON)
+    wait_for(lambda: cookie(pod_b) in kube.enabled(), 10, "annotation on again")
+
+    # namespace default off, a pod's annotation wins over it
+    kube.api.label_namespace("shop", {"sockops.io/accelerate": "disabled"})
+    wait_for(lambda: cookie(shop_a) not in kube.enabled(), 10, "namespace label off")
+    kube.api.update_pod(uid_a, annotations=ON)
+    wait_for(lambda: cookie(shop_a) in kube.enabled(), 10, "pod annotation overrides namespace")
+
+    # deletion
+    kube.api.delete_pod(uid_b)
+    wait_for(lambda: cookie(pod_b) not in kube.enabled(), 10, "deleted pod disabled")
+
+    # never: the pod without opt-in, the pod of another node
+    assert cookie(plain) not in kube.enabled() and cookie(elsewhere) not in kube.enabled()
+    state = agent.state()
+    assert state["plain"]["state"] == "off" and state["plain"]["reason"] == "not opted in"
+    assert "other-node" not in state
+
+    # every change was enforced, and its latency recorded
+    assert agent.metric("sockops_enforce_latency_seconds_count") >= 6
+    assert agent.metric("sockops_pods_accelerated") == 1
+
+
+def test_invalid_annotation_is_reported_and_counted(kube: KubeEnv) -> None:
+    kube.api.add_namespace("default")
+    _, pod = kube.pod("typo", "default", {"sockops.io/accelerate": "yes"})
+    agent = kube.agent().wait_ready()
+    st = agent.state()["typo"]
+    assert st["state"] == "off" and 'write "true" or "false"' in st["errors"][0]
+    assert agent.metric("sockops_reconcile_errors_total", source="kubernetes") >= 1
+    assert cookie(pod) not in kube.enabled()
+
+
+def test_api_outage_keeps_acceleration_and_recovers(kube: KubeEnv) -> None:
+    kube.api.add_namespace("default")
+    uid, pod = kube.pod("steady", "default", ON)
+    agent = kube.agent().wait_ready()
+    restarts0 = agent.metric("sockops_watch_restarts_total", source="kubernetes") or 0
+
+    t = Transfer(pod, seconds=4.0)
+    requests0 = len(kube.api.requests)
+    kube.api.fail_next(10_000)
+    kube.api.drop_watches()
+    # the source keeps retrying (answered 500) while the pod stays accelerated
+    wait_for(lambda: len(kube.api.requests) >= requests0 + 2, 15, "the source to retry during the outage")
+    assert agent.get("/healthz")[0] == 200
+    assert cookie(pod) in kube.enabled(), "an API outage switched a pod off"
+    t.assert_intact()
+
+    # the API comes back: the watch is re-established (counted) and a change made meanwhile is seen
+    with kube.api.cond:
+        kube.api._failures.clear()
+    kube.api.update_pod(uid, annotations=OFF)
+    wait_for(lambda: cookie(pod) not in kube.enabled(), 45, "change after the outage")
+    assert (agent.metric("sockops_watch_restarts_total", source="kubernetes") or 0) > restarts0
