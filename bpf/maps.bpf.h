@@ -55,6 +55,11 @@ BPF_TABLE_PINNED("hash", __u64, struct netns_conf, netns_conf, SOCKOPS_NETNS_MAX
 BPF_TABLE_PINNED("percpu_hash", __u64, struct netns_stats, netns_stats, SOCKOPS_NETNS_MAX,
 		 PIN(netns_stats));
 
+/* Paired connections' half-close hand-off bits (see struct conn_state). At most one per two
+ * sockhash entries, so it cannot fill before the sockhash does. */
+BPF_TABLE_PINNED("hash", __u64, struct conn_state, conns, SOCKOPS_SOCKHASH_MAX / 2 + 1, PIN(conns),
+		 BPF_F_NO_PREALLOC);
+
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, CNT_MAX, PIN(counters));
 
 SK_STORAGE_PINNED(sock_state, struct sock_state);

@@ -42,6 +42,35 @@ static __always_inline void decide_client(struct sock_state *st)
 		pending.delete(&origin);	/* decided: the entry has done its job */
 }
 
+/*
+ * Before the first redirect to the peer, mark RX_USED on the peer's half of the connection's
+ * hand-off bits (struct conn_state; the receiving side is sockops.bpf.c on_own_fin). Returns 0
+ * when the peer already half-closed with nothing ever redirected to it (it is leaving the
+ * sockhash), or when the entry is gone (the client end closed): then this socket sends over TCP
+ * for good, which is always safe. Once claimed, the peer never leaves early, so later messages
+ * skip the lookup.
+ */
+static __always_inline int claim_peer(struct sock_state *st)
+{
+	struct conn_state *cs;
+	__u64 old;
+
+	if (st->peer_claimed)
+		return 1;
+	cs = conns.lookup(&st->cookie);
+	if (!cs) {
+		st->peer_fin = 1;
+		return 0;
+	}
+	old = __sync_fetch_and_or(&cs->flags[(st->key.role ^ 1) & 1], SOCK_F_RX_USED);
+	if (old & SOCK_F_HALF_CLOSED) {
+		st->peer_fin = 1;
+		return 0;
+	}
+	st->peer_claimed = 1;
+	return 1;
+}
+
 int sockops_redirect(struct sk_msg_md *msg)
 {
 	struct sock_state *st;
@@ -61,6 +90,8 @@ int sockops_redirect(struct sk_msg_md *msg)
 
 	peer = st->key;
 	peer.role ^= 1;
+	if (!claim_peer(st))
+		return SK_PASS;
 	ns = netns_stats.lookup(&peer.netns);
 	if (sock_hash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS) {
 		count(CNT_REDIRECTED_MSGS, 1);

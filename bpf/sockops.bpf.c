@@ -193,6 +193,7 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	__u64 netns = bpf_get_netns_cookie(skops);
 	struct netns_conf *conf = netns_conf.lookup(&netns);
 	struct origin_key origin = {};
+	struct conn_state zero_conn = {};
 	struct sock_key key;
 	__u32 local_ip[4], local_port;
 	struct sock_state *st;
@@ -239,9 +240,17 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 		__sync_val_compare_and_swap(&p->tag, tag, (tag & ~(__u64)PEND_MASK) | PEND_PASS);
 		return;
 	}
+	/* The hand-off bits exist before any redirect can (conns cannot fill before the sockhash). */
+	if (conns.insert(&st->cookie, &zero_conn)) {
+		sock_hash.delete(&key);
+		count(CNT_INSERT_OTHER, 1);
+		__sync_val_compare_and_swap(&p->tag, tag, (tag & ~(__u64)PEND_MASK) | PEND_PASS);
+		return;
+	}
 	/* Commit only if the entry is still this connection's and still waiting. */
 	if (__sync_val_compare_and_swap(&p->tag, tag, (tag & ~(__u64)PEND_MASK) | PEND_PAIRED) != tag) {
 		sock_hash.delete(&key);	/* the client spoke first: nothing was queued to us */
+		conns.delete(&st->cookie);
 		count(CNT_PAIR_RACE_LOST, 1);
 		return;
 	}
@@ -289,7 +298,7 @@ done:
 				  skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 }
 
-/* A client that closes before its first message leaves no pending entry behind. */
+/* A client that closes leaves no pending entry (if it never spoke) and no conns entry behind. */
 static __always_inline void on_close(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -302,6 +311,7 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 	st = sock_state.sk_storage_get(sk, 0, 0);
 	if (!st || st->key.role != ROLE_CLIENT)
 		return;
+	conns.delete(&st->cookie);	/* the connection's hand-off bits (if it was paired) */
 	origin = client_origin(st);
 	p = pending.lookup(&origin);
 	if (p && (p->tag >> 2) == st->cookie)
@@ -329,6 +339,42 @@ static __always_inline void on_peer_fin(struct bpf_sock_ops *skops)
 		st->peer_fin = 1;
 }
 
+/*
+ * This socket sent its FIN (shutdown(SHUT_WR) or close(); called from tcp_set_state() with the
+ * socket locked, before the FIN goes out). Why the hand-off: a half-closed socket that keeps its
+ * psock and then blocks in recv() is woken when the peer's bare ACK of the FIN moves it to
+ * FIN_WAIT2, and tcp_bpf_recvmsg() returns -EAGAIN to that *blocking* reader (kernel 6.18,
+ * docs/KERNEL-NOTES.md §1). Without a psock the socket reads with tcp_recvmsg(), which waits
+ * again. So the socket leaves the sockhash now, but only when that provably loses nothing:
+ * leaving frees the psock and purges its queue, so no byte may ever have been redirected to it.
+ * The peer sets RX_USED before its first redirect to us and we set HALF_CLOSED here, each with
+ * one atomic fetch-or on the same word: either we see RX_USED and stay, or the peer sees
+ * HALF_CLOSED and sends over TCP from its first byte on (redirect.bpf.c, claim_peer).
+ * A socket that stays is still exposed; KERNEL-NOTES.md says when that happens.
+ */
+static __always_inline void on_own_fin(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *st;
+	struct conn_state *cs;
+	__u64 old;
+
+	if (!sk)
+		return;
+	st = sock_state.sk_storage_get(sk, 0, 0);
+	if (!st || !st->in_map || st->decision != DECIDE_REDIRECT)
+		return;
+	cs = conns.lookup(&st->cookie);
+	if (!cs)
+		return;	/* the client end closed: no hand-off, stay */
+	old = __sync_fetch_and_or(&cs->flags[st->key.role & 1], SOCK_F_HALF_CLOSED);
+	if (old & SOCK_F_RX_USED)
+		return;	/* bytes may be queued for us: the psock stays until close */
+	sock_hash.delete(&st->key);
+	st->in_map = 0;
+	count(CNT_HALFCLOSE_LEFT, 1);
+}
+
 int sockops_main(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
@@ -346,6 +392,8 @@ int sockops_main(struct bpf_sock_ops *skops)
 			on_close(skops);
 		else if (skops->args[1] == BPF_TCP_CLOSE_WAIT)
 			on_peer_fin(skops);
+		else if (skops->args[1] == BPF_TCP_FIN_WAIT1)
+			on_own_fin(skops);
 		break;
 	}
 	return 1;	/* sock_ops return value: 1 = ok; we never fail a connection */

@@ -82,8 +82,24 @@ struct sock_state {
 	__u64 cookie;   /* the client's socket cookie (the pending tag's upper bits) */
 	struct sock_key key;
 	__u32 peer_fin; /* the peer half-closed: send over TCP from now on (see sockops.bpf.c) */
-	__u32 pad;
+	__u32 peer_claimed; /* RX_USED is set on the peer's conn_state half: no need to look again */
 };
+
+/*
+ * The half-close hand-off (sockops.bpf.c on_own_fin, redirect.bpf.c claim_peer). One entry per
+ * paired connection, keyed by the client's socket cookie (both ends know it), created by the
+ * server end before it commits the pairing, deleted when the client end closes. flags[role] are
+ * the bits of that end as a *receiver*; each side sets its bit with one atomic fetch-or and reads
+ * the other's bit from the same operation, so exactly one of them learns about the other: either
+ * the sender marked RX_USED first (the receiver may hold queued bytes and keeps its psock), or
+ * the receiver marked HALF_CLOSED first (the sender never redirects to it, it sends over TCP).
+ */
+struct conn_state {
+	__u64 flags[2]; /* SOCK_F_RX_USED / SOCK_F_HALF_CLOSED of the client (0) and server (1) end */
+};
+
+#define SOCK_F_RX_USED 1     /* the peer has redirected, or is about to redirect, to this end */
+#define SOCK_F_HALF_CLOSED 2 /* this end sent its FIN first: it leaves the sockhash */
 
 #define DECIDE_UNDECIDED 0
 #define DECIDE_REDIRECT 1
@@ -131,6 +147,7 @@ struct netns_stats {
 #define CNT_REDIRECTED_BYTES 10
 #define CNT_MISSES 11            /* redirect target gone (peer closing): sent over TCP */
 #define CNT_SOCKETS_WITHDRAWN 12 /* unpaired client removed from the sockhash */
+#define CNT_HALFCLOSE_LEFT 13    /* socket half-closed before any byte was redirected to it: left */
 #define CNT_MAX 16
 
 #endif /* SOCKOPS_H */

@@ -33,7 +33,16 @@ MAP_NETNS_CONF = "netns_conf"
 MAP_NETNS_STATS = "netns_stats"
 MAP_COUNTERS = "counters"
 MAP_SOCK_STATE = "sock_state"
-ALL_MAPS = (MAP_SOCKHASH, MAP_PENDING, MAP_NETNS_CONF, MAP_NETNS_STATS, MAP_COUNTERS, MAP_SOCK_STATE)
+MAP_CONNS = "conns"
+ALL_MAPS = (
+    MAP_SOCKHASH,
+    MAP_PENDING,
+    MAP_NETNS_CONF,
+    MAP_NETNS_STATS,
+    MAP_COUNTERS,
+    MAP_SOCK_STATE,
+    MAP_CONNS,
+)
 
 # Counter indexes (CNT_* in the header) and the names user space reports them under.
 COUNTERS = {
@@ -50,6 +59,7 @@ COUNTERS = {
     "redirected_bytes": 10,
     "redirect_misses": 11,
     "sockets_withdrawn": 12,
+    "halfclose_left": 13,
 }
 CNT_MAX = 16
 
@@ -88,8 +98,14 @@ class SockState(ctypes.Structure):
         ("cookie", ctypes.c_uint64),
         ("key", SockKey),
         ("peer_fin", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("peer_claimed", ctypes.c_uint32),
     )
+
+
+class ConnState(ctypes.Structure):
+    """A paired connection's half-close hand-off bits (struct conn_state), keyed by client cookie."""
+
+    _fields_ = (("flags", ctypes.c_uint64 * 2),)
 
 
 class NetnsConf(ctypes.Structure):

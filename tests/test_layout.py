@@ -18,6 +18,7 @@ STRUCTS = {
     "origin_key": layout.OriginKey,
     "pending": layout.Pending,
     "sock_state": layout.SockState,
+    "conn_state": layout.ConnState,
     "netns_conf": layout.NetnsConf,
     "netns_stats": layout.NetnsStats,
 }
