@@ -119,22 +119,42 @@ class FakeKubeAPI:
         self._running.set()
         self._closing = False
         self.open_watches = 0
+        self.connections: set[socket.socket] = set()
         self.server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> FakeKubeAPI:
+    def start(self, port: int = 0) -> FakeKubeAPI:
         api = self
 
         class Handler(_Handler):
             fake = api
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """The API server is down: every connection is closed and new ones are refused, until
+        the block ends and it listens again on the same port."""
+        assert self.server is not None
+        port = self.server.server_address[1]
+        self.server.shutdown()
+        self.server.server_close()
+        self.drop_watches()
+        with self.cond:
+            conns = list(self.connections)
+        for conn in conns:  # idle keep-alive connections too: a restart closes them all
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        try:
+            yield
+        finally:
+            self.start(port)
 
     @property
     def url(self) -> str:
@@ -375,6 +395,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.fake.cond:
+            self.fake.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.fake.cond:
+            self.fake.connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def _send_json(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()

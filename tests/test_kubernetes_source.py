@@ -384,6 +384,23 @@ def test_api_outage_keeps_the_view(api: FakeKubeAPI, start: Callable[..., Runner
     r.sink.wait_view({"default/a": True, "default/b": True})
 
 
+def test_connection_refused_outage(api: FakeKubeAPI, start: Callable[..., Runner]) -> None:
+    """The API server is down (connections refused) while pods change; then it is back."""
+    a = api.add_pod("a", annotations=ON)
+    r = start(backoff_base=0.02, backoff_cap=0.2)
+    r.sink.wait_view({"default/a": True})
+    with api.outage():
+        api.update_pod(a, annotations=OFF)
+        api.add_pod("b", annotations=ON)
+        time.sleep(0.6)  # several refused reconnects, with backoff
+        assert r.sink.accelerated() == {"default/a"}, "an outage changes nothing by itself"
+    r.sink.wait_view({"default/a": False, "default/b": True})
+    assert r.sink.restarts and all("connection" in x or "closed" in x for x in r.sink.restarts), (
+        r.sink.restarts
+    )
+    assert r.sink.replaces == 1 and not r.sink.errors
+
+
 def test_forbidden_is_reported_with_the_fix_and_retried(
     api: FakeKubeAPI, start: Callable[..., Runner]
 ) -> None:
