@@ -13,10 +13,12 @@ fi
 
 # Debian packages: bcc and kernel headers for it, network tools, load generators, bench/test helpers,
 # and a docker engine with what the tests build their local images from (no image registry here);
-# prometheus for promtool, which checks and unit-tests the alert rules in daemonset/alerts.
+# prometheus for promtool, which checks and unit-tests the alert rules in daemonset/alerts;
+# nginx (the benchmark's app server, run inside a pod) and gcc (the benchmark's ping-pong program).
 PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv iproute2 iptables bpftool
       sockperf wrk iperf3 nghttp2-client tcpdump util-linux procps
-      docker.io debootstrap busybox-static prometheus)
+      docker.io debootstrap busybox-static prometheus
+      nginx gcc)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -25,6 +27,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [[ " ${missing[*]} " == *" nginx "* ]] && [ -d /run/systemd/system ]; then
+    # The bench starts its own nginx inside a pod; the host service the package enables is not wanted.
+    systemctl disable --now nginx >/dev/null 2>&1 || true
+  fi
   # Only promtool is wanted: on a systemd host the package also starts a Prometheus server (:9090).
   if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
     systemctl disable --now prometheus >/dev/null 2>&1 || true
@@ -60,7 +66,7 @@ stamp=.venv/.sockops-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   log "installing sockops and its test extras into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[test,agent]'
+  .venv/bin/python -m pip install -q -e '.[test,agent,bench]'
   touch "$stamp"
 fi
 log "ready"

@@ -1,0 +1,203 @@
+"""The measurement loop: which runs, in which order, and what each one records.
+
+Order matters more than anything else on a small shared machine. For every configuration the
+repeats are interleaved, ``off, on, off, on, ...`` (``off, loaded, on`` for the not-opted-in
+check), so a burst of other work on the machine hits both states rather than one. Before each run
+all established connections in the pods are destroyed and the sockhash is checked to be empty; a
+warm-up run (new connections, Envoy pools refilled, page cache and branch predictors warm) is
+thrown away; then the measured run. Counters (CPU, sockops) are read just before and just after
+the measured run, outside the load generator's timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import load
+from bench.profiles import Profile
+from bench.topology import MeshLab, PingpongLab, SockopsSwitch, wait_drained
+from sockops.cgroups import Cgroup
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measured run."""
+
+    kind: str  # "http", "pingpong", "sockperf", "iperf3"
+    mode: str  # benchmark mode, or "pingpong-tcp" / "pingpong-unix" / "sockperf" / "iperf3"
+    load: str  # "closed", "rate", or "pingpong"
+    connections: int
+    state: str  # "off", "loaded", "on"
+    rep: int
+
+    def label(self) -> str:
+        return f"{self.mode} {self.load} c={self.connections} {self.state} #{self.rep + 1}"
+
+
+def plan(profile: Profile) -> list[Cell]:
+    """Every run of the profile, in execution order (grouped by mode so each lab is built once)."""
+    cells: list[Cell] = []
+    for mode in profile.modes:
+        for load_kind, conns in (("closed", profile.connections), ("rate", profile.rate_connections)):
+            for c in conns:
+                states: tuple[str, ...] = ("off", "on")
+                if load_kind == "closed" and profile.not_opted_in == (mode, c):
+                    states = ("off", "loaded", "on")
+                for rep in range(profile.repeats):
+                    cells += [Cell("http", mode, load_kind, c, s, rep) for s in states]
+    if profile.pingpong:
+        for rep in range(profile.repeats):
+            cells += [
+                Cell("pingpong", "pingpong-tcp", "pingpong", 1, "off", rep),
+                Cell("pingpong", "pingpong-tcp", "pingpong", 1, "on", rep),
+                Cell("pingpong", "pingpong-unix", "pingpong", 1, "off", rep),
+            ]
+            if profile.sockperf:
+                cells += [Cell("sockperf", "sockperf-tcp", "pingpong", 1, s, rep) for s in ("off", "on")]
+            if profile.iperf3:
+                cells += [Cell("iperf3", "iperf3-tcp", "stream", 1, s, rep) for s in ("off", "on")]
+    return cells
+
+
+def estimate_seconds(profile: Profile, cells: list[Cell]) -> float:
+    """Rough wall time, for the progress bar and the --dry-run line."""
+    total = 0.0
+    for c in cells:
+        if c.kind == "http":
+            total += max(1, round(profile.warmup_s)) + max(1, round(profile.seconds)) + 0.4
+        elif c.kind == "pingpong":
+            total += profile.pingpong_warmup + profile.pingpong_seconds + 0.1
+        else:
+            total += 1 + max(1, round(profile.pingpong_seconds)) + 0.5
+    return total + 2.0 * len(profile.modes) + 3.0
+
+
+def _per_1k(seconds: float, requests: int) -> float | None:
+    return seconds / requests * 1000 if requests else None
+
+
+def _http_run(mesh: MeshLab, switch: SockopsSwitch, cell: Cell, profile: Profile) -> dict[str, Any]:
+    mesh.reset_connections()
+    switch.set_state(cell.state, mesh.pod_list)
+    left = wait_drained(switch)
+    rate = profile.rate_qps if cell.load == "rate" else 0
+    client = mesh.pods["client"]
+
+    def wrk(seconds: float) -> load.HttpLoad:
+        return load.HttpLoad(mesh.url, cell.connections, seconds, profile.payload, rate, profile.wrk_threads)
+
+    load.run_wrk(client, wrk(profile.warmup_s))
+    cpu0, cnt0, t0 = mesh.cpu(), switch.snapshot(), time.monotonic()
+    result = load.run_wrk(client, wrk(profile.seconds))
+    cpu1, cnt1, wall = mesh.cpu(), switch.snapshot(), time.monotonic() - t0
+    cpu = cpu1.seconds_since(cpu0)
+    envoys = sum(v for k, v in cpu.items() if k.startswith("envoy_"))
+    pods = sum(v for k, v in cpu.items() if k.startswith("pod_"))
+    loadgen = cpu["pod_client"] - cpu.get("envoy_client", 0.0)
+    counters = {k: cnt1[k] - cnt0[k] for k in cnt1}
+    n = result["requests"]
+    return {
+        **result,
+        "rate_target": rate or None,
+        "sockets_left_before": left,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "cpu_envoys_s_per_1k": _per_1k(envoys, n)
+        if mesh.pods["client"].envoy or mesh.pods["server"].envoy
+        else None,
+        "cpu_pods_s_per_1k": _per_1k(pods, n),
+        "cpu_loadgen_s_per_1k": _per_1k(loadgen, n),
+        "redirected_bytes": counters["redirected_bytes"],
+        "redirect_misses": counters["redirect_misses"],
+        "sockops_counters": counters,
+    }
+
+
+def _pingpong_run(
+    pp: PingpongLab, switch: SockopsSwitch, cell: Cell, profile: Profile, binary: Path
+) -> dict[str, Any]:
+    assert pp.pod is not None and pp.workdir is not None
+    pp.reset_connections()
+    switch.set_state(cell.state, [pp.pod])
+    left = wait_drained(switch)
+    cnt0 = switch.snapshot()
+    if cell.kind == "pingpong":
+        family = "unix" if cell.mode == "pingpong-unix" else "tcp"
+        address = str(pp.workdir / "pp.sock") if family == "unix" else "127.0.0.1"
+        result = load.run_pingpong(
+            pp.pod,
+            binary,
+            family,
+            address,
+            profile.payload,
+            profile.pingpong_warmup,
+            profile.pingpong_seconds,
+        )
+    elif cell.kind == "sockperf":
+        result = load.run_sockperf(pp.pod, "127.0.0.1", profile.payload, profile.pingpong_seconds)
+    else:
+        result = load.run_iperf3(pp.pod, "127.0.0.1", profile.pingpong_seconds)
+    cnt1 = switch.snapshot()
+    counters = {k: cnt1[k] - cnt0[k] for k in cnt1}
+    return {
+        **result,
+        "sockets_left_before": left,
+        "redirected_bytes": counters["redirected_bytes"],
+        "redirect_misses": counters["redirect_misses"],
+        "sockops_counters": counters,
+    }
+
+
+@contextlib.contextmanager
+def bench_environment() -> Iterator[tuple[Cgroup, SockopsSwitch]]:
+    """The benchmark's cgroup and loaded data plane; both removed on the way out, whatever happens."""
+    with Cgroup(prefix="sockops-bench-") as root:
+        switch = SockopsSwitch(root.path)
+        try:
+            switch.load()
+            yield root, switch
+        finally:
+            switch.close()
+
+
+def run(
+    profile: Profile,
+    progress: Callable[[Cell], None] | None = None,
+    results: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Execute the plan; one dict per measured run (the Cell's fields plus the figures).
+
+    Runs are appended to ``results`` as they finish, so a caller that is interrupted keeps them.
+    """
+    cells = plan(profile)
+    results = [] if results is None else results
+    with bench_environment() as (root, switch):
+        for mode in profile.modes:
+            mode_cells = [c for c in cells if c.kind == "http" and c.mode == mode]
+            if not mode_cells:
+                continue
+            with MeshLab(root, mode, profile.payload, profile.envoy_workers, profile.nginx_workers) as mesh:
+                for cell in mode_cells:
+                    if progress:
+                        progress(cell)
+                    results.append({**cell.__dict__, **_http_run(mesh, switch, cell, profile)})
+        pp_cells = [c for c in cells if c.kind != "http"]
+        if pp_cells:
+            with PingpongLab(root) as pp, tempfile.TemporaryDirectory(prefix="sockops-bench-cc-") as tmp:
+                assert pp.workdir is not None
+                binary = load.build_pingpong(Path(tmp))
+                # The app UID runs it: copy next to the pod's socket directory it owns.
+                target = pp.workdir / "pingpong"
+                target.write_bytes(binary.read_bytes())
+                target.chmod(0o755)
+                for cell in pp_cells:
+                    if progress:
+                        progress(cell)
+                    results.append({**cell.__dict__, **_pingpong_run(pp, switch, cell, profile, target)})
+    return results

@@ -1,0 +1,134 @@
+"""The benchmark harness end to end: the quick profile on the real kernel with real Envoy sidecars.
+
+Checks what the harness promises, not how fast anything is (performance is measured, never
+asserted): both sockops states produce numbers, "on" really redirects bytes, the result files
+have their documented shape, the plots exist, and nothing with the bench prefix is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import report, schema, stats
+from bench.profiles import PROFILES
+from bench.runner import plan
+from bench.topology import PREFIX
+from sockops.cgroups import find_cgroup2_root
+from sockops.podlab import NETNS_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bench_leftovers() -> set[str]:
+    """Namespaces, cgroups, bpffs directories, temp dirs and processes carrying the bench prefix."""
+    found: set[str] = set()
+    with contextlib.suppress(FileNotFoundError):
+        found |= {f"netns {n}" for n in os.listdir(NETNS_DIR) if n.startswith(PREFIX + "-")}
+    with contextlib.suppress(RuntimeError):
+        found |= {f"cgroup {p}" for p in find_cgroup2_root().glob(f"{PREFIX}-*")}
+    found |= {f"bpffs {p}" for p in Path("/sys/fs/bpf").glob(f"{PREFIX}-*")}
+    found |= {f"tmp {p}" for p in Path("/tmp").glob(f"{PREFIX}-*")}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if PREFIX + "-" in cmd and "pytest" not in cmd:
+                found.add(f"process {pid} {cmd[:80]}")
+    return found
+
+
+def test_plan_interleaves_off_and_on() -> None:
+    """Repeats alternate off/on for every configuration (noise must hit both states)."""
+    cells = plan(PROFILES["full"])
+    http = [c for c in cells if (c.kind, c.mode, c.load, c.connections) == ("http", "both", "closed", 8)]
+    assert [c.state for c in http] == ["off", "on"] * PROFILES["full"].repeats
+    loaded = [c.state for c in cells if c.kind == "http" and c.mode == "both" and c.connections == 16]
+    assert loaded[:3] == ["off", "loaded", "on"]
+
+
+def test_ratios_pair_repeats() -> None:
+    """The on/off ratio is taken per repeat (on_i / off_i), then reduced to a median and spread."""
+    base = {"kind": "http", "mode": "both", "load": "closed", "connections": 16}
+    runs = [
+        {**base, "state": state, "rep": rep, "qps": qps}
+        for rep, (off, on) in enumerate([(100.0, 150.0), (50.0, 60.0), (80.0, 120.0)])
+        for state, qps in (("off", off), ("on", on))
+    ]
+    (entry,) = stats.ratios(runs)
+    assert entry["pairs"] == 3
+    assert entry["qps"]["median"] == pytest.approx(1.5)
+    assert (entry["qps"]["min"], entry["qps"]["max"]) == (pytest.approx(1.2), pytest.approx(1.5))
+
+
+def test_summary_schema_rejects_bad_rows() -> None:
+    good = {
+        "mode": "both",
+        "connections": 16,
+        "sockops": "on",
+        "qps_median": 10.0,
+        "p50_ms_median": 1.0,
+        "p99_ms_median": 2.0,
+        "p50_ms_spread": [0.9, 1.1],
+        "runs": 3,
+    }
+    schema.validate_summary([good])
+    for bad in ({**good, "sockops": "maybe"}, {**good, "p50_ms_spread": [1.2, 1.3]}, {**good, "extra": 1}):
+        with pytest.raises(schema.SchemaError):
+            schema.validate_summary([bad])
+
+
+@pytest.mark.kernel
+@pytest.mark.envoy
+@pytest.mark.timeout(420)
+def test_quick_profile_end_to_end(tmp_path: Path) -> None:
+    before = bench_leftovers()
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "--profile", "quick", "--out", str(out), "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert res.returncode == 0, f"bench failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+
+    rows = json.loads((out / report.SUMMARY_FILE).read_text())
+    schema.validate_summary(rows)
+    doc = json.loads((out / report.FULL_FILE).read_text())
+    schema.validate_full(doc)
+    assert doc["meta"]["kernel"].startswith("Linux ")
+    assert "1.40" in doc["meta"]["envoy_version"]
+    assert "--profile quick" in doc["meta"]["command"]
+
+    # Both sockops states produce numbers in the sidecar mode and the ping-pong floor exists.
+    for state in ("off", "on"):
+        row = next(r for r in rows if r["mode"] == "both" and r["sockops"] == state)
+        assert row["qps_median"] > 0 and row["p50_ms_median"] > 0 and row["runs"] == 2
+    assert any(r["mode"] == "pingpong-unix" for r in rows)
+    assert any(r["mode"] == "pingpong-tcp" and r["sockops"] == "on" for r in rows)
+
+    # "on" really redirects through sockops; "off" never does; no request failed.
+    http = [r for r in doc["runs"] if r["kind"] == "http"]
+    assert all(r["redirected_bytes"] > 0 for r in http if r["mode"] == "both" and r["state"] == "on")
+    assert all(r["redirected_bytes"] == 0 for r in http if r["state"] == "off")
+    assert all(r["errors"] == 0 for r in http)
+    assert all(r["cpu_envoys_s_per_1k"] > 0 for r in http if r["mode"] == "both")
+    pp_on = [r for r in doc["runs"] if r["mode"] == "pingpong-tcp" and r["state"] == "on"]
+    assert pp_on and all(r["redirected_bytes"] > 0 for r in pp_on)
+
+    for name in report.PLOTS:
+        path = out / name
+        assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "| both | 16 | on |" in (out / report.MARKDOWN_FILE).read_text()
+
+    left = bench_leftovers() - before
+    assert not left, f"the benchmark left these behind: {sorted(left)}"
