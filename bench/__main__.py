@@ -57,7 +57,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", choices=sorted(PROFILES), default="full", help="default %(default)s")
     p.add_argument(
-        "--out", type=Path, default=Path("bench-results"), help="output directory (default %(default)s)"
+        "--out", type=Path, default=Path("bench/out"), help="output directory (default %(default)s)"
     )
     p.add_argument("--modes", type=_modes, help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--connections", type=_ints, help="closed-loop connection counts, e.g. 2,4,8,16,32,64")
