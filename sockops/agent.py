@@ -72,6 +72,9 @@ class _MetricsObserver:
     def enforced(self, seconds: float) -> None:
         self.m.enforce_latency.observe(seconds)
 
+    def reconciled(self) -> None:
+        self.m.last_reconcile.set_to_current_time()
+
 
 class Agent:
     """Owns the data plane handle, the reconciler and the threads; implements metrics.AgentView."""
@@ -208,6 +211,8 @@ class Agent:
         sources = build_sources(self.args)
         self.load()
         registry, metrics = build_registry(self)
+        for s in sources:
+            metrics.init_source(s.name)  # a first error then shows as an increase from 0
         with contextlib.suppress(Exception):
             metrics.build_info.labels(version=__version__, kernel=os.uname().release).set(1)
         server = HealthServer(self.args.metrics_addr, registry, self.healthy, self.ready).start()

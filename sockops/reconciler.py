@@ -87,6 +87,8 @@ class Observer(Protocol):
 
     def enforced(self, seconds: float) -> None: ...
 
+    def reconciled(self) -> None: ...
+
 
 class _NullObserver:
     def reconcile_error(self, source: str) -> None:
@@ -96,6 +98,9 @@ class _NullObserver:
         pass
 
     def enforced(self, seconds: float) -> None:
+        pass
+
+    def reconciled(self) -> None:
         pass
 
 
@@ -301,6 +306,7 @@ class Reconciler:
             self.observer.reconcile_error("reconciler")
             log.error("enforcing map state failed", extra={"fields": {"error": str(e)}})
             return
+        self.observer.reconciled()
         now = self.clock()
         for ev in batch:
             if ev.kind in ("replace", "upsert", "delete"):

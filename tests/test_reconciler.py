@@ -62,6 +62,7 @@ class Observer:
         self.errors: list[str] = []
         self.restarts: list[str] = []
         self.latencies: list[float] = []
+        self.passes = 0
 
     def reconcile_error(self, source: str) -> None:
         self.errors.append(source)
@@ -71,6 +72,9 @@ class Observer:
 
     def enforced(self, seconds: float) -> None:
         self.latencies.append(seconds)
+
+    def reconciled(self) -> None:
+        self.passes += 1
 
 
 def pod(uid: str, on: bool = True, ns: str = "default", **kw: object) -> Workload:
