@@ -281,6 +281,11 @@ class FakeKubeAPI:
         with self.cond:
             self._failures.extend([(status, resource)] * n)
 
+    def clear_failures(self) -> None:
+        """Forget the failures :meth:`fail_next` has not used yet (the outage is over)."""
+        with self.cond:
+            self._failures.clear()
+
     def drop_watches(self) -> None:
         """Cut every open watch stream, without the final chunk (a dropped connection)."""
         with self.cond:

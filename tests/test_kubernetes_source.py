@@ -412,6 +412,20 @@ def test_forbidden_is_reported_with_the_fix_and_retried(
     assert len(msgs) == 2 and all("apply daemonset/rbac" in m and "403" in m for m in msgs), msgs
 
 
+def test_namespaces_forbidden_pods_still_served(api: FakeKubeAPI, start: Callable[..., Runner]) -> None:
+    """RBAC without namespaces: pod annotations still work, namespace defaults do not (reported)."""
+    api.add_namespace("mesh", NS_ON)
+    api.add_pod("annotated", "mesh", annotations=ON)
+    api.add_pod("by-label", "mesh")
+    api.fail_next(1000, 403, resource="namespaces")
+    r = start(wait_synced=False, namespace_wait=0.5, auth_backoff=0.2)
+    r.sink.wait_view({"mesh/annotated": True, "mesh/by-label": False})
+    r.sink.wait_for(lambda s: len(s.errors) >= 2, "errors for the namespace watch")
+    assert all("namespaces" in m and "apply daemonset/rbac" in m for m, _ in r.sink.errors)
+    api.clear_failures()
+    r.sink.wait_view({"mesh/annotated": True, "mesh/by-label": True})
+
+
 def test_bookmarks_advance_the_resource_version(api: FakeKubeAPI, start: Callable[..., Runner]) -> None:
     api.add_pod("a", annotations=ON)
     r = start()

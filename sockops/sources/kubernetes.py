@@ -589,7 +589,7 @@ class KubernetesSource:
 
     def _lines(self, resp: Any) -> Iterator[bytes]:
         buf = b""
-        for chunk in resp.stream(amt=None, decode_content=False):
+        for chunk in resp.stream(amt=None, decode_content=True):
             buf += chunk
             while True:
                 line, sep, rest = buf.partition(b"\n")
