@@ -706,19 +706,17 @@ class KubernetesSource:
                     backoff.reset()
                     continue
                 failure = _Failure(pending)
-            except _Gone as e:
-                must_list, pending = True, f"{e}: re-listed"
-                if backoff.attempts == 0:
-                    backoff.attempts = 1  # re-list at once, but back off if it loops
-                    continue
-                failure = _Failure(pending)
             except _StreamBroken as e:
                 failure = _Failure(str(e))
             except Exception as e:
-                failure = self._classify(kind, e)
-                if failure is None:  # 410 as an HTTP status
+                # 410 Gone, as an ERROR event in the stream or as the HTTP status of the watch
+                failure = None if isinstance(e, _Gone) else self._classify(kind, e)
+                if failure is None:
                     must_list, pending = True, f"410 Gone for the {kind} watch: re-listed"
-                    continue
+                    if backoff.attempts == 0:
+                        backoff.attempts = 1  # re-list at once, but back off if it loops
+                        continue
+                    failure = _Failure(pending)
             if stop.is_set():
                 break
             pending = failure.reason
