@@ -41,26 +41,33 @@ def index_pods(uids: Iterable[str], proc: Path = PROC) -> dict[str, Path]:
         return {}
     host = _host_netns(proc)
     found: dict[str, Path] = {}
-    for entry in os.scandir(proc):
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = Path(entry.path, "cgroup").read_text().lower()
-        except OSError:
-            continue  # the process went away while we looked
-        for form, uid in wanted.items():
-            if uid in found or form not in text:
-                continue
-            ns = Path(entry.path, "ns", "net")
-            try:
-                st = ns.stat()
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) != host:
-                found[uid] = ns
-        if len(found) == len(set(wanted.values())):
-            break
+    with os.scandir(proc) as entries:
+        for entry in entries:
+            if _match(entry, wanted, found, host) and len(found) == len(set(wanted.values())):
+                break
     return found
+
+
+def _match(entry: os.DirEntry[str], wanted: dict[str, str], found: dict[str, Path], host: object) -> bool:
+    """Record the pod of one /proc entry in ``found``; True when it added one."""
+    if not entry.name.isdigit():
+        return False
+    try:
+        text = Path(entry.path, "cgroup").read_text().lower()
+    except OSError:
+        return False  # the process went away while we looked
+    for form, uid in wanted.items():
+        if uid in found or form not in text:
+            continue
+        ns = Path(entry.path, "ns", "net")
+        try:
+            st = ns.stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) != host:
+            found[uid] = ns
+            return True
+    return False
 
 
 def find_pod_netns(uid: str, proc: Path = PROC) -> Path | None:

@@ -220,6 +220,7 @@ class Reconciler:
         self._resolved: dict[tuple[str, str], Resolved] = {}
         self._status: dict[tuple[str, str], WorkloadStatus] = {}
         self._last_state: str | None = None
+        self._written: dict[int, NetnsSettings] | None = None  # what netns_conf holds, as last read
         self.enforced_once = False
         self.last_enforce: float | None = None
 
@@ -381,12 +382,17 @@ class Reconciler:
         for key in [k for k in self._resolved if k not in desired]:
             del self._resolved[key]
 
-        current = self.maps.enabled()
+        # The map is read back on every full resync (drift repair); between resyncs the
+        # reconciler trusts what it wrote, so an event costs map writes only, not a map walk.
+        if full or self._written is None:
+            self._written = self.maps.enabled()
+        current = self._written
         for cookie, settings in target.items():
             if current.get(cookie) == settings:
                 continue
             try:
                 self.maps.enable(cookie, settings)
+                current[cookie] = settings
             except SockopsError as e:
                 for key in owners[cookie]:
                     w = desired[key]
@@ -406,9 +412,10 @@ class Reconciler:
                     },
                 )
         if synced:
-            for cookie, settings in current.items():
+            for cookie, settings in list(current.items()):
                 if settings.managed and cookie not in target:
                     self.maps.disable(cookie)
+                    del current[cookie]
                     log.info("acceleration off for new connections", extra={"fields": {"cookie": cookie}})
         with self._lock:
             for key, st in statuses.items():

@@ -169,8 +169,7 @@ def test_api_outage_keeps_acceleration_and_recovers(kube: KubeEnv) -> None:
     t.assert_intact()
 
     # the API comes back: the watch is re-established (counted) and a change made meanwhile is seen
-    with kube.api.cond:
-        kube.api._failures.clear()
+    kube.api.clear_failures()
     kube.api.update_pod(uid, annotations=OFF)
     wait_for(lambda: cookie(pod) not in kube.enabled(), 45, "change after the outage")
     assert (agent.metric("sockops_watch_restarts_total", source="kubernetes") or 0) > restarts0
