@@ -176,6 +176,10 @@ class Resolver:
         path = self.path(w.locator)
         cookie = netns_mod.cookie(path)
         settings = self._settings_for(path, w.sidecar)
+        if settings.sidecar and not w.capture.outbound_captured:
+            # The pod's annotations switch outbound capture off: no app connection ever reaches
+            # the sidecar's outbound port, so only plain same-pod pairing is worth doing.
+            settings = replace(settings, sidecar=False)
         return Resolved(path, cookie, replace(settings, managed=True))
 
 

@@ -258,3 +258,25 @@ def test_resolver_refuses_host_namespace() -> None:
 def test_resolver_pod_not_found_says_where_it_looked() -> None:
     with pytest.raises(NetnsNotFound, match="cgroup"):
         Resolver(find_pod=lambda uid: None).path(Locator(pod_uid="0000"))
+
+
+def test_outbound_capture_switched_off_by_annotation_drops_sidecar_pairing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sockops import reconciler
+    from sockops.workload import parse_istio
+
+    capture, errors = parse_istio({"traffic.sidecar.istio.io/includeOutboundPorts": ""})
+    assert not errors and not capture.outbound_captured
+    seen: list[bool | None] = []
+
+    def settings_for(path: Path, sidecar: bool | None) -> NetnsSettings:
+        seen.append(sidecar)
+        return NetnsSettings(sidecar=True)
+
+    monkeypatch.setattr(reconciler.netns_mod, "cookie", lambda path: 5)
+    res = Resolver(settings_for=settings_for)
+    monkeypatch.setattr(res, "path", lambda loc: tmp_path)
+    w = Workload("static", "x", "", "x", True, "", Locator(pid=1), sidecar=True, capture=capture)
+    out = res.resolve(w)
+    assert seen == [True] and out.settings.sidecar is False and out.settings.managed
