@@ -37,6 +37,9 @@ class Profile:
     # (mode, connections) whose closed-loop runs also get the "loaded" state: programs attached,
     # namespaces not enabled -- the cost sockops puts on pods that have not opted in.
     not_opted_in: tuple[str, int] | None = ("both", 16)
+    # Two extra runs (off, on) of "both" under perf record: where the CPU goes (bench/perfbreak.py).
+    perf: bool = True
+    perf_connections: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,6 +63,7 @@ PROFILES: dict[str, Profile] = {
         sockperf=False,
         iperf3=False,
         not_opted_in=None,
+        perf=False,
     ),
     "full": Profile(name="full", repeats=3),
 }

@@ -126,6 +126,8 @@ def harness(runs: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]]) ->
 
 
 def build(runs: list[dict[str, Any]], meta: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    perf = [r for r in runs if r["kind"] == "perf"]
+    runs = [r for r in runs if r["kind"] != "perf"]
     groups = stats.group(runs)
     ratios_on = stats.ratios(runs, "on", "off")
     loaded = stats.ratios(runs, "loaded", "off")
@@ -138,6 +140,7 @@ def build(runs: list[dict[str, Any]], meta: dict[str, Any], profile: dict[str, A
         "not_opted_in": loaded,
         "targets": targets(groups, ratios_on, loaded),
         "harness": harness(runs, groups),
+        "perf": perf,
     }
 
 
@@ -261,8 +264,8 @@ def markdown(doc: dict[str, Any]) -> str:
         out += [
             f"## {title}\n",
             "| mode | conns | sockops | QPS | p50 ms | p90 ms | p99 ms | p99.9 ms | CPU Envoys s/1k | "
-            "CPU pods s/1k | redirected MB | errors |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "CPU pods s/1k | kernel % of pods CPU | redirected MB | errors |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         gs.sort(
             key=lambda g: (prof["modes"].index(g["mode"]), g["connections"], g["state"] != "off", g["state"])
@@ -272,7 +275,8 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"| {g['mode']} | {g['connections']} | {g['state']} | {_fmt(g.get('qps'), digits=5)} | "
                 f"{_fmt(g.get('p50_ms'))} | {_fmt(g.get('p90_ms'))} | {_fmt(g.get('p99_ms'))} | "
                 f"{_fmt(g.get('p999_ms'))} | {_fmt(g.get('cpu_envoys_s_per_1k'))} | "
-                f"{_fmt(g.get('cpu_pods_s_per_1k'))} | {_fmt(g.get('redirected_bytes'), 1e-6, 4)} | "
+                f"{_fmt(g.get('cpu_pods_s_per_1k'))} | {_fmt(g.get('cpu_pods_sys_share'), 100, 2)} | "
+                f"{_fmt(g.get('redirected_bytes'), 1e-6, 4)} | "
                 f"{int(g['errors']['max']) if 'errors' in g else 0} |"
             )
         out += [
@@ -307,6 +311,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{_fmt(g.get('redirected_bytes'), 1e-6, 4)} |"
             )
         out.append("")
+    out += _perf_section(doc.get("perf") or [])
     h = doc["harness"]
     out += ["## The harness itself\n"]
     if h.get("loadgen_cpu_s_per_1k"):
@@ -326,6 +331,30 @@ def markdown(doc: dict[str, Any]) -> str:
     )
     out.append("")
     return "\n".join(out) + "\n"
+
+
+def _perf_section(perf: Sequence[dict[str, Any]]) -> list[str]:
+    """Where the CPU goes (perf record, system-wide), sockops off vs on, as percent of all samples."""
+    if not perf:
+        return []
+    states = [p["state"] for p in perf]
+    head = " | ".join(f"sockops {s}" for s in states)
+    out = [
+        f"## Where the CPU goes (both sidecars, {perf[0]['connections']} connections, perf record -a)\n",
+        "Percent of all CPU samples on the machine during one extra run per state (not a measured run); "
+        "*other* is everything else that ran on the machine meanwhile.\n",
+        f"| where | {head} |",
+        "|---|" + "---:|" * len(states),
+    ]
+    for section in ("by_role", "mesh_kernel_by_group"):
+        keys = sorted({k for p in perf for k in p.get(section, {})})
+        if section == "mesh_kernel_by_group" and keys:
+            out.append(f"| *kernel time of Envoy, nginx and wrk by group:* |{' |' * len(states)}")
+        for k in keys:
+            out.append(f"| {k} | " + " | ".join(f"{p.get(section, {}).get(k, 0.0):.1f}" for p in perf) + " |")
+    out.append("| QPS of the profiled run | " + " | ".join(f"{p['qps']:,.0f}" for p in perf) + " |")
+    out.append("")
+    return out
 
 
 def write_partial(runs: list[dict[str, Any]], out: Path) -> Path:

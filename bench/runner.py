@@ -12,6 +12,7 @@ the measured run, outside the load generator's timing.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import load
+from bench import load, perfbreak
 from bench.profiles import Profile
 from bench.topology import MeshLab, PingpongLab, SockopsSwitch, wait_drained
 from sockops.cgroups import Cgroup
@@ -98,7 +99,8 @@ def _http_run(mesh: MeshLab, switch: SockopsSwitch, cell: Cell, profile: Profile
     cpu1, cnt1, wall = mesh.cpu(), switch.snapshot(), time.monotonic() - t0
     cpu = cpu1.seconds_since(cpu0)
     envoys = sum(v for k, v in cpu.items() if k.startswith("envoy_"))
-    pods = sum(v for k, v in cpu.items() if k.startswith("pod_"))
+    pods = sum(v for k, v in cpu.items() if k.startswith("pod_") and not k.endswith("_sys"))
+    pods_sys = sum(v for k, v in cpu.items() if k.startswith("pod_") and k.endswith("_sys"))
     loadgen = cpu["pod_client"] - cpu.get("envoy_client", 0.0)
     counters = {k: cnt1[k] - cnt0[k] for k in cnt1}
     n = result["requests"]
@@ -113,6 +115,7 @@ def _http_run(mesh: MeshLab, switch: SockopsSwitch, cell: Cell, profile: Profile
         else None,
         "cpu_pods_s_per_1k": _per_1k(pods, n),
         "cpu_loadgen_s_per_1k": _per_1k(loadgen, n),
+        "cpu_pods_sys_share": pods_sys / pods if pods else None,
         "redirected_bytes": counters["redirected_bytes"],
         "redirect_misses": counters["redirect_misses"],
         "sockops_counters": counters,
@@ -154,6 +157,39 @@ def _pingpong_run(
     }
 
 
+def _perf_run(mesh: MeshLab, switch: SockopsSwitch, state: str, profile: Profile) -> dict[str, Any]:
+    """An extra, unreported-latency run under ``perf record``: where the CPU goes in this state."""
+    mesh.reset_connections()
+    switch.set_state(state, mesh.pod_list)
+    wait_drained(switch)
+    client = mesh.pods["client"]
+    seconds = max(2, round(profile.seconds))
+    load.run_wrk(client, load.HttpLoad(mesh.url, profile.perf_connections, 1, profile.payload))
+    proc, data = perfbreak.record(seconds - 1)
+    try:
+        result = load.run_wrk(
+            client, load.HttpLoad(mesh.url, profile.perf_connections, seconds, profile.payload)
+        )
+        proc.wait(timeout=seconds + 30)
+        shares = perfbreak.breakdown(data)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(data.parent, ignore_errors=True)
+    return {
+        "kind": "perf",
+        "mode": mesh.mode,
+        "load": "closed",
+        "connections": profile.perf_connections,
+        "state": state,
+        "rep": 0,
+        "qps": result["qps"],
+        "p50_ms": result["p50_ms"],
+        **shares,
+    }
+
+
 @contextlib.contextmanager
 def bench_environment() -> Iterator[tuple[Cgroup, SockopsSwitch]]:
     """The benchmark's cgroup and loaded data plane; both removed on the way out, whatever happens."""
@@ -187,6 +223,9 @@ def run(
                     if progress:
                         progress(cell)
                     results.append({**cell.__dict__, **_http_run(mesh, switch, cell, profile)})
+                if profile.perf and mode == "both" and perfbreak.available():
+                    for state in ("off", "on"):
+                        results.append(_perf_run(mesh, switch, state, profile))
         pp_cells = [c for c in cells if c.kind != "http"]
         if pp_cells:
             with PingpongLab(root) as pp, tempfile.TemporaryDirectory(prefix="sockops-bench-cc-") as tmp:

@@ -24,6 +24,7 @@ METRICS = (
     "cpu_envoys_s_per_1k",
     "cpu_pods_s_per_1k",
     "cpu_loadgen_s_per_1k",
+    "cpu_pods_sys_share",
     "redirected_bytes",
     "redirect_misses",
     "gbit_per_s",

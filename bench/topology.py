@@ -56,17 +56,18 @@ class BenchError(RuntimeError):
     """The benchmark's test bed could not be built or switched."""
 
 
-def cgroup_cpu_usec(path: Path) -> int:
-    """CPU time (µs) of every process that ever ran in the cgroup subtree (``cpu.stat``).
+def cgroup_cpu_usec(path: Path, field: str = "usage_usec") -> int:
+    """CPU time (µs) of every process that ever ran in the cgroup subtree (``cpu.stat``);
+    ``field`` "system_usec" gives the kernel part (where sockops can save anything at all).
 
-    ``usage_usec`` is kept by the cgroup core even without the cpu controller, so this works on the
+    These fields are kept by the cgroup core even without the cpu controller, so this works on the
     hybrid hierarchy of this machine where no controller is enabled on the v2 tree.
     """
     for line in (path / "cpu.stat").read_text().splitlines():
         key, _, value = line.partition(" ")
-        if key == "usage_usec":
+        if key == field:
             return int(value)
-    raise BenchError(f"no usage_usec in {path / 'cpu.stat'}")
+    raise BenchError(f"no {field} in {path / 'cpu.stat'}")
 
 
 def process_cpu_ns(pid: int) -> int:
@@ -155,9 +156,11 @@ class CpuSample:
 
     pods_usec: dict[str, int]
     envoys_ns: dict[str, int]
+    pods_sys_usec: dict[str, int]
 
     def seconds_since(self, before: CpuSample) -> dict[str, float]:
         out = {f"pod_{k}": (v - before.pods_usec[k]) / 1e6 for k, v in self.pods_usec.items()}
+        out |= {f"pod_{k}_sys": (v - before.pods_sys_usec[k]) / 1e6 for k, v in self.pods_sys_usec.items()}
         out |= {f"envoy_{k}": (v - before.envoys_ns.get(k, 0)) / 1e9 for k, v in self.envoys_ns.items()}
         return out
 
@@ -302,8 +305,9 @@ class MeshLab:
 
     def cpu(self) -> CpuSample:
         pods = {name: cgroup_cpu_usec(cg.path) for name, cg in self.cgroups.items()}
+        sys_ = {name: cgroup_cpu_usec(cg.path, "system_usec") for name, cg in self.cgroups.items()}
         envoys = {p.name: process_cpu_ns(p.envoy.pid) for p in self.pod_list if p.envoy is not None}
-        return CpuSample(pods, envoys)
+        return CpuSample(pods, envoys, sys_)
 
     def envoy_version(self) -> str:
         for pod in self.pod_list:
