@@ -92,6 +92,7 @@ def _pingpong(doc: dict[str, Any], path: Path) -> Path:
     bars = []
     for mode, state, label in (
         ("pingpong-tcp", "off", "TCP, sockops off"),
+        ("pingpong-tcp", "loaded", "TCP, loaded,\nnot opted in"),
         ("pingpong-tcp", "on", "TCP, sockops on"),
         ("pingpong-unix", "off", "AF_UNIX"),
     ):

@@ -83,17 +83,20 @@ def targets(
             "tcp_off_over_unix": tcp_off["p50_ms"]["median"] / unix["p50_ms"]["median"],
             "met": ratio_on <= 1.15,
         }
-    if loaded:
-        e = loaded[0]
-        if "qps" in e and "p50_ms" in e:
-            out["not_opted_in"] = {
-                "goal": "pods not opted in: no slowdown beyond 1% with sockops loaded",
-                "where": {k: e[k] for k in ("mode", "load", "connections")},
-                "qps_loaded_off": e["qps"],
-                "p50_loaded_off": e["p50_ms"],
-                "p99_loaded_off": e.get("p99_ms"),
-                "met": e["qps"]["median"] >= 0.99 and e["p50_ms"]["median"] <= 1.01,
-            }
+    # Not opted in: the precise figure is the one-connection ping-pong (a p50 of a few µs that
+    # repeats to within about 1 %); the HTTP mesh figure is shown too, with its (larger) spread.
+    pp = stats.find(loaded, kind="pingpong", mode="pingpong-tcp")
+    mesh = next((e for e in loaded if e["kind"] == "http"), None)
+    if pp and "p50_ms" in pp:
+        out["not_opted_in"] = {
+            "goal": "pods not opted in: no slowdown beyond 1% with sockops loaded",
+            "pingpong_p50_loaded_off": pp["p50_ms"],
+            "pingpong_rate_loaded_off": pp.get("qps"),
+            "mesh": {k: mesh[k] for k in ("mode", "load", "connections")} if mesh else None,
+            "mesh_qps_loaded_off": mesh.get("qps") if mesh else None,
+            "mesh_p50_loaded_off": mesh.get("p50_ms") if mesh else None,
+            "met": pp["p50_ms"]["median"] <= 1.01,
+        }
     return out
 
 
@@ -249,10 +252,18 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     if "not_opted_in" in t:
         e = t["not_opted_in"]
+        line = (
+            "- pods not opted in, sockops loaded vs off: ping-pong p50 "
+            f"{_ratio_cell(e['pingpong_p50_loaded_off'])}, "
+            f"round trips/s {_ratio_cell(e['pingpong_rate_loaded_off'])}"
+        )
+        if e["mesh"]:
+            line += (
+                f"; mesh ({e['mesh']['mode']}, {e['mesh']['connections']} connections) QPS "
+                f"{_ratio_cell(e['mesh_qps_loaded_off'])}, p50 {_ratio_cell(e['mesh_p50_loaded_off'])}"
+            )
         out.append(
-            f"- pods not opted in ({e['where']['mode']}, {e['where']['connections']} connections), sockops "
-            f"loaded vs off: QPS {_ratio_cell(e['qps_loaded_off'])}, p50 {_ratio_cell(e['p50_loaded_off'])} "
-            f"(goal within 1%): **{'met' if e['met'] else 'not met'}**"
+            line + f" (goal within 1%, judged on the ping-pong p50): **{'met' if e['met'] else 'not met'}**"
         )
     out.append("")
     for load_kind, title in (("closed", "Closed loop (wrk, as fast as it goes)"), ("rate", "Fixed rate")):

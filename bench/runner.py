@@ -54,11 +54,9 @@ def plan(profile: Profile) -> list[Cell]:
                     cells += [Cell("http", mode, load_kind, c, s, rep) for s in states]
     if profile.pingpong:
         for rep in range(profile.repeats):
-            cells += [
-                Cell("pingpong", "pingpong-tcp", "pingpong", 1, "off", rep),
-                Cell("pingpong", "pingpong-tcp", "pingpong", 1, "on", rep),
-                Cell("pingpong", "pingpong-unix", "pingpong", 1, "off", rep),
-            ]
+            tcp_states = ("off", "loaded", "on") if profile.not_opted_in else ("off", "on")
+            cells += [Cell("pingpong", "pingpong-tcp", "pingpong", 1, s, rep) for s in tcp_states]
+            cells.append(Cell("pingpong", "pingpong-unix", "pingpong", 1, "off", rep))
             if profile.sockperf:
                 cells += [Cell("sockperf", "sockperf-tcp", "pingpong", 1, s, rep) for s in ("off", "on")]
             if profile.iperf3:
