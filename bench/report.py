@@ -109,6 +109,7 @@ def harness(runs: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]]) ->
         for r in http
         if r.get("cpu_loadgen_s_per_1k") and r.get("cpu_pods_s_per_1k")
     ]
+    foreign = [r["foreign_cpus"] for r in http if r.get("foreign_cpus") is not None]
     spreads = []
     for g in groups:
         if g["kind"] == "http" and "qps" in g and g["runs"] > 1 and g["qps"]["median"]:
@@ -122,6 +123,7 @@ def harness(runs: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]]) ->
         "loadgen_share_of_pods_cpu": stats.describe(shares) if shares else None,
         "qps_relative_spread": stats.describe(spreads) if spreads else None,
         "p50_relative_spread": stats.describe(spreads_p50) if spreads_p50 else None,
+        "foreign_cpus": stats.describe(foreign) if foreign else None,
         "sockets_left_before_runs": max((r.get("sockets_left_before", 0) for r in runs), default=0),
         "errors": sum(r.get("errors", 0) or 0 for r in runs),
         "eagain": sum(r.get("eagain", 0) or 0 for r in runs),
@@ -330,6 +332,11 @@ def markdown(doc: dict[str, Any]) -> str:
             f"- load generator (wrk) CPU: {_fmt(h['loadgen_cpu_s_per_1k'])} s per 1000 requests, "
             f"{_fmt(h['loadgen_share_of_pods_cpu'], 100, 2)} % of the pods' CPU; it shares the 2 CPUs "
             "with what it measures, as in any single-node benchmark"
+        )
+    if h.get("foreign_cpus"):
+        out.append(
+            f"- other work on the machine during the measured runs: {_fmt(h['foreign_cpus'], digits=2)} CPUs "
+            f"busy outside the benchmark (of {doc['meta']['cpus_online']}; /proc/stat minus the pods' CPU)"
         )
     if h.get("qps_relative_spread"):
         out.append(

@@ -12,6 +12,7 @@ the measured run, outside the load generator's timing.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import time
@@ -22,7 +23,7 @@ from typing import Any
 
 from bench import load, perfbreak
 from bench.profiles import Profile
-from bench.topology import MeshLab, PingpongLab, SockopsSwitch, wait_drained
+from bench.topology import MeshLab, PingpongLab, SockopsSwitch, machine_busy_seconds, wait_drained
 from sockops.cgroups import Cgroup
 
 
@@ -92,9 +93,9 @@ def _http_run(mesh: MeshLab, switch: SockopsSwitch, cell: Cell, profile: Profile
         return load.HttpLoad(mesh.url, cell.connections, seconds, profile.payload, rate, profile.wrk_threads)
 
     load.run_wrk(client, wrk(profile.warmup_s))
-    cpu0, cnt0, t0 = mesh.cpu(), switch.snapshot(), time.monotonic()
+    cpu0, cnt0, busy0, t0 = mesh.cpu(), switch.snapshot(), machine_busy_seconds(), time.monotonic()
     result = load.run_wrk(client, wrk(profile.seconds))
-    cpu1, cnt1, wall = mesh.cpu(), switch.snapshot(), time.monotonic() - t0
+    cpu1, cnt1, busy1, wall = mesh.cpu(), switch.snapshot(), machine_busy_seconds(), time.monotonic() - t0
     cpu = cpu1.seconds_since(cpu0)
     envoys = sum(v for k, v in cpu.items() if k.startswith("envoy_"))
     pods = sum(v for k, v in cpu.items() if k.startswith("pod_") and not k.endswith("_sys"))
@@ -114,6 +115,9 @@ def _http_run(mesh: MeshLab, switch: SockopsSwitch, cell: Cell, profile: Profile
         "cpu_pods_s_per_1k": _per_1k(pods, n),
         "cpu_loadgen_s_per_1k": _per_1k(loadgen, n),
         "cpu_pods_sys_share": pods_sys / pods if pods else None,
+        # CPUs' worth of work by processes outside the benchmark during the measured run.
+        "foreign_cpus": max(0.0, (busy1 - busy0) - pods) / wall if wall > 0 else None,
+        "loadavg_1m": os.getloadavg()[0],
         "redirected_bytes": counters["redirected_bytes"],
         "redirect_misses": counters["redirect_misses"],
         "sockops_counters": counters,

@@ -25,6 +25,7 @@ METRICS = (
     "cpu_pods_s_per_1k",
     "cpu_loadgen_s_per_1k",
     "cpu_pods_sys_share",
+    "foreign_cpus",
     "redirected_bytes",
     "redirect_misses",
     "gbit_per_s",

@@ -70,6 +70,16 @@ def cgroup_cpu_usec(path: Path, field: str = "usage_usec") -> int:
     raise BenchError(f"no {field} in {path / 'cpu.stat'}")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all CPUs of the machine have been busy since boot (/proc/stat: user, nice, system,
+    irq, softirq; not idle, iowait or the hypervisor's steal). Minus the pods' own CPU over a run,
+    it shows how much *other* work shared the machine."""
+    user, nice, system, _idle, _iowait, irq, softirq = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]
+    )
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def process_cpu_ns(pid: int) -> int:
     """CPU time (ns) of all threads of a process, from per-thread schedstat (ns resolution, unlike
     the 10 ms ticks of /proc/PID/stat)."""
