@@ -136,10 +136,13 @@ class Progress:
             self.bar.close()
 
 
-def _sigterm_handler(main_pid: int) -> Callable[[int, FrameType | None], None]:
-    """SIGTERM cleans up like Ctrl-C -- in this process only. Helpers forked from it without exec
-    (pyroute2 forks one per netns socket and ends it with SIGTERM) inherit the handler, and must
-    die as SIGTERM's default would rather than run this process's teardown as their own."""
+def _interrupt_handler(main_pid: int) -> Callable[[int, FrameType | None], None]:
+    """SIGTERM and SIGINT clean up like Ctrl-C -- in this process only.
+
+    Helpers forked from it without exec (pyroute2 forks one per netns socket and ends it with
+    SIGTERM) inherit the handler, and must die as SIGTERM's default would rather than run this
+    process's teardown as their own.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if os.getpid() != main_pid:
@@ -169,7 +172,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     meta = machine.describe(command)
     meta["load_before"] = machine.load_average()
     meta["started"] = meta["load_before"]["time"]
-    old_term = signal.signal(signal.SIGTERM, _sigterm_handler(os.getpid()))
+    handler = _interrupt_handler(os.getpid())
+    old_term = signal.signal(signal.SIGTERM, handler)
+    # Installed explicitly for SIGINT too: a shell starts background jobs with SIGINT ignored, and
+    # Python keeps it ignored; the harness promises that an interrupt cleans up wherever it started.
+    old_int = signal.signal(signal.SIGINT, handler)
     progress = Progress(len(cells), est, enabled=not args.no_progress)
     runs: list[dict[str, Any]] = []
     t0 = time.monotonic()
@@ -183,6 +190,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
     progress.close()
     meta["load_after"] = machine.load_average()
     meta["finished"] = meta["load_after"]["time"]

@@ -53,6 +53,10 @@ def load_average() -> dict[str, Any]:
 
 
 def git_commit() -> str:
+    """The sockops commit measured; SOCKOPS_GIT_COMMIT names it when running from an exported tree
+    (``git archive``), which is how a published run avoids uncommitted work in a shared checkout."""
+    if os.environ.get("SOCKOPS_GIT_COMMIT"):
+        return os.environ["SOCKOPS_GIT_COMMIT"]
     repo = Path(__file__).resolve().parent.parent
     try:
         res = subprocess.run(
