@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sockops import __version__, loader
+from sockops import __version__, layout, loader
 from sockops.errors import SockopsError
 from sockops.reconciler import ACCELERATED, PENDING, Reconciler, Resolver
 from sockops.sources import Source
@@ -89,6 +89,7 @@ class Agent:
         self.sizes = loader.MapSizes(args.sockhash_size, args.pending_size, args.netns_size)
         self.plane: loader.DataPlane | None = None
         self.unsupported: str | None = None
+        self.uninstalled = False
         self.reconciler: Reconciler | None = None
         self.started = time.monotonic()
         self._attached_cache: tuple[float, dict[str, bool]] = (0.0, {})
@@ -137,6 +138,8 @@ class Agent:
     # -- health ---------------------------------------------------------------------------------------
     def healthy(self) -> tuple[bool, str]:
         rec = self.reconciler
+        if self.uninstalled:
+            return True, "idle: uninstalled"
         if self.unsupported is not None:
             return True, f"idle: {self.unsupported}"
         if rec is None or rec.last_enforce is None:
@@ -148,6 +151,8 @@ class Agent:
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
+        if self.uninstalled:
+            return False, "uninstalled: the pinned maps were removed; restart the agent to install again"
         if self.unsupported is not None:
             return False, f"not accelerating: {self.unsupported}"
         attached = self.programs_attached()
@@ -186,12 +191,12 @@ class Agent:
             },
         )
 
-    def _supervise(self, source: Source) -> None:
-        """Run a source until stop; an unexpected crash is logged, counted and restarted."""
+    def _supervise(self, source: Source, work: threading.Event) -> None:
+        """Run a source until ``work`` ends; an unexpected crash is logged, counted and restarted."""
         delay = 1.0
-        while not self.stop.is_set():
+        while not work.is_set():
             try:
-                source.run(self.reconciler, self.stop)  # type: ignore[arg-type]
+                source.run(self.reconciler, work)  # type: ignore[arg-type]
                 return
             except Exception as e:
                 log.exception(
@@ -199,7 +204,7 @@ class Agent:
                 )
                 if self.reconciler:
                     self.reconciler.error(source.name, f"source crashed: {e}")
-                if self.stop.wait(delay * (0.5 + random.random())):
+                if work.wait(delay * (0.5 + random.random())):
                     return
                 delay = min(delay * 2, 30.0)
 
@@ -225,6 +230,11 @@ class Agent:
                 self.stop.wait()
                 return 0
             with self.plane.maps() as maps:
+                if maps.clear_uninstall_mark():
+                    # An agent starting means the operator wants acceleration: an uninstall that
+                    # was interrupted (or races with us) loses its mark; a running one still
+                    # detaches and unpins at its end.
+                    log.warning("cleared the mark of an unfinished `sockops uninstall`")
                 self.reconciler = Reconciler(
                     maps,
                     Resolver(find_pod=podresolve.find_pod_netns, index_pods=podresolve.index_pods),
@@ -232,15 +242,27 @@ class Agent:
                     observer=_MetricsObserver(metrics),
                     state_file=self.args.state_file,
                 )
+                work = threading.Event()  # ends sources and reconciler: SIGTERM or an uninstall
                 threads = [
-                    threading.Thread(target=self._supervise, args=(s,), name=f"source-{s.name}", daemon=True)
+                    threading.Thread(
+                        target=self._supervise, args=(s, work), name=f"source-{s.name}", daemon=True
+                    )
                     for s in sources
                 ]
+                threads.append(
+                    threading.Thread(target=self._watch_pins, args=(work,), name="pins", daemon=True)
+                )
                 for t in threads:
                     t.start()
-                self.reconciler.run(self.stop, self.args.resync)
+                self.reconciler.run(work, self.args.resync)
+                work.set()
                 for t in threads:
                     t.join(timeout=5)
+            if not self.stop.is_set():
+                # `sockops uninstall` removed the pins: stay up (a DaemonSet would restart an exited
+                # agent and load everything again) but accelerate nothing until restarted.
+                self.stop.wait()
+                return 0
         finally:
             server.close()
         log.info(
@@ -248,6 +270,28 @@ class Agent:
             extra={"fields": {"bpffs": str(self.bpffs)}},
         )
         return 0
+
+    def _uninstall_marked(self) -> bool:
+        try:
+            with loader.PinnedMaps(self.bpffs) as maps:
+                return maps.uninstalling()
+        except SockopsError:
+            return True  # pins gone half way: the uninstall is past the mark
+
+    def _watch_pins(self, work: threading.Event) -> None:
+        """End the work when SIGTERM comes or when `sockops uninstall` has removed the pins."""
+        pin = self.bpffs / layout.MAP_SOCKHASH
+        while not self.stop.wait(1.0):
+            if work.is_set():
+                return
+            if not pin.exists() or self._uninstall_marked():
+                self.uninstalled = True
+                log.warning(
+                    "sockops uninstall is removing the maps: idling until restarted",
+                    extra={"fields": {"bpffs": str(self.bpffs)}},
+                )
+                break
+        work.set()
 
 
 def run(args: Any) -> int:

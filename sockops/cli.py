@@ -20,6 +20,8 @@ from sockops.errors import SockopsError
 
 log = logging.getLogger("sockops")
 
+AGENT_POLL_SECONDS = 2.0  # > the agent's 1 s check for an uninstall mark
+
 EPILOG = """examples:
   sockops doctor                      can acceleration run here?
   sockops agent --source static --netns pod-a
@@ -268,6 +270,9 @@ def uninstall(bpffs: Path, cgroup: Path, drain_timeout: float) -> dict[str, obje
     remaining = 0
     if (bpffs / layout.MAP_SOCKHASH).exists():
         with loader.PinnedMaps(bpffs) as maps:
+            # Running agents poll for the mark every second and stop writing before we disable.
+            maps.mark_uninstalling()
+            time.sleep(AGENT_POLL_SECONDS)
             for cookie in list(maps.enabled()):
                 maps.disable(cookie)
             deadline = time.monotonic() + drain_timeout

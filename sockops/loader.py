@@ -38,6 +38,8 @@ _BPF_PROG_QUERY = 16
 BPF_CGROUP_SOCK_OPS = 3
 BPF_SK_MSG_VERDICT = 7
 
+UNINSTALL_MARK = 0  # netns_conf key that says "uninstall in progress" (no namespace has cookie 0)
+
 PROG_SOCK_OPS = "sockops_main"
 PROG_SK_MSG = "sockops_redirect"
 
@@ -358,9 +360,26 @@ class PinnedMaps:
         """Drop a namespace's counters (the namespace is gone)."""
         self._delete(layout.MAP_NETNS_STATS, ctypes.c_uint64(cookie))
 
+    def mark_uninstalling(self) -> None:
+        """Tell running agents to stop writing: `sockops uninstall` is draining these maps.
+
+        The mark is the entry of netns cookie 0, which no namespace has, so the programs never
+        see it; agents poll for it and go idle, and a new agent refuses to enforce while it is
+        there (the maps are about to go).
+        """
+        self._update(layout.MAP_NETNS_CONF, ctypes.c_uint64(UNINSTALL_MARK), layout.NetnsConf())
+
+    def clear_uninstall_mark(self) -> bool:
+        return self._delete(layout.MAP_NETNS_CONF, ctypes.c_uint64(UNINSTALL_MARK))
+
+    def uninstalling(self) -> bool:
+        return self._lookup(layout.MAP_NETNS_CONF, ctypes.c_uint64(UNINSTALL_MARK), layout.NetnsConf())
+
     def enabled(self) -> dict[int, layout.NetnsSettings]:
         out = {}
         for key in self._keys(layout.MAP_NETNS_CONF, ctypes.c_uint64):
+            if key.value == UNINSTALL_MARK:
+                continue
             conf = layout.NetnsConf()
             if self._lookup(layout.MAP_NETNS_CONF, key, conf):
                 out[key.value] = layout.NetnsSettings.from_struct(conf)

@@ -314,7 +314,7 @@ def test_uninstall_drains_then_unpins(env: Env) -> None:
 def test_uninstall_reports_drain_timeout_and_loses_nothing(env: Env) -> None:
     pod = plain_pod(env)
     agent = env.agent("--source", "static", "--netns", pod.netns).wait_ready()
-    t = Transfer(pod, seconds=4.0)
+    t = Transfer(pod, seconds=8.0)  # outlives the uninstall's 2 s pause for agents and its 0.5 s drain
     accelerated_during(env, pod, env.netns_stats(pod))
     agent.stop()
     res = sockops(
@@ -332,3 +332,24 @@ def test_uninstall_reports_drain_timeout_and_loses_nothing(env: Env) -> None:
     assert '"drained": false' in res.stderr and "drain timeout" in res.stderr, res.stderr
     t.assert_intact()
     assert not env.bpffs.exists()
+
+
+def test_uninstall_while_the_agent_runs_idles_it(env: Env) -> None:
+    """The agent must not re-enable what uninstall disables, nor re-create the pins."""
+    pod = plain_pod(env)
+    agent = env.agent("--source", "static", "--netns", pod.netns).wait_ready()
+    t = Transfer(pod, seconds=3.0)
+    accelerated_during(env, pod, env.netns_stats(pod))
+    res = sockops(
+        "uninstall", "--cgroup", str(env.cgroup.path), "--bpffs", str(env.bpffs),
+        "--drain-timeout", "30", "--log-format", "json",
+    )  # fmt: skip
+    assert res.returncode == 0 and '"drained": true' in res.stderr, res.stderr
+    t.assert_intact()
+    code, body = agent.get("/readyz")
+    assert code == 503 and "uninstalled" in body
+    assert agent.get("/healthz")[0] == 200
+    time.sleep(2.5)  # two of the agent's resyncs: nothing comes back
+    assert not env.bpffs.exists()
+    assert env.attached() == {"sock_ops": [], "sk_msg": []}
+    assert agent.stop() == 0
