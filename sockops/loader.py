@@ -127,14 +127,20 @@ def prog_fd_by_id(prog_id: int) -> int:
     return _bpf(_BPF_PROG_GET_FD_BY_ID, attr)
 
 
-def prog_info(fd: int) -> dict[str, object]:
-    """Name and tag (a hash of the instructions) of a loaded program."""
-    info = (ctypes.c_uint8 * 256)()
+def _obj_info(fd: int, size: int) -> ctypes.Array:
+    """BPF_OBJ_GET_INFO_BY_FD into a zeroed buffer (struct bpf_prog_info or bpf_map_info)."""
+    info = (ctypes.c_uint8 * size)()
     attr = _attr()
     ctypes.c_uint32.from_buffer(attr, 0).value = fd
     ctypes.c_uint32.from_buffer(attr, 4).value = len(info)
     ctypes.c_uint64.from_buffer(attr, 8).value = ctypes.addressof(info)
     _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+    return info
+
+
+def prog_info(fd: int) -> dict[str, object]:
+    """Name and tag (a hash of the instructions) of a loaded program."""
+    info = _obj_info(fd, 256)
     # struct bpf_prog_info: type u32, id u32, tag[8], ... name[16] at offset 64
     return {
         "id": ctypes.c_uint32.from_buffer(info, 4).value,
@@ -145,12 +151,7 @@ def prog_info(fd: int) -> dict[str, object]:
 
 def map_info(fd: int) -> dict[str, int]:
     """Type, key/value sizes and capacity of a map (struct bpf_map_info's first fields)."""
-    info = (ctypes.c_uint8 * 128)()
-    attr = _attr()
-    ctypes.c_uint32.from_buffer(attr, 0).value = fd
-    ctypes.c_uint32.from_buffer(attr, 4).value = len(info)
-    ctypes.c_uint64.from_buffer(attr, 8).value = ctypes.addressof(info)
-    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+    info = _obj_info(fd, 128)
     fields = ("type", "id", "key_size", "value_size", "max_entries")
     return {f: ctypes.c_uint32.from_buffer(info, 4 * i).value for i, f in enumerate(fields)}
 

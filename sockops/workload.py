@@ -101,33 +101,37 @@ def decide_container(labels: Mapping[str, str] | None) -> Decision:
 # -- Istio capture annotations -------------------------------------------------------------------
 
 
-def parse_ports(value: str, name: str) -> tuple[int, ...] | None:
-    """A port list as istio-iptables takes it: ``*`` (all, returned as None), ``""`` or ``a,b,c``."""
+def _items(value: str, name: str) -> list[str] | None:
+    """The comma-separated items of an Istio list annotation; None for ``*`` (everything)."""
     if len(value) > MAX_ANNOTATION_LEN:
         raise InvalidValue(f"{name} is longer than {MAX_ANNOTATION_LEN} characters")
     v = value.strip()
     if v == "*":
         return None
-    out = []
-    for part in filter(None, (p.strip() for p in v.split(","))):
+    return [p for p in (p.strip() for p in v.split(",")) if p]
+
+
+def parse_ports(value: str, name: str) -> tuple[int, ...] | None:
+    """A port list as istio-iptables takes it: ``*`` (all, returned as None), ``""`` or ``a,b,c``."""
+    items = _items(value, name)
+    if items is None:
+        return None
+    for part in items:
         # isascii(): str.isdigit() also accepts digits int() refuses, such as "²".
         if not (part.isascii() and part.isdigit()) or not 0 < int(part) < 65536:
             raise InvalidValue(
                 f'{name}="{value[:64]}": "{part[:16]}" is not a port (1-65535), use a,b,c or *'
             )
-        out.append(int(part))
-    return tuple(out)
+    return tuple(int(p) for p in items)
 
 
 def parse_cidrs(value: str, name: str) -> tuple[str, ...] | None:
     """A CIDR list (``*`` = every address, returned as None)."""
-    if len(value) > MAX_ANNOTATION_LEN:
-        raise InvalidValue(f"{name} is longer than {MAX_ANNOTATION_LEN} characters")
-    v = value.strip()
-    if v == "*":
+    items = _items(value, name)
+    if items is None:
         return None
     out = []
-    for part in filter(None, (p.strip() for p in v.split(","))):
+    for part in items:
         try:
             out.append(str(ipaddress.ip_network(part, strict=False)))
         except ValueError:

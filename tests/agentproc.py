@@ -142,8 +142,11 @@ class AgentProcess:
 
 
 @contextlib.contextmanager
-def agents() -> Iterator[list[AgentProcess]]:
-    """Every agent a test started is killed at the end, whatever happened."""
+def agents(cgroup: Path, bpffs: Path) -> Iterator[list[AgentProcess]]:
+    """Agents of one test: at the end every one is killed, and what they loaded is detached
+    from the test cgroup and unpinned, whatever happened."""
+    from sockops import loader
+
     started: list[AgentProcess] = []
     try:
         yield started
@@ -152,3 +155,5 @@ def agents() -> Iterator[list[AgentProcess]]:
             if a.proc.poll() is None:
                 a.proc.kill()
                 a.proc.wait()
+        loader.detach_all(cgroup, bpffs)
+        loader.unpin(bpffs)

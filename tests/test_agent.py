@@ -60,16 +60,8 @@ def env(cgroup: Cgroup, lab: Lab, tmp_path: Path) -> Iterator[Env]:
     import secrets
 
     bpffs = Path("/sys/fs/bpf") / f"{TEST_PREFIX}-agent-{secrets.token_hex(4)}"
-    with agents() as started:
-        try:
-            yield Env(cgroup, bpffs, lab, tmp_path, started)
-        finally:
-            for a in started:
-                if a.proc.poll() is None:
-                    a.proc.kill()
-                    a.proc.wait()
-            loader.detach_all(cgroup.path, bpffs)
-            loader.unpin(bpffs)
+    with agents(cgroup.path, bpffs) as started:
+        yield Env(cgroup, bpffs, lab, tmp_path, started)
 
 
 def plain_pod(e: Env, name: str = "app") -> Pod:
@@ -284,51 +276,40 @@ def test_upgrade_to_changed_programs_is_atomic(env: Env, tmp_path: Path) -> None
     assert _counter15(env) > 0
 
 
-def test_uninstall_drains_then_unpins(env: Env) -> None:
-    pod = plain_pod(env)
-    agent = env.agent("--source", "static", "--netns", pod.netns).wait_ready()
-    t = Transfer(pod, seconds=3.0)
-    accelerated_during(env, pod, env.netns_stats(pod))
-    agent.stop()
-    start = time.monotonic()
+def _uninstall(e: Env, drain_timeout: float) -> subprocess.CompletedProcess[str]:
     res = sockops(
-        "uninstall",
-        "--cgroup",
-        str(env.cgroup.path),
-        "--bpffs",
-        str(env.bpffs),
-        "--drain-timeout",
-        "30",
-        "--log-format",
-        "json",
-    )
-    took = time.monotonic() - start
+        "uninstall", "--cgroup", str(e.cgroup.path), "--bpffs", str(e.bpffs),
+        "--drain-timeout", str(drain_timeout), "--log-format", "json",
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    t.assert_intact()
+    return res
+
+
+def _transfer_without_agent(e: Env, seconds: float) -> Transfer:
+    """An accelerated long transfer whose agent has stopped (programs and pins stay)."""
+    pod = plain_pod(e)
+    agent = e.agent("--source", "static", "--netns", pod.netns).wait_ready()
+    t = Transfer(pod, seconds=seconds)
+    accelerated_during(e, pod, e.netns_stats(pod))
+    assert agent.stop() == 0
+    return t
+
+
+def test_uninstall_drains_then_unpins(env: Env) -> None:
+    started = time.monotonic()
+    t = _transfer_without_agent(env, seconds=6.0)
+    res = _uninstall(env, drain_timeout=30)
     assert '"drained": true' in res.stderr, res.stderr
-    assert took > 1.0, "uninstall did not wait for the live connection"
+    assert time.monotonic() - started >= 6.0, "uninstall returned before the live connection closed"
+    t.assert_intact()
     assert not env.bpffs.exists()
     assert env.attached() == {"sock_ops": [], "sk_msg": []}
 
 
 def test_uninstall_reports_drain_timeout_and_loses_nothing(env: Env) -> None:
-    pod = plain_pod(env)
-    agent = env.agent("--source", "static", "--netns", pod.netns).wait_ready()
-    t = Transfer(pod, seconds=8.0)  # outlives the uninstall's 2 s pause for agents and its 0.5 s drain
-    accelerated_during(env, pod, env.netns_stats(pod))
-    agent.stop()
-    res = sockops(
-        "uninstall",
-        "--cgroup",
-        str(env.cgroup.path),
-        "--bpffs",
-        str(env.bpffs),
-        "--drain-timeout",
-        "0.5",
-        "--log-format",
-        "json",
-    )
-    assert res.returncode == 0, res.stderr
+    # outlives the uninstall's 2 s pause for agents and its 0.5 s drain
+    t = _transfer_without_agent(env, seconds=8.0)
+    res = _uninstall(env, drain_timeout=0.5)
     assert '"drained": false' in res.stderr and "drain timeout" in res.stderr, res.stderr
     t.assert_intact()
     assert not env.bpffs.exists()
@@ -340,11 +321,8 @@ def test_uninstall_while_the_agent_runs_idles_it(env: Env) -> None:
     agent = env.agent("--source", "static", "--netns", pod.netns).wait_ready()
     t = Transfer(pod, seconds=3.0)
     accelerated_during(env, pod, env.netns_stats(pod))
-    res = sockops(
-        "uninstall", "--cgroup", str(env.cgroup.path), "--bpffs", str(env.bpffs),
-        "--drain-timeout", "30", "--log-format", "json",
-    )  # fmt: skip
-    assert res.returncode == 0 and '"drained": true' in res.stderr, res.stderr
+    res = _uninstall(env, drain_timeout=30)
+    assert '"drained": true' in res.stderr, res.stderr
     t.assert_intact()
     code, body = agent.get("/readyz")
     assert code == 503 and "uninstalled" in body

@@ -36,20 +36,12 @@ def docker_agent(docker_engine: DockerEngine, cgroup: Any, tmp_path: Path) -> It
     if docker_engine.cgroup_driver() != "cgroupfs":
         pytest.skip("needs the cgroupfs driver to place containers below the test cgroup")
     bpffs = Path("/sys/fs/bpf") / f"{TEST_PREFIX}-docker-{secrets.token_hex(4)}"
-    with agents() as started:
-        try:
-            a = AgentProcess(
-                cgroup.path, bpffs, tmp_path, ["--source", "docker"], env={"DOCKER_HOST": docker_engine.host}
-            )
-            started.append(a)
-            yield a.wait_ready()
-        finally:
-            for a in started:
-                if a.proc.poll() is None:
-                    a.proc.kill()
-                    a.proc.wait()
-            loader.detach_all(cgroup.path, bpffs)
-            loader.unpin(bpffs)
+    with agents(cgroup.path, bpffs) as started:
+        a = AgentProcess(
+            cgroup.path, bpffs, tmp_path, ["--source", "docker"], env={"DOCKER_HOST": docker_engine.host}
+        )
+        started.append(a)
+        yield a.wait_ready()
 
 
 def test_labelled_container_accelerated_until_it_dies(

@@ -81,17 +81,11 @@ class KubeEnv:
 def kube(cgroup: Cgroup, lab: Lab, tmp_path: Path) -> Iterator[KubeEnv]:
     api = FakeKubeAPI().start()
     bpffs = Path("/sys/fs/bpf") / f"{TEST_PREFIX}-kube-{secrets.token_hex(4)}"
-    with agents() as started:
-        try:
+    try:
+        with agents(cgroup.path, bpffs) as started:
             yield KubeEnv(api, cgroup, lab, bpffs, tmp_path, started)
-        finally:
-            for a in started:
-                if a.proc.poll() is None:
-                    a.proc.kill()
-                    a.proc.wait()
-            api.close()
-            loader.detach_all(cgroup.path, bpffs)
-            loader.unpin(bpffs)
+    finally:
+        api.close()
 
 
 def cookie(pod: Pod) -> int:
