@@ -112,7 +112,7 @@ def test_hadolint_passes() -> None:
 @pytest.fixture(scope="module")
 def image(docker_engine: DockerEngine, base_image: str) -> Iterator[str]:
     t0 = time.monotonic()
-    args = ("build", "--network", "host", *build_args())
+    args = ("build", "--force-rm", "--network", "host", *build_args())
     # The build stage gets a tag of its own: its layers (apt, the pinned dependencies) are the
     # cache of the next run, and an untagged stage would be removed with the dangling images.
     for target, tag in (("build", BUILD_STAGE_TAG), ("runtime", TAG)):
