@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import signal
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any
 from sockops import __version__, layout, loader
 from sockops.errors import SockopsError
 from sockops.reconciler import ACCELERATED, PENDING, Reconciler, Resolver
-from sockops.sources import Source
+from sockops.sources import Backoff, Source
 
 log = logging.getLogger("sockops.agent")
 
@@ -193,7 +192,7 @@ class Agent:
 
     def _supervise(self, source: Source, work: threading.Event) -> None:
         """Run a source until ``work`` ends; an unexpected crash is logged, counted and restarted."""
-        delay = 1.0
+        backoff = Backoff(base=1.0)
         while not work.is_set():
             try:
                 source.run(self.reconciler, work)  # type: ignore[arg-type]
@@ -204,9 +203,8 @@ class Agent:
                 )
                 if self.reconciler:
                     self.reconciler.error(source.name, f"source crashed: {e}")
-                if work.wait(delay * (0.5 + random.random())):
+                if work.wait(backoff.next()):
                     return
-                delay = min(delay * 2, 30.0)
 
     def run(self) -> int:
         from sockops import podresolve

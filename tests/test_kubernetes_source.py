@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubeapi import FakeKubeAPI, make_pod
 
+from sockops.sources import Backoff
 from sockops.sources.kubernetes import (
-    Backoff,
     KubeConfigMissing,
     KubernetesSource,
     Malformed,

@@ -14,8 +14,10 @@ connections, re-lists and backoff itself. The contract with the sink:
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from sockops.workload import Workload
@@ -39,3 +41,24 @@ class Source(Protocol):
     def run(self, sink: Sink, stop: threading.Event) -> None:
         """Report to ``sink`` until ``stop`` is set; never raises for temporary trouble."""
         ...
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: ``base * 2**n`` capped, times a random factor in [0.5, 1].
+
+    The jitter spreads the reconnects of every agent of a cluster after an API server or engine
+    restart; the lower bound of 0.5 keeps the growth visible (and testable).
+    """
+
+    base: float = 0.5
+    cap: float = 30.0
+    attempts: int = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * (2 ** min(self.attempts, 32)))
+        self.attempts += 1
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.attempts = 0

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from sockops.sources import Sink
+from sockops.sources import Backoff, Sink
 from sockops.workload import Locator, Workload, decide_container
 
 log = logging.getLogger(__name__)
@@ -45,27 +43,6 @@ DEFAULT_NAMESPACE = "docker"
 COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
 EVENTS = ("start", "die", "destroy", "update", "rename")
 GONE_EVENTS = frozenset({"die", "destroy"})
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter in [delay/2, delay], capped.
-
-    Jitter keeps the agents of many nodes (or several sources) from reconnecting in step after an
-    engine restart; the lower bound keeps the growth visible.
-    """
-
-    base: float = 0.5
-    cap: float = 30.0
-    attempts: int = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * (2 ** min(self.attempts, 32)))
-        self.attempts += 1
-        return delay * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.attempts = 0
 
 
 def network_mode_veto(network_mode: str) -> str | None:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from sockops.errors import KubeConfigMissing, NodeNameMissing
-from sockops.sources import Sink
+from sockops.sources import Backoff, Sink
 from sockops.workload import (
     ISTIO_PROXY_CONTAINER,
     ISTIO_SIDECAR_STATUS,
@@ -277,27 +277,6 @@ def _resource_version(obj: Any) -> str | None:
 
 
 # -- backoff -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Backoff:
-    """Exponential backoff with jitter: ``base * 2**n`` capped, times a random factor in [0.5, 1].
-
-    The jitter spreads the reconnects of every agent of a cluster after an API server restart;
-    the lower bound of 0.5 keeps the growth visible (and testable).
-    """
-
-    base: float = 0.5
-    cap: float = 30.0
-    attempts: int = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.base * (2 ** min(self.attempts, 32)))
-        self.attempts += 1
-        return delay * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.attempts = 0
 
 
 # -- the source ----------------------------------------------------------------------------------
