@@ -50,7 +50,7 @@ def build_sources(args: Any) -> list[Source]:
         elif name == "docker":
             from sockops.sources.docker import DockerSource
 
-            out.append(DockerSource())
+            out.append(DockerSource(args.docker_host or None))
         else:
             raise SockopsError(f"unknown source {name!r}: use kubernetes, docker or static")
     return out
