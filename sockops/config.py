@@ -118,6 +118,12 @@ AGENT = (
     ),
     Setting("--kubeconfig", "KUBECONFIG", "", "kubernetes source: kubeconfig outside a cluster", _path),
     Setting(
+        "--docker-host",
+        "SOCKOPS_DOCKER_HOST",
+        "",
+        "docker source: the engine's address (default: DOCKER_HOST, else unix:///var/run/docker.sock)",
+    ),
+    Setting(
         "--resync",
         "SOCKOPS_RESYNC_SECONDS",
         "30",
