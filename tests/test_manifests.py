@@ -111,7 +111,20 @@ def agent_env(objs: list[Obj]) -> dict[str, str]:
 
 
 def all_settings() -> list[config.Setting]:
-    return [config.BPFFS, config.LOG_FORMAT, config.STATE_FILE, *config.SIZES, *config.AGENT]
+    """Every Setting sockops/config.py defines, alone or in a tuple (a new one needs no edit here)."""
+    found: dict[str, config.Setting] = {}
+    for value in vars(config).values():
+        for s in value if isinstance(value, tuple) else (value,):
+            if isinstance(s, config.Setting):
+                found[s.flag] = s
+    return list(found.values())
+
+
+def setting(flag: str) -> config.Setting:
+    """The setting of an agent flag: a renamed flag fails the test that looks it up."""
+    hits = [s for s in all_settings() if s.flag == flag]
+    assert hits, f"sockops/config.py has no setting {flag} any more: update daemonset/ and this test"
+    return hits[0]
 
 
 def env_problems(objs: list[Obj], settings: list[config.Setting]) -> list[str]:
@@ -208,8 +221,8 @@ def test_a_setting_renamed_in_config_py_fails_the_contract() -> None:
 
 def test_node_name_comes_from_the_downward_api() -> None:
     c = agent_container(built())
-    node = [e for e in c["env"] if e["name"] == config.AGENT[3].env]
-    assert config.AGENT[3].flag == "--node-name" and len(node) == 1
+    node = [e for e in c["env"] if e["name"] == setting("--node-name").env]
+    assert len(node) == 1
     assert node[0]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
 
 
@@ -231,8 +244,7 @@ def test_agent_command_parses_with_the_manifest_environment(monkeypatch: pytest.
 def test_ports_and_probes_match_the_health_server() -> None:
     objs = built()
     c = agent_container(objs)
-    host, port = parse_addr(agent_env(objs)[config.AGENT[6].env])
-    assert config.AGENT[6].flag == "--metrics-addr"
+    host, port = parse_addr(agent_env(objs)[setting("--metrics-addr").env])
     assert host in ("0.0.0.0", "::")  # kubelet probes and Prometheus reach it on the node address
     assert [(p["name"], p["containerPort"]) for p in c["ports"]] == [("metrics", port)]
     probes = {k: c[k]["httpGet"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
@@ -268,19 +280,18 @@ def _host_path(m: Obj, vol: Obj, path: str) -> str:
 def test_mounts_cover_the_pins_the_state_file_and_the_cgroup_root() -> None:
     objs = built()
     env = agent_env(objs)
-    bpffs = env[config.BPFFS.env]
+    bpffs = env[setting("--bpffs").env]
     m, vol = _mount_for(objs, bpffs)
     assert _host_path(m, vol, bpffs) == bpffs and bpffs.startswith("/sys/fs/bpf/")  # the host's bpffs
     assert not m.get("readOnly") and vol["hostPath"]["type"] == "Directory"
     # The API server allows Bidirectional only to privileged containers; pins are files, not mounts.
     assert m.get("mountPropagation") == "HostToContainer"
 
-    state_dir = str(Path(env[config.STATE_FILE.env]).parent)
+    state_dir = str(Path(env[setting("--state-file").env]).parent)
     m, vol = _mount_for(objs, state_dir)
     assert "emptyDir" in vol and not m.get("readOnly")
 
-    cgroup = env[config.AGENT[1].env]
-    assert config.AGENT[1].flag == "--cgroup"
+    cgroup = env[setting("--cgroup").env]
     m, vol = _mount_for(objs, cgroup)
     assert _host_path(m, vol, cgroup) == "/sys/fs/cgroup"  # the cgroup v2 root: every pod's sockets
     assert m["mountPath"] != "/sys/fs/cgroup"  # the runtime's own (namespaced) cgroup mount is there
@@ -405,7 +416,7 @@ def test_plain_prometheus_scrape_job_passes_promtool(tmp_path: Path) -> None:
 def test_readme_uninstall_detaches_from_the_manifest_cgroup() -> None:
     """`sockops uninstall` has no env default for --cgroup: the README must pass the mounted root."""
     readme = (REPO / "README.md").read_text()
-    cgroup = agent_env(built())[config.AGENT[1].env]
+    cgroup = agent_env(built())[setting("--cgroup").env]
     commands = re.findall(r"exec \S+ -- (sockops uninstall [^&\n]*)", readme.split("## Deploy", 1)[1])
     assert commands and all(f"--cgroup {cgroup}" in c for c in commands), commands
     args = build_parser().parse_args(commands[0].split()[1:])
@@ -505,7 +516,7 @@ def test_agent_works_with_the_manifest_capabilities_and_read_only_root(
 
     objs = built()
     caps = [c for c in _caps(objs) if c != (without or "").lower()]
-    state_dir = Path(agent_env(objs)[config.STATE_FILE.env]).parent
+    state_dir = Path(agent_env(objs)[setting("--state-file").env]).parent
     run_dir = Path("/run") / f"{TEST_PREFIX}-state-{secrets.token_hex(2)}"
     run_dir.mkdir()
     bpffs = BPFFS_ROOT / f"{TEST_PREFIX}-caps-{secrets.token_hex(2)}"
