@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("uninstall", help="stop accelerating, wait for accelerated connections, detach, unpin")
     _common(u)
-    u.add_argument("--cgroup", type=Path, default=None)
+    config.CGROUP.add_to(u)
     u.add_argument(
         "--drain-timeout",
         type=float,

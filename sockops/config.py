@@ -82,6 +82,13 @@ STATE_FILE = Setting(
     "where the agent publishes each workload's state for `sockops status`",
     _path,
 )
+CGROUP = Setting(
+    "--cgroup",
+    "SOCKOPS_CGROUP",
+    "",
+    "cgroup v2 directory sock_ops is attached to (default: the cgroup v2 root)",
+    _path,
+)
 SIZES = (
     Setting("--sockhash-size", "SOCKOPS_SOCKHASH_SIZE", "65536", "sockets the sockhash holds", _positive_int),
     Setting(
@@ -103,13 +110,7 @@ AGENT = (
         repeatable=True,
         type=str,
     ),
-    Setting(
-        "--cgroup",
-        "SOCKOPS_CGROUP",
-        "",
-        "cgroup v2 directory to attach sock_ops to (default: the cgroup v2 root)",
-        _path,
-    ),
+    CGROUP,
     Setting(
         "--netns", "SOCKOPS_STATIC_NETNS", "", "static source: a namespace to accelerate", repeatable=True
     ),
