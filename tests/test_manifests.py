@@ -507,7 +507,8 @@ def test_agent_works_with_the_manifest_capabilities_and_read_only_root(
     without: str | None, istio_netns: str, cgroup: Any, tmp_path: Path
 ) -> None:
     """The agent with the DaemonSet's capabilities (minus ``without``), in a mount namespace whose
-    root is read-only and whose /tmp and state directory are fresh tmpfs, as in the pod.
+    root is read-only, whose state directory is a fresh tmpfs and whose /tmp is writable, as in
+    the pod.
 
     Without NET_ADMIN the agent still reports ready, but iptables-save fails in the pod's
     namespace and Istio's capture ports go unseen: the silent failure this guards against.
@@ -527,7 +528,9 @@ def test_agent_works_with_the_manifest_capabilities_and_read_only_root(
         "--metrics-addr", f"127.0.0.1:{port}", "--state-file", str(run_dir / state_dir.name / "state.json"),
         "--log-format", "json", "--resync", "1",
     ]  # fmt: skip
-    prepare = f"mount -t tmpfs none {run_dir} && mkdir {run_dir / state_dir.name} && mount -t tmpfs none /tmp"
+    # /tmp stays writable as the pod's emptyDir is, by a bind mount of itself rather than a fresh
+    # tmpfs: the checkout (and its venv) may itself live under /tmp, as a CI clone often does.
+    prepare = f"mount -t tmpfs none {run_dir} && mkdir {run_dir / state_dir.name} && mount --bind /tmp /tmp"
     prepare += " && mount -o remount,bind,ro / && ! touch /.sockops-rw-check 2>/dev/null"
     log_path = tmp_path / "agent.log"
     with open(log_path, "wb") as log:
