@@ -10,6 +10,7 @@ and on, repeats interleaved. Writes results.json, summary.json, results.md and P
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import signal
@@ -72,6 +73,17 @@ def parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--nginx-workers", type=int, help="nginx worker processes in the server pod (1)")
     p.add_argument("--no-pingpong", action="store_true", help="skip ping-pong, sockperf and iperf3")
     p.add_argument(
+        "--max-foreign-cpus",
+        type=float,
+        help="shared machine: wait for / repeat runs while other work uses more CPUs than this (0.3)",
+    )
+    p.add_argument(
+        "--no-quiet-guard", action="store_true", help="never wait for a quiet machine or repeat runs"
+    )
+    p.add_argument(
+        "--quiet-budget", type=float, dest="quiet_budget_s", help="seconds the guard may cost (180)"
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print the plan and its estimated time, run nothing"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per run instead)")
@@ -90,7 +102,11 @@ def profile_from(args: argparse.Namespace) -> Profile:
         payload=args.payload,
         envoy_workers=args.envoy_workers,
         nginx_workers=args.nginx_workers,
+        max_foreign_cpus=args.max_foreign_cpus,
+        quiet_budget_s=args.quiet_budget_s,
     )
+    if args.no_quiet_guard:
+        prof = dataclasses.replace(prof, max_foreign_cpus=None)
     if args.no_rate:
         prof = prof.override(rate_connections=())
     if args.no_pingpong:

@@ -37,6 +37,13 @@ class Profile:
     # (mode, connections) whose closed-loop runs also get the "loaded" state: programs attached,
     # namespaces not enabled -- the cost sockops puts on pods that have not opted in.
     not_opted_in: tuple[str, int] | None = ("both", 16)
+    # Shared machine: before a run wait up to quiet_timeout_s for other work to use at most
+    # max_foreign_cpus; repeat a run (up to `retries` times) that other work disturbed more than
+    # that. None: never wait or repeat. Both are recorded per run (attempts, waited_for_quiet_s).
+    max_foreign_cpus: float | None = 0.3
+    quiet_timeout_s: float = 10.0
+    retries: int = 1
+    quiet_budget_s: float = 180.0  # at most this much waiting and repeating per benchmark
     # Two extra runs (off, on) of "both" under perf record: where the CPU goes (bench/perfbreak.py).
     perf: bool = True
     perf_connections: int = 16
@@ -64,6 +71,7 @@ PROFILES: dict[str, Profile] = {
         iperf3=False,
         not_opted_in=None,
         perf=False,
+        max_foreign_cpus=None,
     ),
     "full": Profile(name="full", repeats=3),
 }

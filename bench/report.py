@@ -109,7 +109,7 @@ def harness(runs: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]]) ->
         for r in http
         if r.get("cpu_loadgen_s_per_1k") and r.get("cpu_pods_s_per_1k")
     ]
-    foreign = [r["foreign_cpus"] for r in http if r.get("foreign_cpus") is not None]
+    foreign = [r["foreign_cpus"] for r in runs if r.get("foreign_cpus") is not None]
     spreads = []
     for g in groups:
         if g["kind"] == "http" and "qps" in g and g["runs"] > 1 and g["qps"]["median"]:
@@ -124,6 +124,8 @@ def harness(runs: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]]) ->
         "qps_relative_spread": stats.describe(spreads) if spreads else None,
         "p50_relative_spread": stats.describe(spreads_p50) if spreads_p50 else None,
         "foreign_cpus": stats.describe(foreign) if foreign else None,
+        "repeated_runs": sum(r.get("attempts", 1) - 1 for r in runs),
+        "waited_for_quiet_s": sum(r.get("waited_for_quiet_s", 0.0) for r in runs),
         "sockets_left_before_runs": max((r.get("sockets_left_before", 0) for r in runs), default=0),
         "errors": sum(r.get("errors", 0) or 0 for r in runs),
         "eagain": sum(r.get("eagain", 0) or 0 for r in runs),
@@ -173,7 +175,9 @@ def _num(v: float, digits: int) -> str:
     if abs(v) >= 1000:
         return f"{v:,.0f}"
     text = f"{v:.{digits}g}"
-    return f"{v:.{digits + 3}f}".rstrip("0").rstrip(".") if "e" in text else text
+    if "e" not in text:
+        return text
+    return f"{v:.0f}" if abs(v) >= 1 else f"{v:.{digits + 3}f}".rstrip("0").rstrip(".")
 
 
 def _fmt(d: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -332,6 +336,11 @@ def markdown(doc: dict[str, Any]) -> str:
             f"- load generator (wrk) CPU: {_fmt(h['loadgen_cpu_s_per_1k'])} s per 1000 requests, "
             f"{_fmt(h['loadgen_share_of_pods_cpu'], 100, 2)} % of the pods' CPU; it shares the 2 CPUs "
             "with what it measures, as in any single-node benchmark"
+        )
+    if h.get("repeated_runs") is not None:
+        out.append(
+            f"- runs repeated because other work disturbed them: {h['repeated_runs']}; waiting for a quiet "
+            f"machine before runs took {h['waited_for_quiet_s']:.0f} s in total"
         )
     if h.get("foreign_cpus"):
         out.append(

@@ -370,6 +370,10 @@ class PingpongLab:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def cpu_usec(self) -> int:
+        """CPU of everything in the benchmark's cgroup (only this lab runs while it is measured)."""
+        return cgroup_cpu_usec(self.root.path)
+
     def reset_connections(self) -> None:
         assert self.pod is not None
         self.pod.run(["ss", "-K", "-t", "state", "established"], timeout=10)
