@@ -72,6 +72,9 @@ def _http(doc: dict[str, Any], load: str, path: Path, with_qps: bool) -> Path:
                         label=f"sockops {state}",
                     )
             ax.set_xscale("log", base=2)
+            ticks = sorted({g["connections"] for g in groups if g["mode"] == mode})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
             ax.set_xlabel("connections")
             if col == 0:
                 ax.set_ylabel(label)
