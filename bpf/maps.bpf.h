@@ -55,9 +55,10 @@ BPF_TABLE_PINNED("hash", __u64, struct netns_conf, netns_conf, SOCKOPS_NETNS_MAX
 BPF_TABLE_PINNED("percpu_hash", __u64, struct netns_stats, netns_stats, SOCKOPS_NETNS_MAX,
 		 PIN(netns_stats));
 
-/* Paired connections' half-close hand-off bits (see struct conn_state). At most one per two
- * sockhash entries, so it cannot fill before the sockhash does. */
-BPF_TABLE_PINNED("hash", __u64, struct conn_state, conns, SOCKOPS_SOCKHASH_MAX / 2 + 1, PIN(conns),
+/* Paired connections' half-close hand-off bits (see struct conn_state), from the pairing to the
+ * client's FIN. An entry's connection normally holds two sockhash slots until then, so a map
+ * as large as the sockhash does not fill before it (if it did: "not accelerated"). */
+BPF_TABLE_PINNED("hash", __u64, struct conn_state, conns, SOCKOPS_SOCKHASH_MAX, PIN(conns),
 		 BPF_F_NO_PREALLOC);
 
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, CNT_MAX, PIN(counters));

@@ -243,7 +243,7 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	/* The hand-off bits exist before any redirect can (conns cannot fill before the sockhash). */
 	if (conns.insert(&st->cookie, &zero_conn)) {
 		sock_hash.delete(&key);
-		count(CNT_INSERT_OTHER, 1);
+		count(CNT_INSERT_FULL, 1);
 		__sync_val_compare_and_swap(&p->tag, tag, (tag & ~(__u64)PEND_MASK) | PEND_PASS);
 		return;
 	}
@@ -362,17 +362,24 @@ static __always_inline void on_own_fin(struct bpf_sock_ops *skops)
 	if (!sk)
 		return;
 	st = sock_state.sk_storage_get(sk, 0, 0);
-	if (!st || !st->in_map || st->decision != DECIDE_REDIRECT)
+	if (!st)
 		return;
-	cs = conns.lookup(&st->cookie);
-	if (!cs)
-		return;	/* the client end closed: no hand-off, stay */
-	old = __sync_fetch_and_or(&cs->flags[st->key.role & 1], SOCK_F_HALF_CLOSED);
-	if (old & SOCK_F_RX_USED)
-		return;	/* bytes may be queued for us: the psock stays until close */
-	sock_hash.delete(&st->key);
-	st->in_map = 0;
-	count(CNT_HALFCLOSE_LEFT, 1);
+	if (st->in_map && st->decision == DECIDE_REDIRECT) {
+		cs = conns.lookup(&st->cookie);
+		old = cs ? __sync_fetch_and_or(&cs->flags[st->key.role & 1], SOCK_F_HALF_CLOSED)
+			 : SOCK_F_RX_USED;	/* no entry (client end gone): no hand-off, stay */
+		if (!(old & SOCK_F_RX_USED)) {
+			sock_hash.delete(&st->key);
+			st->in_map = 0;
+			count(CNT_HALFCLOSE_LEFT, 1);
+		}
+	}
+	/* After the client's FIN the entry has done its job: a server that has not claimed yet
+	 * finds it gone and sends over TCP, which is what it should do to a half-closed peer
+	 * anyway. Freeing it here, not at the client's final CLOSE (which may come a FIN timeout
+	 * later), keeps the conns map no fuller than the sockhash. */
+	if (st->key.role == ROLE_CLIENT)
+		conns.delete(&st->cookie);
 }
 
 int sockops_main(struct bpf_sock_ops *skops)

@@ -88,11 +88,12 @@ struct sock_state {
 /*
  * The half-close hand-off (sockops.bpf.c on_own_fin, redirect.bpf.c claim_peer). One entry per
  * paired connection, keyed by the client's socket cookie (both ends know it), created by the
- * server end before it commits the pairing, deleted when the client end closes. flags[role] are
- * the bits of that end as a *receiver*; each side sets its bit with one atomic fetch-or and reads
- * the other's bit from the same operation, so exactly one of them learns about the other: either
- * the sender marked RX_USED first (the receiver may hold queued bytes and keeps its psock), or
- * the receiver marked HALF_CLOSED first (the sender never redirects to it, it sends over TCP).
+ * server end before it commits the pairing, deleted when the client end sends its FIN or
+ * closes. flags[role] are the bits of that end as a *receiver*; each side sets its bit with one
+ * atomic fetch-or and reads the other's bit from the same operation, so exactly one of them
+ * learns about the other: either the sender marked RX_USED first (the receiver may hold queued
+ * bytes and keeps its psock), or the receiver marked HALF_CLOSED first (the sender never
+ * redirects to it and sends over TCP).
  */
 struct conn_state {
 	__u64 flags[2]; /* SOCK_F_RX_USED / SOCK_F_HALF_CLOSED of the client (0) and server (1) end */
