@@ -435,7 +435,9 @@ def test_slow_reader_fast_writer(
 ) -> None:
     """One writer pushes 32 MiB (64 in the full run) as fast as it can into a reader that takes
     256 KiB every 10 ms: no loss, the writer sleeps instead of spinning (its CPU time stays well
-    under its wall time) and the kernel memory held for TCP stays bounded (field notes §2.9)."""
+    under its wall time), and the kernel memory held for TCP never exceeds what was written and
+    is all given back (field notes §2.9; the open part, no per-socket bound, is in
+    docs/RELIABILITY.md)."""
     s = Setup(dataplane, lab, relpeer_bin, path, read_delay_us=10_000)
     size = 64 * MIB if FULL else 32 * MIB
     base = tcp_mem_pages()
@@ -457,11 +459,17 @@ def test_slow_reader_fast_writer(
     assert_clean(res, s.server, 1)
     accelerated(dataplane.counters())
     held_mib = (peak[0] - base) * 4096 / MIB
-    # Reading 32 MiB at 25 MiB/s takes over a second; a spinning writer would burn all of it.
+    # Reading at about 25 MiB/s takes over a second; a spinning writer would burn all of it.
     assert res["wall"] > 1.0, res
     assert res["cpu"] < 0.5 * res["wall"], res
-    # Bounded: what the socket buffers may hold, not the whole transfer (measured: see report).
+    # Bounded by what was written, and all of it given back afterwards (no leak). NOT bounded by
+    # the socket buffers: redirected bytes wait in the reader's psock queue, charged against
+    # the global tcp_mem only (measured: about the whole transfer; docs/RELIABILITY.md).
     assert held_mib < size / MIB + 16, (held_mib, res)
+    deadline = time.monotonic() + 5
+    while (tcp_mem_pages() - base) * 4096 > 8 * MIB and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tcp_mem_pages() - base) * 4096 <= 8 * MIB, "TCP memory not given back after the transfer"
     wait_drained(dataplane)
     report(
         f"slow-reader-{path}",
