@@ -369,9 +369,10 @@ static __always_inline void on_own_fin(struct bpf_sock_ops *skops)
 		old = cs ? __sync_fetch_and_or(&cs->flags[st->key.role & 1], SOCK_F_HALF_CLOSED)
 			 : SOCK_F_RX_USED;	/* no entry (client end gone): no hand-off, stay */
 		if (!(old & SOCK_F_RX_USED)) {
-			sock_hash.delete(&st->key);
+			/* close() has already taken it out (sock_map_close): count only a real leave */
+			if (sock_hash.delete(&st->key) == 0)
+				count(CNT_HALFCLOSE_LEFT, 1);
 			st->in_map = 0;
-			count(CNT_HALFCLOSE_LEFT, 1);
 		}
 	}
 	/* After the client's FIN the entry has done its job: a server that has not claimed yet
