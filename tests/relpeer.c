@@ -116,7 +116,7 @@ static int nsizes;
 /* -- results ------------------------------------------------------------------------------------ */
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static long n_ok, n_mismatch, n_eof_ok;
+static long n_ok, n_mismatch;
 static uint64_t n_bytes;
 static char errs[32][24];
 static long errn[32];
@@ -683,7 +683,6 @@ static int client_main(void)
 	for (int i = 0; i < nerr; i++)
 		printf("%s\"%s\": %ld", i ? ", " : "", errs[i], errn[i]);
 	printf("}}\n");
-	(void)n_eof_ok;
 	return n_ok == connections ? 0 : 1;
 }
 
