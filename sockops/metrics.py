@@ -226,6 +226,11 @@ class MapCollector(Collector):
                 "sockops_sockets_withdrawn", "Unpaired clients removed from the sockhash before any byte."
             ),
             CounterMetricFamily(
+                "sockops_halfclose_handoffs",
+                "Sockets that sent their FIN before any byte was redirected to them and left the "
+                "sockhash to read over TCP (the 6.18 blocking-reader EAGAIN guard).",
+            ),
+            CounterMetricFamily(
                 "sockops_connections_paired",
                 "Connections whose two ends were paired: by mirrored tuple or through a capture port.",
                 labels=["how"],
@@ -336,6 +341,7 @@ class MapCollector(Collector):
         fams["sockops_origdst_insert_failures"].add_metric([], c.get("pending_full", 0))
         fams["sockops_sockets_inserted"].add_metric([], c.get("sockets_inserted", 0))
         fams["sockops_sockets_withdrawn"].add_metric([], c.get("sockets_withdrawn", 0))
+        fams["sockops_halfclose_handoffs"].add_metric([], c.get("halfclose_left", 0))
         fams["sockops_connections_passed"].add_metric([], c.get("connections_passed", 0))
         fams["sockops_pair_races_lost"].add_metric([], c.get("pair_race_lost", 0))
 
