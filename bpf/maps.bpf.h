@@ -48,6 +48,15 @@ SOCKHASH_PINNED(sock_hash, struct sock_key, SOCKOPS_SOCKHASH_MAX);
 BPF_TABLE_PINNED("hash", struct origin_key, struct pending, pending, SOCKOPS_PENDING_MAX,
 		 PIN(pending), BPF_F_NO_PREALLOC);
 
+/* Pod IPs of this node's enabled namespaces, written by the agent (see struct pod_ip). */
+BPF_TABLE_PINNED("hash", struct pod_ip, __u64, node_pods, SOCKOPS_NETNS_MAX * NETNS_LOCAL_IPS,
+		 PIN(node_pods));
+
+/* Cross-pod clients, keyed as the server's namespace sees them (see struct pod_ip). LRU: an
+ * entry whose client took the TCP path is never looked up again and simply ages out. */
+BPF_TABLE_PINNED("lru_hash", struct origin_key, struct origin_key, remote_index, SOCKOPS_PENDING_MAX,
+		 PIN(remote_index));
+
 /* Enabled network namespaces, written by the agent. */
 BPF_TABLE_PINNED("hash", __u64, struct netns_conf, netns_conf, SOCKOPS_NETNS_MAX, PIN(netns_conf));
 

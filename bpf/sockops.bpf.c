@@ -96,22 +96,37 @@ static __always_inline int is_loopback(const __u32 *ip)
 	return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == htonl_(1);	/* ::1 */
 }
 
+static __always_inline int is_pod_ip(const struct netns_conf *conf, const __u32 *ip)
+{
+#pragma unroll
+	for (int i = 0; i < NETNS_LOCAL_IPS; i++) {
+		if (ip_eq(conf->local_ip[i], ip))
+			return 1;
+	}
+	return 0;
+}
+
 /*
- * Could the server end of this client connection be in the same pod? Only then is the client
- * worth inserting: a client that never pairs would carry a psock until its first send for nothing.
+ * Could the server end of this client connection be in the same pod? Only then (or when the
+ * destination is another enabled pod of the node, node_pod()) is the client worth inserting: a
+ * client that never pairs would carry a psock until its first send for nothing.
  */
 static __always_inline int may_pair_locally(const struct netns_conf *conf, const __u32 *dest_ip)
 {
 	if (conf->flags & NETNS_F_SIDECAR)
 		return 1;	/* Istio captures outbound traffic to Envoy in the same pod */
-	if (is_loopback(dest_ip))
-		return 1;
-#pragma unroll
-	for (int i = 0; i < NETNS_LOCAL_IPS; i++) {
-		if (ip_eq(conf->local_ip[i], dest_ip))
-			return 1;
-	}
-	return 0;
+	return is_loopback(dest_ip) || is_pod_ip(conf, dest_ip);
+}
+
+/* The enabled namespace of this node that owns `ip`; 0 for none (or an ambiguous IP). */
+static __always_inline __u64 node_pod(const __u32 *ip)
+{
+	struct pod_ip k;
+	__u64 *owner;
+
+	__builtin_memcpy(k.ip, ip, sizeof(k.ip));
+	owner = node_pods.lookup(&k);
+	return owner ? *owner : 0;
 }
 
 static __always_inline void count_insert_error(int err)
@@ -140,8 +155,9 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 	struct sock_key key = {};
 	struct origin_key origin;
 	struct pending pend = {};
+	struct origin_key ridx;
 	struct sock_state *st;
-	__u64 cookie;
+	__u64 cookie, remote;
 	int err;
 
 	if (!conf || !sk)
@@ -150,7 +166,10 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 		return;	/* never MPTCP */
 	if (load_addrs(skops, key.client_ip, &key.client_port, key.dest_ip, &key.dest_port))
 		return;
-	if (!may_pair_locally(conf, key.dest_ip))
+	remote = node_pod(key.dest_ip);
+	if (remote == netns)
+		remote = 0;	/* its own address: a local connection */
+	if (!remote && !may_pair_locally(conf, key.dest_ip))
 		return;
 	key.netns = netns;
 	key.role = ROLE_CLIENT;
@@ -178,6 +197,14 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 		pending.delete(&origin);
 		return;
 	}
+	if (remote) {
+		/* The server end will be accepted in namespace `remote` and look this up there. Written
+		 * before the handshake's last ACK leaves (this callback runs first), so it is in place
+		 * when that server's PASSIVE_ESTABLISHED runs. A failure only means "not paired". */
+		ridx = origin;
+		ridx.netns = remote;
+		remote_index.update(&ridx, &origin);
+	}
 	st->in_map = 1;
 	st->decision = DECIDE_UNDECIDED;
 	count(CNT_SOCKETS_INSERTED, 1);
@@ -197,9 +224,10 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	struct sock_key key;
 	__u32 local_ip[4], local_port;
 	struct sock_state *st;
+	struct origin_key *idx, canon;
 	struct pending *p;
 	__u64 tag;
-	int mirror, captured, err;
+	int mirror, captured, err, cross = 0;
 
 	if (!conf || !sk)
 		return;
@@ -209,12 +237,24 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	if (load_addrs(skops, local_ip, &local_port, origin.ip, &origin.port))
 		return;
 	p = pending.lookup(&origin);
-	if (!p)
-		return;	/* the client is not an enabled socket of this namespace */
+	if (!p) {
+		/* Perhaps a client in another enabled pod of this node (see struct pod_ip). */
+		idx = remote_index.lookup(&origin);
+		if (!idx)
+			return;	/* the client is not an enabled socket */
+		canon = *idx;
+		p = pending.lookup(&canon);
+		if (!p)
+			return;
+		cross = 1;
+	}
 	tag = p->tag;
 	if ((tag & PEND_MASK) != PEND_WAITING)
 		return;	/* already paired, or the client already chose TCP */
 	key = p->conn;
+	/* Across pods, the client must have dialled one of this pod's own addresses. */
+	if (cross && !is_pod_ip(conf, key.dest_ip))
+		return;
 
 	mirror = ip_eq(local_ip, key.dest_ip) && local_port == key.dest_port;
 	captured = (conf->flags & NETNS_F_SIDECAR) &&
@@ -259,6 +299,8 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	count(CNT_SOCKETS_INSERTED, 1);
 	count(mirror ? CNT_PAIRED_MIRROR : CNT_PAIRED_ORIGDST, 1);
+	if (cross)
+		count(CNT_PAIRED_CROSS_POD, 1);
 	netns_inserted(netns);
 }
 

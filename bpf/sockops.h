@@ -125,6 +125,20 @@ struct netns_conf {
 	__u32 local_ip[NETNS_LOCAL_IPS][4];
 };
 
+/*
+ * Pods of this node (node_pods map, written by the agent): a pod IP, IPv4-mapped, -> the netns
+ * cookie of the enabled namespace that owns it, or 0 when two enabled namespaces claim the same
+ * IP (ambiguous: never paired across pods). A client whose destination is another enabled pod
+ * of the node leaves, beside its pending entry, a remote_index entry: the pending key with the
+ * *server's* netns cookie, whose value is the client's own pending key. The server end, accepted
+ * in the other namespace, looks its remote address up there. Only a client socket's own
+ * sock_ops callback writes that index, so a pod can only ever be paired with a connection
+ * another enabled pod really opened to one of its own addresses.
+ */
+struct pod_ip {
+	__u32 ip[4];
+};
+
 /* Per-namespace counters (a per-CPU hash; the agent creates the entry when it enables). */
 struct netns_stats {
 	__u64 redirected_bytes;
@@ -149,6 +163,7 @@ struct netns_stats {
 #define CNT_MISSES 11            /* redirect target gone (peer closing): sent over TCP */
 #define CNT_SOCKETS_WITHDRAWN 12 /* unpaired client removed from the sockhash */
 #define CNT_HALFCLOSE_LEFT 13    /* socket half-closed before any byte was redirected to it: left */
+#define CNT_PAIRED_CROSS_POD 14  /* server paired with a client in another pod of this node */
 #define CNT_MAX 16
 
 #endif /* SOCKOPS_H */

@@ -34,6 +34,8 @@ MAP_NETNS_STATS = "netns_stats"
 MAP_COUNTERS = "counters"
 MAP_SOCK_STATE = "sock_state"
 MAP_CONNS = "conns"
+MAP_NODE_PODS = "node_pods"
+MAP_REMOTE_INDEX = "remote_index"
 ALL_MAPS = (
     MAP_SOCKHASH,
     MAP_PENDING,
@@ -42,6 +44,8 @@ ALL_MAPS = (
     MAP_COUNTERS,
     MAP_SOCK_STATE,
     MAP_CONNS,
+    MAP_NODE_PODS,
+    MAP_REMOTE_INDEX,
 )
 
 # Counter indexes (CNT_* in the header) and the names user space reports them under.
@@ -60,6 +64,7 @@ COUNTERS = {
     "redirect_misses": 11,
     "sockets_withdrawn": 12,
     "halfclose_left": 13,
+    "paired_cross_pod": 14,
 }
 CNT_MAX = 16
 
@@ -85,6 +90,10 @@ class OriginKey(ctypes.Structure):
         ("port", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
     )
+
+
+class PodIp(ctypes.Structure):
+    _fields_ = (("ip", Ip6),)
 
 
 class Pending(ctypes.Structure):

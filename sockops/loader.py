@@ -342,20 +342,27 @@ class PinnedMaps:
         return [value_type.from_buffer_copy(buf, i * stride) for i in range(self.ncpus)]
 
     # -- namespaces -----------------------------------------------------------------------------
-    def enable(self, cookie: int, settings: layout.NetnsSettings) -> None:
-        """Opt a namespace in: new connections in it are accelerated. Idempotent."""
+    def enable(self, cookie: int, settings: layout.NetnsSettings, sync: bool = True) -> None:
+        """Opt a namespace in: new connections in it are accelerated. Idempotent.
+
+        ``sync=False`` leaves node_pods to the caller (the reconciler syncs once per pass)."""
         key = ctypes.c_uint64(cookie)
         if self._percpu(layout.MAP_NETNS_STATS, key, layout.NetnsStats) is None:
             zero = (ctypes.c_uint8 * (((ctypes.sizeof(layout.NetnsStats) + 7) // 8 * 8) * self.ncpus))()
             self._update(layout.MAP_NETNS_STATS, key, zero)
         self._update(layout.MAP_NETNS_CONF, key, settings.to_struct())
+        if sync:
+            self.sync_node_pods()
 
-    def disable(self, cookie: int) -> bool:
+    def disable(self, cookie: int, sync: bool = True) -> bool:
         """Opt a namespace out: only new connections are affected; live ones keep their peers.
 
         The stats entry stays so counters of connections still running keep adding up.
         """
-        return self._delete(layout.MAP_NETNS_CONF, ctypes.c_uint64(cookie))
+        gone = self._delete(layout.MAP_NETNS_CONF, ctypes.c_uint64(cookie))
+        if sync:
+            self.sync_node_pods()
+        return gone
 
     def forget(self, cookie: int) -> None:
         """Drop a namespace's counters (the namespace is gone)."""
@@ -386,6 +393,37 @@ class PinnedMaps:
                 out[key.value] = layout.NetnsSettings.from_struct(conf)
         return out
 
+    # -- pods of this node (cross-pod pairing) ---------------------------------------------------
+    def node_pods(self) -> dict[str, int]:
+        """Pod IP -> owning netns cookie (0 = claimed by two namespaces), as the map holds it."""
+        out = {}
+        for key in self._keys(layout.MAP_NODE_PODS, layout.PodIp):
+            owner = ctypes.c_uint64()
+            if self._lookup(layout.MAP_NODE_PODS, key, owner):
+                out[layout.words_to_ip(key.ip)] = owner.value
+        return out
+
+    def sync_node_pods(
+        self,
+        current: dict[str, int] | None = None,
+        enabled: dict[int, layout.NetnsSettings] | None = None,
+    ) -> dict[str, int]:
+        """Make node_pods match the enabled namespaces' addresses; returns what it now holds.
+
+        Derived from netns_conf, so every writer (agent, `sockops enable`, tests, the bench)
+        gets cross-pod pairing the same way. ``current`` and ``enabled`` (what the caller knows
+        the two maps hold) skip reading them back.
+        """
+        want = node_pods_for(self.enabled() if enabled is None else enabled)
+        have = self.node_pods() if current is None else current
+        for ip, owner in want.items():
+            if have.get(ip) != owner:
+                key = layout.PodIp(layout.ip_to_words(ip))
+                self._update(layout.MAP_NODE_PODS, key, ctypes.c_uint64(owner))
+        for ip in set(have) - set(want):
+            self._delete(layout.MAP_NODE_PODS, layout.PodIp(layout.ip_to_words(ip)))
+        return want
+
     def netns_stats(self) -> dict[int, dict[str, int]]:
         out = {}
         for key in self._keys(layout.MAP_NETNS_STATS, ctypes.c_uint64):
@@ -408,6 +446,19 @@ class PinnedMaps:
 
     def pending(self) -> list[layout.OriginKey]:
         return list(self._keys(layout.MAP_PENDING, layout.OriginKey))
+
+
+def node_pods_for(enabled: dict[int, layout.NetnsSettings]) -> dict[str, int]:
+    """The node_pods content for these enabled namespaces: an IP two of them claim maps to 0.
+
+    Two namespaces with one address happen in tests (and on hosts running several isolated
+    networks); pairing across them would be a guess, so neither gets cross-pod pairing for it.
+    """
+    out: dict[str, int] = {}
+    for cookie, settings in sorted(enabled.items()):
+        for ip in settings.local_ips:
+            out[ip] = cookie if out.get(ip, cookie) == cookie else 0
+    return out
 
 
 def _possible_cpus() -> int:

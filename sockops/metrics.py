@@ -226,6 +226,11 @@ class MapCollector(Collector):
                 "sockops_sockets_withdrawn", "Unpaired clients removed from the sockhash before any byte."
             ),
             CounterMetricFamily(
+                "sockops_connections_paired_cross_pod",
+                "Paired connections whose two ends are in two pods of this node (also counted in "
+                "sockops_connections_paired by how they paired).",
+            ),
+            CounterMetricFamily(
                 "sockops_halfclose_handoffs",
                 "Sockets that sent their FIN before any byte was redirected to them and left the "
                 "sockhash to read over TCP (the 6.18 blocking-reader EAGAIN guard).",
@@ -342,6 +347,7 @@ class MapCollector(Collector):
         fams["sockops_sockets_inserted"].add_metric([], c.get("sockets_inserted", 0))
         fams["sockops_sockets_withdrawn"].add_metric([], c.get("sockets_withdrawn", 0))
         fams["sockops_halfclose_handoffs"].add_metric([], c.get("halfclose_left", 0))
+        fams["sockops_connections_paired_cross_pod"].add_metric([], c.get("paired_cross_pod", 0))
         fams["sockops_connections_passed"].add_metric([], c.get("connections_passed", 0))
         fams["sockops_pair_races_lost"].add_metric([], c.get("pair_race_lost", 0))
 

@@ -71,11 +71,15 @@ class WorkloadStatus:
 class MapWriter(Protocol):
     """The part of loader.PinnedMaps the reconciler needs (tests may pass a fake)."""
 
-    def enable(self, cookie: int, settings: NetnsSettings) -> None: ...
+    def enable(self, cookie: int, settings: NetnsSettings, sync: bool = True) -> None: ...
 
-    def disable(self, cookie: int) -> bool: ...
+    def disable(self, cookie: int, sync: bool = True) -> bool: ...
 
     def enabled(self) -> dict[int, NetnsSettings]: ...
+
+    def sync_node_pods(
+        self, current: dict[str, int] | None = None, enabled: dict[int, NetnsSettings] | None = None
+    ) -> dict[str, int]: ...
 
 
 class Observer(Protocol):
@@ -225,6 +229,7 @@ class Reconciler:
         self._status: dict[tuple[str, str], WorkloadStatus] = {}
         self._last_state: str | None = None
         self._written: dict[int, NetnsSettings] | None = None  # what netns_conf holds, as last read
+        self._node_pods: dict[str, int] | None = None  # what node_pods holds
         self.enforced_once = False
         self.last_enforce: float | None = None
 
@@ -390,13 +395,16 @@ class Reconciler:
         # reconciler trusts what it wrote, so an event costs map writes only, not a map walk.
         if full or self._written is None:
             self._written = self.maps.enabled()
+            self._node_pods = None
         current = self._written
+        changed = False
         for cookie, settings in target.items():
             if current.get(cookie) == settings:
                 continue
             try:
-                self.maps.enable(cookie, settings)
+                self.maps.enable(cookie, settings, sync=False)
                 current[cookie] = settings
+                changed = True
             except SockopsError as e:
                 for key in owners[cookie]:
                     w = desired[key]
@@ -418,8 +426,9 @@ class Reconciler:
         if synced:
             for cookie, settings in list(current.items()):
                 if settings.managed and cookie not in target:
-                    self.maps.disable(cookie)
+                    self.maps.disable(cookie, sync=False)
                     del current[cookie]
+                    changed = True
                     log.info("acceleration off for new connections", extra={"fields": {"cookie": cookie}})
         with self._lock:
             for key, st in statuses.items():
@@ -430,6 +439,9 @@ class Reconciler:
                         extra={"fields": {**st.workload.log_fields(), "cookie": prev.cookie}},
                     )
             self._status = statuses
+        if changed or self._node_pods is None:
+            # Pod IPs of the node for cross-pod pairing, derived from what netns_conf holds.
+            self._node_pods = self.maps.sync_node_pods(self._node_pods, current)
         if full and synced:
             self._forget_gone(target)
         # Readiness: true once an enforce has run on every source's complete view.

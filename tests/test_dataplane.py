@@ -39,7 +39,7 @@ from podtraffic import (
 
 from sockops import layout, netns
 from sockops.loader import MapSizes
-from sockops.podlab import Lab
+from sockops.podlab import Lab, Service
 
 pytestmark = [pytest.mark.kernel]
 
@@ -388,14 +388,15 @@ def test_plain_loopback_request_response(dataplane: Plane, lab: Lab, logs: Path)
 
 
 @pytest.mark.timeout(60)
-def test_non_local_destination_never_inserted(dataplane: Plane, lab: Lab, logs: Path) -> None:
-    """A client in an enabled pod without sidecar that talks to another pod's IP cannot have its
-    server end in the same pod: it is never inserted (no psock, no pending entry). The same client
-    talking to its own pod IP is (positive control)."""
+def test_destination_not_an_enabled_pod_never_inserted(dataplane: Plane, lab: Lab, logs: Path) -> None:
+    """A client in an enabled pod without sidecar that talks to a pod that is *not* enabled (or
+    anything else off this pod) cannot be paired: it is never inserted (no psock, no pending
+    entry). The same client talking to its own pod IP is (positive control)."""
     client_pod = lab.add_pod("client", ip="10.244.1.20", sidecar=False)
     server_pod = lab.add_pod("server", ip="10.244.1.10", sidecar=False)
-    cookies = {p.name: dataplane.enable(p) for p in (client_pod, server_pod)}
-    assert dataplane.maps.enabled()[cookies["client"]].local_ips == ("10.244.1.20",)
+    cookie = dataplane.enable(client_pod)
+    assert dataplane.maps.enabled()[cookie].local_ips == ("10.244.1.20",)
+    assert dataplane.maps.node_pods() == {"10.244.1.20": cookie}
     start_echo_server(server_pod, logs)
     start_echo_server(client_pod, logs)
     conns, reqs = 8, 3
@@ -406,18 +407,93 @@ def test_non_local_destination_never_inserted(dataplane: Plane, lab: Lab, logs: 
     c = dataplane.counters()
     assert all(v == 0 for v in c.values()), c
     assert dataplane.maps.sockets() == [] and dataplane.maps.pending() == []
-    for cookie in cookies.values():
-        assert all(v == 0 for v in dataplane.stats(cookie).values())
+    assert all(v == 0 for v in dataplane.stats(cookie).values())
 
     # Positive control: the pod's own IP is local.
     res = run_client(client_pod, client_pod.ip, connections=conns, requests=reqs, sizes=SMALL_SIZES)
     assert_intact(res, conns, reqs, SMALL_SIZES)
     c = dataplane.counters()
-    assert c["paired_mirror"] > 0, c
+    assert c["paired_mirror"] > 0 and c["paired_cross_pod"] == 0, c
     assert_all_hops_accounted(c, conns)
-    assert_redirected(c, dataplane.stats(cookies["client"]), res, 1)
-    assert dataplane.stats(cookies["server"])["sockets_inserted"] == 0
+    assert_redirected(c, dataplane.stats(cookie), res, 1)
     wait_drained(dataplane)
+
+
+# -- across pods of one node ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_cross_pod_connection_between_enabled_pods_is_paired(dataplane: Plane, lab: Lab, logs: Path) -> None:
+    """Two enabled pods of the node (no sidecars): the client's connection to the other pod's IP
+    pairs across the two namespaces (the server end finds the client through remote_index) and
+    every byte is redirected between them instead of crossing both veths and the bridge."""
+    client_pod = lab.add_pod("client", ip="10.244.1.20", sidecar=False)
+    server_pod = lab.add_pod("server", ip="10.244.1.10", sidecar=False)
+    cookies = {p.name: dataplane.enable(p) for p in (client_pod, server_pod)}
+    assert dataplane.maps.node_pods() == {"10.244.1.20": cookies["client"], "10.244.1.10": cookies["server"]}
+    server = start_echo_server(server_pod, logs)
+    conns, reqs = 8, 3
+
+    res = run_client(client_pod, server_pod.ip, connections=conns, requests=reqs, sizes=SMALL_SIZES)
+
+    assert_intact(res, conns, reqs, SMALL_SIZES)
+    assert server.errors() == []
+    c = dataplane.counters()
+    assert c["paired_mirror"] == c["paired_cross_pod"] > 0, c
+    assert_all_hops_accounted(c, conns)
+    # bytes are counted where they are sent from: the client's and the server's namespaces
+    sent = sum(dataplane.stats(ck)["redirected_bytes"] for ck in cookies.values())
+    assert sent == c["redirected_bytes"] > 0, c
+    wait_drained(dataplane)
+
+
+@pytest.mark.envoy
+@pytest.mark.timeout(90)
+def test_both_sidecars_across_pods_every_hop_paired(dataplane: Plane, lab: Lab, logs: Path) -> None:
+    """Istio's "both sidecars" path between two pods of a node: app -> Envoy (client pod, 15001),
+    Envoy -> Envoy (across pods, captured on 15006 in the server pod), Envoy 127.0.0.6 -> app
+    (server pod). All three hops pair; bytes intact from 1 byte to 8 MiB."""
+    server_pod = lab.add_pod("server", ip="10.244.1.10")
+    client_pod = lab.add_pod("client", ip="10.244.1.20", services=[Service(APP_PORT, server_pod.ip)])
+    cookies = {pod.name: dataplane.enable(pod) for pod in (client_pod, server_pod)}
+    server = start_echo_server(server_pod, logs)
+    conns = 8
+
+    res = run_client(
+        client_pod, client_pod.service_ip, connections=conns, requests=len(SIZES), sizes=SIZES, timeout=90
+    )
+
+    assert_intact(res, conns, len(SIZES), SIZES)
+    assert server.errors() == []
+    c = dataplane.counters()
+    assert c["paired_cross_pod"] > 0, c  # Envoy -> Envoy
+    assert c["paired_origdst"] > 0 and c["paired_mirror"] > 0, c
+    assert_all_hops_accounted(c, 3 * conns)
+    assert_redirected(c, dataplane.stats(cookies["client"]), res, 3)
+    wait_drained(dataplane)
+
+
+@pytest.mark.timeout(60)
+def test_pods_sharing_an_ip_are_never_paired_across(
+    dataplane: Plane, make_lab: Callable[[], Lab], logs: Path
+) -> None:
+    """Two enabled namespaces claiming one address (two Labs here): node_pods marks it ambiguous,
+    so a third pod's connection to that address is not paired with either; bytes arrive intact."""
+    lab_a, lab_b = make_lab(), make_lab()
+    twin_a = lab_a.add_pod("twin", ip="10.244.1.10", sidecar=False)
+    twin_b = lab_b.add_pod("twin", ip="10.244.1.10", sidecar=False)
+    client = lab_a.add_pod("client", ip="10.244.1.20", sidecar=False)
+    for pod in (twin_a, twin_b, client):
+        dataplane.enable(pod)
+    assert dataplane.maps.node_pods()["10.244.1.10"] == 0
+    start_echo_server(twin_a, logs)
+    conns, reqs = 4, 3
+
+    res = run_client(client, twin_a.ip, connections=conns, requests=reqs, sizes=SMALL_SIZES)
+
+    assert_intact(res, conns, reqs, SMALL_SIZES)
+    c = dataplane.counters()
+    assert c["paired_cross_pod"] == 0 and c["sockets_inserted"] == 0, c
 
 
 @pytest.mark.timeout(90)

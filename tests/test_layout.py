@@ -21,6 +21,7 @@ STRUCTS = {
     "conn_state": layout.ConnState,
     "netns_conf": layout.NetnsConf,
     "netns_stats": layout.NetnsStats,
+    "pod_ip": layout.PodIp,
 }
 
 
@@ -41,6 +42,7 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "DECIDE_REDIRECT",
         "DECIDE_PASS",
         "NETNS_F_SIDECAR",
+        "NETNS_F_AGENT",
         "NETNS_LOCAL_IPS",
         "CNT_MAX",
     ]
@@ -69,6 +71,7 @@ def test_structs_match_header(tmp_path: Path) -> None:
     assert c["const.PEND_PASS"] == layout.PEND_PASS
     assert c["const.DECIDE_REDIRECT"] == layout.DECIDE_REDIRECT
     assert c["const.NETNS_F_SIDECAR"] == layout.NETNS_F_SIDECAR
+    assert c["const.NETNS_F_AGENT"] == layout.NETNS_F_AGENT
     assert c["const.NETNS_LOCAL_IPS"] == layout.NETNS_LOCAL_IPS
     assert c["const.CNT_MAX"] == layout.CNT_MAX
 

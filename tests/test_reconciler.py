@@ -25,18 +25,27 @@ class FakeMaps:
         self.conf: dict[int, NetnsSettings] = {}
         self.fail = False
         self.writes = 0
+        self.pods: dict[str, int] = {}
 
-    def enable(self, cookie: int, settings: NetnsSettings) -> None:
+    def enable(self, cookie: int, settings: NetnsSettings, sync: bool = True) -> None:
         if self.fail:
             raise SockopsError("writing map netns_conf failed: Argument list too long")
         self.writes += 1
         self.conf[cookie] = settings
 
-    def disable(self, cookie: int) -> bool:
+    def disable(self, cookie: int, sync: bool = True) -> bool:
         return self.conf.pop(cookie, None) is not None
 
     def enabled(self) -> dict[int, NetnsSettings]:
         return dict(self.conf)
+
+    def sync_node_pods(
+        self, current: dict[str, int] | None = None, enabled: dict[int, NetnsSettings] | None = None
+    ) -> dict[str, int]:
+        from sockops.loader import node_pods_for
+
+        self.pods = node_pods_for(self.conf)
+        return dict(self.pods)
 
 
 class FakeResolver(Resolver):
@@ -45,6 +54,7 @@ class FakeResolver(Resolver):
     def __init__(self) -> None:
         super().__init__()
         self.cookies: dict[str, int] = {}
+        self.settings: dict[int, tuple[str, ...]] = {}
         self.calls = 0
 
     def resolve(self, w: Workload) -> Resolved:
@@ -52,9 +62,9 @@ class FakeResolver(Resolver):
         uid = w.locator.pod_uid or ""
         if uid not in self.cookies:
             raise NetnsNotFound(f"no process of pod {uid} found yet")
-        return Resolved(
-            Path(f"/proc/{self.cookies[uid]}/ns/net"), self.cookies[uid], NetnsSettings(managed=True)
-        )
+        cookie = self.cookies[uid]
+        ips = self.settings.get(cookie, ())
+        return Resolved(Path(f"/proc/{cookie}/ns/net"), cookie, NetnsSettings(managed=True, local_ips=ips))
 
 
 class Observer:
@@ -280,3 +290,28 @@ def test_outbound_capture_switched_off_by_annotation_drops_sidecar_pairing(
     w = Workload("static", "x", "", "x", True, "", Locator(pid=1), sidecar=True, capture=capture)
     out = res.resolve(w)
     assert seen == [True] and out.settings.sidecar is False and out.settings.managed
+
+
+def test_node_pods_follow_enabled_namespaces_and_ambiguous_ips_pair_nobody(rec) -> None:
+    r, maps, res, _ = rec
+    res.cookies.update({"a": 11, "b": 12})
+    res.settings = {11: ("10.244.1.1",), 12: ("10.244.1.2",)}
+    r.replace("kubernetes", [pod("a"), pod("b")])
+    settle(r)
+    assert maps.pods == {"10.244.1.1": 11, "10.244.1.2": 12}
+    r.upsert(pod("b", on=False))
+    settle(r)
+    assert maps.pods == {"10.244.1.1": 11}
+
+
+def test_node_pods_for_marks_shared_addresses() -> None:
+    from sockops.loader import node_pods_for
+
+    got = node_pods_for(
+        {
+            11: NetnsSettings(local_ips=("10.244.1.1", "fd00::1")),
+            12: NetnsSettings(local_ips=("10.244.1.1",)),
+            13: NetnsSettings(local_ips=("10.244.1.3",)),
+        }
+    )
+    assert got == {"10.244.1.1": 0, "fd00::1": 11, "10.244.1.3": 13}
