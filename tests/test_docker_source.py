@@ -18,76 +18,13 @@ from typing import Any
 
 import pytest
 from dockerd import DockerEngine, remove_cgroup_dirs
+from recording_sink import RecordingSink
 
 from sockops.sources.docker import DockerSource, container_to_workload
-from sockops.workload import DOCKER_LABEL, Workload
+from sockops.workload import DOCKER_LABEL
 
 LABEL_ON = f"{DOCKER_LABEL}=true"
 WAIT = 20.0
-
-
-class RecordingSink:
-    """A thread-safe Sink that keeps the source's current view and every call, with waits."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.view: dict[str, Workload] = {}
-        self.calls: list[tuple[str, Any]] = []
-
-    def _record(self, what: str, arg: Any) -> None:
-        self.calls.append((what, arg))
-        self.cond.notify_all()
-
-    def replace(self, source: str, workloads: Any) -> None:
-        with self.cond:
-            ws = list(workloads)
-            self.view = {w.uid: w for w in ws}
-            self._record("replace", ws)
-
-    def upsert(self, workload: Workload) -> None:
-        with self.cond:
-            self.view[workload.uid] = workload
-            self._record("upsert", workload)
-
-    def delete(self, source: str, uid: str) -> None:
-        with self.cond:
-            self.view.pop(uid, None)
-            self._record("delete", uid)
-
-    def error(self, source: str, message: str, fields: Any = None) -> None:
-        with self.cond:
-            self._record("error", message)
-
-    def restarted(self, source: str, reason: str) -> None:
-        with self.cond:
-            self._record("restarted", reason)
-
-    def count(self, what: str) -> int:
-        with self.cond:
-            return sum(1 for c in self.calls if c[0] == what)
-
-    def messages(self, what: str) -> list[Any]:
-        with self.cond:
-            return [a for c, a in self.calls if c == what]
-
-    def wait_for(self, pred: Callable[[RecordingSink], bool], what: str, timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not pred(self):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(
-                        f"timed out after {timeout:.0f} s waiting for {what}; calls: {self.calls}"
-                    )
-                self.cond.wait(min(left, 0.5))
-
-    def wait_workload(self, uid: str, pred: Callable[[Workload], bool] = lambda w: True) -> Workload:
-        self.wait_for(lambda s: uid in s.view and pred(s.view[uid]), f"container {uid[:12]} in the view")
-        with self.cond:
-            return self.view[uid]
-
-    def wait_gone(self, uid: str) -> None:
-        self.wait_for(lambda s: uid not in s.view, f"container {uid[:12]} gone from the view")
 
 
 class Containers:
@@ -151,7 +88,7 @@ class Running:
 
     def __init__(self, source: DockerSource) -> None:
         self.source = source
-        self.sink = RecordingSink()
+        self.sink = RecordingSink(timeout=WAIT)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=source.run, args=(self.sink, self.stop), daemon=True)
         self.thread.start()
@@ -253,7 +190,7 @@ def test_host_and_shared_network_never_accelerated(
 
 
 def test_unknown_container_in_event_is_reported(docker_engine: DockerEngine) -> None:
-    sink = RecordingSink()
+    sink = RecordingSink(timeout=WAIT)
     api = docker_engine.api()
     try:
         cid = secrets.token_hex(32)

@@ -10,13 +10,14 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubeapi import FakeKubeAPI, make_pod
+from recording_sink import RecordingSink
 
 from sockops.sources import Backoff
 from sockops.sources.kubernetes import (
@@ -35,7 +36,6 @@ from sockops.workload import (
     ISTIO_INCLUDE_OUTBOUND_PORTS,
     NAMESPACE_LABEL,
     Locator,
-    Workload,
     decide,
     parse_istio,
 )
@@ -46,81 +46,6 @@ NODE = "node-a"
 ON = {ANNOTATION: "true"}
 OFF = {ANNOTATION: "false"}
 NS_ON = {NAMESPACE_LABEL: "enabled"}
-
-
-class RecordingSink:
-    """A thread-safe Sink that keeps the view it was told and every call, with waits."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.view: dict[str, Workload] = {}
-        self.calls: list[tuple[str, Any]] = []
-        self.replaces = 0
-        self.errors: list[tuple[str, dict[str, object]]] = []
-        self.restarts: list[str] = []
-
-    def replace(self, source: str, workloads: Iterable[Workload]) -> None:
-        with self.cond:
-            ws = list(workloads)
-            assert all(w.source == source == "kubernetes" for w in ws)
-            self.view = {w.uid: w for w in ws}
-            self.replaces += 1
-            self.calls.append(("replace", [w.name for w in ws]))
-            self.cond.notify_all()
-
-    def upsert(self, workload: Workload) -> None:
-        with self.cond:
-            self.view[workload.uid] = workload
-            self.calls.append(("upsert", workload.name))
-            self.cond.notify_all()
-
-    def delete(self, source: str, uid: str) -> None:
-        with self.cond:
-            self.view.pop(uid, None)
-            self.calls.append(("delete", uid))
-            self.cond.notify_all()
-
-    def error(self, source: str, message: str, fields: Mapping[str, object] | None = None) -> None:
-        with self.cond:
-            self.errors.append((message, dict(fields or {})))
-            self.calls.append(("error", message))
-            self.cond.notify_all()
-
-    def restarted(self, source: str, reason: str) -> None:
-        with self.cond:
-            self.restarts.append(reason)
-            self.calls.append(("restarted", reason))
-            self.cond.notify_all()
-
-    # -- views and waits -------------------------------------------------------------------------
-
-    def by_name(self) -> dict[str, Workload]:
-        with self.cond:
-            return {f"{w.namespace}/{w.name}": w for w in self.view.values()}
-
-    def accelerated(self) -> set[str]:
-        return {k for k, w in self.by_name().items() if w.accelerate}
-
-    def wait_for(self, pred: Callable[[RecordingSink], bool], what: str = "", timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while not pred(self):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(
-                        f"timed out waiting for {what or pred}: view={sorted(self.by_name())} "
-                        f"replaces={self.replaces} restarts={self.restarts} errors={self.errors} "
-                        f"last calls={self.calls[-10:]}"
-                    )
-                self.cond.wait(min(left, 0.1))
-
-    def wait_view(self, expected: dict[str, bool], timeout: float = 10.0) -> None:
-        """Wait until the view is exactly ``expected`` (namespace/name -> accelerate)."""
-
-        def ok(s: RecordingSink) -> bool:
-            return {k: w.accelerate for k, w in s.by_name().items()} == expected
-
-        self.wait_for(ok, f"view == {expected}", timeout)
 
 
 @pytest.fixture
@@ -163,7 +88,7 @@ def start(api: FakeKubeAPI) -> Iterator[Callable[..., Runner]]:
         }
         opts.update(kw)
         source = KubernetesSource(NODE, api_client=api.client(), **opts)
-        runner = Runner(source, RecordingSink())
+        runner = Runner(source, RecordingSink("kubernetes"))
         runners.append(runner)
         if wait_synced:
             runner.sink.wait_for(lambda s: s.replaces >= 1, "the first replace")
@@ -235,7 +160,7 @@ def test_namespace_label_change_live(api: FakeKubeAPI, start: Callable[..., Runn
     api.delete_namespace("mesh")  # pods go soon after; until then: unlabelled
     r.sink.wait_view({"mesh/a": False, "mesh/b": False, "default/c": False})
     # only the pods whose decision changed were re-sent: c (other namespace) and b never
-    upserts = [name for kind, name in r.sink.calls if kind == "upsert"]
+    upserts = [w.name for w in r.sink.messages("upsert")]
     assert upserts.count("a") == 4 and "b" not in upserts and "c" not in upserts
 
 
