@@ -47,24 +47,19 @@ class Decision:
     error: str | None = None  # set when a value was invalid (counted and logged by the reconciler)
 
 
-def _bool_annotation(value: str) -> bool:
+def _two_values(value: str, yes: str, no: str, what: str) -> bool:
     v = value.strip().lower()
-    if v == "true":
-        return True
-    if v == "false":
-        return False
-    raise InvalidValue(f'{ANNOTATION}="{value[:64]}" is not valid: write "true" or "false"')
+    if v in (yes, no):
+        return v == yes
+    raise InvalidValue(f'{what}="{value[:64]}" is not valid: write "{yes}" or "{no}"')
+
+
+def _bool_annotation(value: str) -> bool:
+    return _two_values(value, "true", "false", ANNOTATION)
 
 
 def _namespace_default(value: str) -> bool:
-    v = value.strip().lower()
-    if v == "enabled":
-        return True
-    if v == "disabled":
-        return False
-    raise InvalidValue(
-        f"namespace label {NAMESPACE_LABEL}={value[:64]} is not valid: write enabled or disabled"
-    )
+    return _two_values(value, "enabled", "disabled", f"namespace label {NAMESPACE_LABEL}")
 
 
 def decide(annotations: Mapping[str, str] | None, namespace_labels: Mapping[str, str] | None) -> Decision:

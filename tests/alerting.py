@@ -8,6 +8,8 @@ on-call text should not depend on a value that changes every evaluation), which 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +79,13 @@ def metric_names(expr: str) -> set[str]:
         if not is_call and m.group(0).lower() not in _PROMQL_KEYWORDS:
             names.add(m.group(0))
     return names
+
+
+def assert_generated_files_fresh() -> None:
+    """The PrometheusRule and the dashboard ConfigMap are what scripts/gen_monitoring.py makes."""
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gen_monitoring.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from alerting import (
     RULE_TESTS,
     RULES,
     alerts,
+    assert_generated_files_fresh,
     expected_alert,
     load_rules,
     metric_names,
@@ -101,12 +101,7 @@ def test_required_alerts_exist_and_are_understandable() -> None:
 
 
 def test_prometheusrule_has_the_same_groups() -> None:
-    res = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "gen_monitoring.py"), "--check"],
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, res.stderr
+    assert_generated_files_fresh()
     doc = yaml.safe_load(PROMETHEUS_RULE.read_text())
     assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PrometheusRule"
     assert doc["metadata"]["name"] == "sockops"

@@ -13,13 +13,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from alerting import REPO, metric_names
+from alerting import REPO, assert_generated_files_fresh, metric_names
 from conftest import Plane
 from metrics_view import real_scrape, wait_drained
 
@@ -113,12 +112,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 
 
 def test_configmap_carries_the_dashboard() -> None:
-    res = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "gen_monitoring.py"), "--check"],
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, res.stderr
+    assert_generated_files_fresh()
     cm = yaml.safe_load(CONFIGMAP.read_text())
     assert cm["apiVersion"] == "v1" and cm["kind"] == "ConfigMap"
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
