@@ -10,6 +10,8 @@ Loaded as a pytest plugin from conftest.py. Fixtures:
   ``engine.owned`` first.
 * ``busybox_image`` (session): ``sockops-test-busybox:<busybox version>``, the statically linked
   busybox from Debian's ``busybox-static`` in an otherwise empty root, ``docker import``-ed.
+* ``containers``: busybox containers started by a test (``--network none`` by default), removed
+  with their cgroup parents at the end.
 * ``base_image`` (session): ``sockops-base:bookworm``, a ``debootstrap --variant=minbase`` root
   ``docker import``-ed, the base the Dockerfile names. The mirror comes from this machine's apt
   sources at run time.
@@ -30,6 +32,7 @@ import contextlib
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -445,3 +448,62 @@ def base_image(docker_engine: DockerEngine) -> str:
         tar.wait()
         assert imp.returncode == 0, f"docker import failed: {imp.stderr.decode(errors='replace')}"
     return BASE_TAG
+
+
+# -- containers -----------------------------------------------------------------------------------
+
+
+class Containers:
+    """Starts containers from the busybox image; removes them (and their cgroup parents) at the end."""
+
+    def __init__(self, engine: DockerEngine, image: str) -> None:
+        self.engine = engine
+        self.image = image
+        self.ids: list[str] = []
+        self.cgroup_parents: set[str] = set()
+
+    def run(
+        self,
+        *opts: str,
+        labels: tuple[str, ...] = (),
+        network: str = "none",
+        cgroup_parent: str | None = None,
+        cmd: tuple[str, ...] = ("sleep", "600"),
+    ) -> str:
+        name = f"sockops-test-{secrets.token_hex(4)}"
+        argv = ["run", "-d", "--init", "--name", name, f"--network={network}"]
+        for label in labels:
+            argv += ["--label", label]
+        if cgroup_parent:
+            self.cgroup_parents.add(cgroup_parent)
+            argv += [f"--cgroup-parent={cgroup_parent}"]
+        res = self.engine.cli(*argv, *opts, self.image, *cmd, check=False)
+        cid = res.stdout.strip()
+        if cid:
+            self.ids.append(cid)
+        assert res.returncode == 0, f"docker run failed: {res.stderr}"
+        return cid
+
+    def inspect(self, cid: str) -> dict[str, Any]:
+        api = self.engine.api()
+        try:
+            return dict(api.inspect_container(cid))
+        finally:
+            api.close()
+
+    def close(self) -> None:
+        if self.ids:
+            self.engine.cli("rm", "-f", "-v", *self.ids, check=False, timeout=60)
+        from sockops.cgroups import find_cgroup2_root
+
+        for parent in self.cgroup_parents:
+            remove_cgroup_dirs(parent, keep=find_cgroup2_root())
+
+
+@pytest.fixture
+def containers(docker_engine: DockerEngine, busybox_image: str) -> Iterator[Containers]:
+    c = Containers(docker_engine, busybox_image)
+    try:
+        yield c
+    finally:
+        c.close()

@@ -14,21 +14,12 @@ from typing import Any
 import pytest
 from agentproc import AgentProcess, agents, wait_for
 from conftest import TEST_PREFIX
-from dockerd import DockerEngine
-from test_docker_source import ECHO, LABEL_ON, Containers
+from dockerd import Containers, DockerEngine
+from test_docker_source import ECHO, LABEL_ON
 
 from sockops import loader, netns
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def boxes(docker_engine: DockerEngine, busybox_image: str) -> Iterator[Containers]:
-    c = Containers(docker_engine, busybox_image)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 @pytest.fixture
@@ -45,14 +36,14 @@ def docker_agent(docker_engine: DockerEngine, cgroup: Any, tmp_path: Path) -> It
 
 
 def test_labelled_container_accelerated_until_it_dies(
-    docker_agent: AgentProcess, boxes: Containers, cgroup: Any
+    docker_agent: AgentProcess, containers: Containers, cgroup: Any
 ) -> None:
     bpffs = Path(docker_agent.argv[docker_agent.argv.index("--bpffs") + 1])
     parent = f"/{cgroup.path.name}"
-    on = boxes.run(labels=(LABEL_ON,), cgroup_parent=parent)
-    off = boxes.run(cgroup_parent=parent)
-    pid_on = boxes.inspect(on)["State"]["Pid"]
-    pid_off = boxes.inspect(off)["State"]["Pid"]
+    on = containers.run(labels=(LABEL_ON,), cgroup_parent=parent)
+    off = containers.run(cgroup_parent=parent)
+    pid_on = containers.inspect(on)["State"]["Pid"]
+    pid_off = containers.inspect(off)["State"]["Pid"]
     cookie_on = netns.cookie(Path(f"/proc/{pid_on}/ns/net"))
     cookie_off = netns.cookie(Path(f"/proc/{pid_off}/ns/net"))
 
@@ -63,11 +54,11 @@ def test_labelled_container_accelerated_until_it_dies(
     wait_for(lambda: cookie_on in enabled(), 20, "the labelled container to be enabled")
     assert cookie_off not in enabled()
 
-    res = boxes.engine.cli("exec", on, "sh", "-c", ECHO, timeout=120)
+    res = containers.engine.cli("exec", on, "sh", "-c", ECHO, timeout=120)
     assert [int(x) for x in res.stdout.split()] == [65536] * 20, res.stderr
     with loader.PinnedMaps(bpffs) as m:
         assert m.netns_stats()[cookie_on]["redirected_bytes"] >= 20 * 65536
     assert docker_agent.metric("sockops_pods_accelerated") == 1
 
-    boxes.engine.cli("rm", "-f", on, timeout=60)
+    containers.engine.cli("rm", "-f", on, timeout=60)
     wait_for(lambda: cookie_on not in enabled(), 20, "the dead container's entry to go")

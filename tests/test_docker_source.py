@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dockerd import DockerEngine, remove_cgroup_dirs
+from dockerd import Containers, DockerEngine
 from recording_sink import RecordingSink
 
 from sockops.sources.docker import DockerSource, container_to_workload
@@ -25,62 +25,6 @@ from sockops.workload import DOCKER_LABEL
 
 LABEL_ON = f"{DOCKER_LABEL}=true"
 WAIT = 20.0
-
-
-class Containers:
-    """Starts containers from the busybox image; removes them (and their cgroup parents) at the end."""
-
-    def __init__(self, engine: DockerEngine, image: str) -> None:
-        self.engine = engine
-        self.image = image
-        self.ids: list[str] = []
-        self.cgroup_parents: set[str] = set()
-
-    def run(
-        self,
-        *opts: str,
-        labels: tuple[str, ...] = (),
-        network: str = "none",
-        cgroup_parent: str | None = None,
-        cmd: tuple[str, ...] = ("sleep", "600"),
-    ) -> str:
-        name = f"sockops-test-{secrets.token_hex(4)}"
-        argv = ["run", "-d", "--init", "--name", name, f"--network={network}"]
-        for label in labels:
-            argv += ["--label", label]
-        if cgroup_parent:
-            self.cgroup_parents.add(cgroup_parent)
-            argv += [f"--cgroup-parent={cgroup_parent}"]
-        res = self.engine.cli(*argv, *opts, self.image, *cmd, check=False)
-        cid = res.stdout.strip()
-        if cid:
-            self.ids.append(cid)
-        assert res.returncode == 0, f"docker run failed: {res.stderr}"
-        return cid
-
-    def inspect(self, cid: str) -> dict[str, Any]:
-        api = self.engine.api()
-        try:
-            return dict(api.inspect_container(cid))
-        finally:
-            api.close()
-
-    def close(self) -> None:
-        if self.ids:
-            self.engine.cli("rm", "-f", "-v", *self.ids, check=False, timeout=60)
-        from sockops.cgroups import find_cgroup2_root
-
-        for parent in self.cgroup_parents:
-            remove_cgroup_dirs(parent, keep=find_cgroup2_root())
-
-
-@pytest.fixture
-def containers(docker_engine: DockerEngine, busybox_image: str) -> Iterator[Containers]:
-    c = Containers(docker_engine, busybox_image)
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 class Running:
