@@ -175,8 +175,25 @@ class CpuSample:
         return out
 
 
+# nginx refuses a `return` string much longer than this ("too long parameter").
+NGINX_INLINE_MAX = 3072
+
+
+def _nginx_response(workdir: Path, payload: int) -> str:
+    """The location block answering every request (POST included) with ``payload`` bytes.
+
+    Small bodies are inline (`return 200`); larger ones are a file in ``workdir``, served for
+    POST too by turning the static module's 405 into a 200 with the same file.
+    """
+    if payload <= NGINX_INLINE_MAX:
+        return f'location / {{ return 200 "{"x" * payload}"; }}'
+    www = workdir / "www"
+    www.mkdir(exist_ok=True)
+    (www / "body").write_bytes(b"x" * payload)
+    return f"location / {{ root {www}; try_files /body =404; error_page 405 =200 $uri; }}"
+
+
 def _nginx_conf(workdir: Path, payload: int, workers: int) -> str:
-    body = "x" * payload
     return f"""daemon off;
 master_process {"on" if workers > 1 else "off"};
 worker_processes {workers};
@@ -198,7 +215,7 @@ http {{
     default_type application/octet-stream;
     server {{
         listen 0.0.0.0:{APP_PORT} backlog=4096;
-        location / {{ return 200 "{body}"; }}
+        {_nginx_response(workdir, payload)}
     }}
 }}
 """
