@@ -51,7 +51,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "profiles: quick (about a minute: baseline and both, 16 connections, 2 repeats, ping-pong)\n"
-            "          full (about 17 minutes on 2 vCPUs: all modes, 2-64 connections, 3 repeats,\n"
+            "          full (about 32 minutes on 2 vCPUs: all modes, 2-64 connections, 5 repeats,\n"
             "          fixed rate at 2/16/64 connections, ping-pong, sockperf, iperf3)\n"
             "Flags below override the profile's values. Needs root (BPF, namespaces, iptables)."
         ),
