@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sockops.podlab import Pod
+from sockops.podlab import APP_UID, Pod
 
-APP_UID = 1000
 HERE = Path(__file__).resolve().parent
 WRK_SCRIPT = HERE / "wrk_report.lua"
 PINGPONG_SOURCE = HERE / "pingpong.c"

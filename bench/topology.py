@@ -32,11 +32,10 @@ from typing import Any
 
 from sockops import loader, netns
 from sockops.cgroups import Cgroup
-from sockops.podlab import SERVICE_IP, Lab, Pod, Service
+from sockops.podlab import APP_UID, SERVICE_IP, Lab, Pod, Service
 
 PREFIX = "sockops-bench"
 BPFFS_ROOT = Path("/sys/fs/bpf")
-APP_UID = 1000
 APP_PORT = 8080
 CLIENT_IP = "10.244.1.10"
 SERVER_IP = "10.244.2.10"

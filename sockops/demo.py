@@ -16,9 +16,7 @@ from pathlib import Path
 
 from sockops import loader, netns
 from sockops.cgroups import Cgroup
-from sockops.podlab import Lab
-
-APP_UID = 1000
+from sockops.podlab import APP_UID, Lab
 
 
 def _client(pod, args: argparse.Namespace) -> dict[str, object]:

@@ -102,6 +102,8 @@ __all__ = [
 ]
 
 PROXY_UID = 1337
+# The app's processes: any UID but Istio's proxy UID, so Istio's rules capture their traffic.
+APP_UID = 1000
 PROXY_GID = 1337
 ADMIN_PORT = 15000
 OUTBOUND_PORT = 15001

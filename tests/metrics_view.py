@@ -26,10 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sockops import loader
 from sockops.loader import MapSizes, PinnedMaps, attached_programs
-from sockops.podlab import Pod
+from sockops.podlab import APP_UID, Pod
 
 PAIR_TRAFFIC = Path(__file__).resolve().parent / "pair_traffic.py"
-APP_UID = 1000
 
 
 @dataclass

@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 
-from sockops.podlab import Pod
+from sockops.podlab import APP_UID, Pod
 
-APP_UID = 1000
 APP_PORT = 8080
 HEADER_BYTES = 8  # sockops.apps request header, sent client -> server only
 PINNED_CLIENT = Path(__file__).resolve().parent / "pinned_client.py"
@@ -38,6 +37,29 @@ def _read_json_line(proc: subprocess.Popen[Any], timeout: float, what: str) -> d
     if not line:
         pytest.fail(f"{what}: exited with {proc.wait(5)} before printing a line")
     return json.loads(line)
+
+
+def last_json(stdout: str | None) -> dict[str, Any] | None:
+    """A client's summary: the last non-empty line it printed, parsed; None if it printed none."""
+    lines = [line for line in (stdout or "").splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
+def run_json(
+    pod: Pod, argv: Sequence[str], what: str, uid: int = APP_UID, timeout: float = 60.0, **kw: Any
+) -> dict[str, Any]:
+    """Run a checking client in the pod; its summary plus ``returncode``/``stderr``. A client that
+    runs past ``timeout`` or prints no summary fails the test with what it printed."""
+    try:
+        res = pod.run(list(argv), uid=uid, timeout=timeout, text=True, **kw)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{what} in pod {pod.name} hung for {timeout}s: {e.stderr!r}")
+    out = last_json(res.stdout)
+    if out is None:
+        pytest.fail(f"{what} in pod {pod.name} printed nothing (rc {res.returncode}): {res.stderr}")
+    out["returncode"] = res.returncode
+    out["stderr"] = res.stderr
+    return out
 
 
 @dataclass
@@ -99,17 +121,7 @@ def run_client(
         "--connections", str(connections), "--requests", str(requests),
         "--sizes", ",".join(str(s) for s in sizes),
     ]  # fmt: skip
-    try:
-        res = pod.run(argv, uid=uid, timeout=timeout, text=True)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"client in pod {pod.name} -> {host}:{port} hung for {timeout}s: {e.stderr!r}")
-    lines = [line for line in (res.stdout or "").splitlines() if line.strip()]
-    if not lines:
-        pytest.fail(f"client in pod {pod.name} printed nothing (rc {res.returncode}): {res.stderr}")
-    out: dict[str, Any] = json.loads(lines[-1])
-    out["returncode"] = res.returncode
-    out["stderr"] = res.stderr
-    return out
+    return run_json(pod, argv, f"client -> {host}:{port}", uid=uid, timeout=timeout)
 
 
 def run_halfclose_client(
@@ -128,18 +140,7 @@ def run_halfclose_client(
         "--connections", str(connections), "--rounds", str(rounds),
         "--sizes", ",".join(str(s) for s in sizes),
     ]  # fmt: skip
-    try:
-        res = pod.run(argv, uid=APP_UID, timeout=timeout, text=True)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"half-close client in pod {pod.name} hung for {timeout}s: {e.stderr!r}")
-    lines = [line for line in (res.stdout or "").splitlines() if line.strip()]
-    if not lines:
-        pytest.fail(
-            f"half-close client in pod {pod.name} printed nothing (rc {res.returncode}): {res.stderr}"
-        )
-    out: dict[str, Any] = json.loads(lines[-1])
-    out["stderr"] = res.stderr
-    return out
+    return run_json(pod, argv, "half-close client", timeout=timeout)
 
 
 def assert_intact(result: dict[str, Any], connections: int, requests: int, sizes: Sequence[int]) -> None:
@@ -211,11 +212,10 @@ class PinnedClients:
                 proc.communicate()
                 failures.append(f"pinned client {tag} hung for {timeout}s")
                 return
-            lines = [line for line in stdout.splitlines() if line.strip()]
-            if not lines:
+            res = last_json(stdout)
+            if res is None:
                 failures.append(f"pinned client {tag} printed nothing (rc {proc.returncode}): {stderr}")
                 return
-            res = json.loads(lines[-1])
             res["returncode"] = proc.returncode
             res["stderr"] = stderr
             out[tag] = res

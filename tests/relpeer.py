@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from podtraffic import APP_UID, last_json
 
 from sockops.podlab import Pod
 
 SOURCE = Path(__file__).resolve().parent / "relpeer.c"
-APP_UID = 1000
 
 
 def build_relpeer() -> Iterator[Path]:
@@ -90,8 +90,7 @@ class Server:
             self.proc.kill()
             out, err = self.proc.communicate()
             pytest.fail(f"relpeer server in pod {self.pod.name} did not stop within {timeout}s")
-        lines = [line for line in out.splitlines() if line.strip()]
-        self.summary = json.loads(lines[-1]) if lines else {"ok": 0, "bytes": 0, "errors": {"no_summary": 1}}
+        self.summary = last_json(out) or {"ok": 0, "bytes": 0, "errors": {"no_summary": 1}}
         self.error_lines = [line for line in err.splitlines() if line.strip()]
         return self.summary
 
@@ -136,9 +135,8 @@ def run_client(
         pytest.fail(
             f"relpeer client in pod {pod.name} hung for {timeout}s (a hang is a failure): {e.stderr!r}"
         )
-    lines = [line for line in (res.stdout or "").splitlines() if line.strip()]
-    if not lines:
+    out = last_json(res.stdout)
+    if out is None:
         pytest.fail(f"relpeer client in pod {pod.name} printed nothing (rc {res.returncode}): {res.stderr}")
-    out: dict[str, Any] = json.loads(lines[-1])
     out["stderr"] = res.stderr
     return out

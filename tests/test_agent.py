@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from agentproc import AgentProcess, agents, sockops, wait_for
 from conftest import TEST_PREFIX
-from podtraffic import APP_UID, start_echo_server
+from podtraffic import APP_UID, last_json, start_echo_server
 
 from sockops import loader
 from sockops.cgroups import Cgroup
@@ -88,9 +88,9 @@ class Transfer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             pytest.fail("the long transfer hung")
-        lines = [line for line in out.splitlines() if line.strip()]
-        assert lines, f"client printed nothing (rc {self.proc.returncode}): {err}"
-        return json.loads(lines[-1])
+        res = last_json(out)
+        assert res is not None, f"client printed nothing (rc {self.proc.returncode}): {err}"
+        return res
 
     def assert_intact(self) -> dict[str, Any]:
         res = self.result()

@@ -24,9 +24,8 @@ import pytest
 from conftest import TEST_PREFIX
 
 from sockops.cgroups import Cgroup
-from sockops.podlab import NETNS_DIR, Lab, Pod, envoy_binary
+from sockops.podlab import APP_UID, NETNS_DIR, Lab, Pod, envoy_binary
 
-APP_UID = 1000
 APP_PORT = 8080
 PAYLOAD = 1 << 20  # 1 MiB
 
