@@ -248,7 +248,7 @@ class Agent:
                     for s in sources
                 ]
                 threads.append(
-                    threading.Thread(target=self._watch_pins, args=(work,), name="pins", daemon=True)
+                    threading.Thread(target=self._watch_pins, args=(maps, work), name="pins", daemon=True)
                 )
                 for t in threads:
                     t.start()
@@ -269,20 +269,17 @@ class Agent:
         )
         return 0
 
-    def _uninstall_marked(self) -> bool:
-        try:
-            with loader.PinnedMaps(self.bpffs) as maps:
-                return maps.uninstalling()
-        except SockopsError:
-            return True  # pins gone half way: the uninstall is past the mark
+    def _watch_pins(self, maps: loader.PinnedMaps, work: threading.Event) -> None:
+        """End the work when SIGTERM comes or when `sockops uninstall` marks or unpins the maps.
 
-    def _watch_pins(self, work: threading.Event) -> None:
-        """End the work when SIGTERM comes or when `sockops uninstall` has removed the pins."""
+        The mark is read through the agent's own open maps, which still see it after the pins
+        are gone.
+        """
         pin = self.bpffs / layout.MAP_SOCKHASH
         while not self.stop.wait(1.0):
             if work.is_set():
                 return
-            if not pin.exists() or self._uninstall_marked():
+            if not pin.exists() or maps.uninstalling():
                 self.uninstalled = True
                 log.warning(
                     "sockops uninstall is removing the maps: idling until restarted",

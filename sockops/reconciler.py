@@ -25,14 +25,14 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from sockops import netns as netns_mod
 from sockops.errors import NetnsNotFound, SockopsError
-from sockops.layout import NetnsSettings
+from sockops.layout import NetnsSettings, SockKey
 from sockops.workload import Locator, Workload
 
 log = logging.getLogger("sockops.reconciler")
@@ -80,6 +80,12 @@ class MapWriter(Protocol):
     def sync_node_pods(
         self, current: dict[str, int] | None = None, enabled: dict[int, NetnsSettings] | None = None
     ) -> dict[str, int]: ...
+
+    def netns_stats(self) -> dict[int, dict[str, int]]: ...
+
+    def sockets(self) -> list[SockKey]: ...
+
+    def forget(self, cookie: int) -> None: ...
 
 
 class Observer(Protocol):
@@ -443,28 +449,23 @@ class Reconciler:
             # Pod IPs of the node for cross-pod pairing, derived from what netns_conf holds.
             self._node_pods = self.maps.sync_node_pods(self._node_pods, current)
         if full and synced:
-            self._forget_gone(target)
+            self._forget_gone(current.keys() | target.keys())
         # Readiness: true once an enforce has run on every source's complete view.
         self.enforced_once = self.enforced_once or synced
         self.last_enforce = self.clock()
         self._write_state()
 
-    def _forget_gone(self, target: Mapping[int, NetnsSettings]) -> None:
+    def _forget_gone(self, wanted: Set[int]) -> None:
         """Drop per-namespace counters nobody can use any more: not enabled, no socket left.
 
         Keeps the stats map bounded under pod churn; counters of a namespace whose accelerated
-        connections still run stay until the last one closes.
+        connections still run stay until the last one closes. ``wanted``: the namespaces netns_conf
+        holds or should hold after this pass (which has just read and written it).
         """
-        stats = getattr(self.maps, "netns_stats", None)
-        sockets = getattr(self.maps, "sockets", None)
-        forget = getattr(self.maps, "forget", None)
-        if not (stats and sockets and forget):
-            return
-        live = {k.netns for k in sockets()}
-        enabled = set(self.maps.enabled())
-        for cookie in stats():
-            if cookie not in target and cookie not in enabled and cookie not in live:
-                forget(cookie)
+        live = {k.netns for k in self.maps.sockets()}
+        for cookie in self.maps.netns_stats():
+            if cookie not in wanted and cookie not in live:
+                self.maps.forget(cookie)
 
     def _write_state(self) -> None:
         """Publish the statuses for `sockops status` (atomic rename; only when they changed)."""

@@ -39,6 +39,15 @@ class FakeMaps:
     def enabled(self) -> dict[int, NetnsSettings]:
         return dict(self.conf)
 
+    def netns_stats(self) -> dict[int, dict[str, int]]:
+        return {}
+
+    def sockets(self) -> list[object]:
+        return []
+
+    def forget(self, cookie: int) -> None:
+        pass
+
     def sync_node_pods(
         self, current: dict[str, int] | None = None, enabled: dict[int, NetnsSettings] | None = None
     ) -> dict[str, int]:
