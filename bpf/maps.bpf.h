@@ -45,17 +45,18 @@
 SOCKHASH_PINNED(sock_hash, struct sock_key, SOCKOPS_SOCKHASH_MAX);
 
 /* Client sockets waiting for their server end to be accepted (see struct pending). */
-BPF_TABLE_PINNED("hash", struct origin_key, struct pending, pending, SOCKOPS_PENDING_MAX,
+BPF_TABLE_PINNED("hash", struct sock_key, struct pending, pending, SOCKOPS_PENDING_MAX,
 		 PIN(pending), BPF_F_NO_PREALLOC);
+
+/* Handshakes of enabled namespaces: what each SYN-ACK said about its client (see struct
+ * synack_key). Consumed at PASSIVE_ESTABLISHED; LRU, so the records of handshakes that never
+ * complete (a SYN flood, a dropped ACK) age out instead of filling the map. */
+BPF_TABLE_PINNED("lru_hash", struct synack_key, struct synack, synacks, SOCKOPS_PENDING_MAX,
+		 PIN(synacks));
 
 /* Pod IPs of this node's enabled namespaces, written by the agent (see struct pod_ip). */
 BPF_TABLE_PINNED("hash", struct pod_ip, __u64, node_pods, SOCKOPS_NETNS_MAX * NETNS_LOCAL_IPS,
 		 PIN(node_pods));
-
-/* Cross-pod clients, keyed as the server's namespace sees them (see struct pod_ip). LRU: an
- * entry whose client took the TCP path is never looked up again and simply ages out. */
-BPF_TABLE_PINNED("lru_hash", struct origin_key, struct origin_key, remote_index, SOCKOPS_PENDING_MAX,
-		 PIN(remote_index));
 
 /* Enabled network namespaces, written by the agent. */
 BPF_TABLE_PINNED("hash", __u64, struct netns_conf, netns_conf, SOCKOPS_NETNS_MAX, PIN(netns_conf));
@@ -80,17 +81,6 @@ static __always_inline void count(__u32 idx, __u64 n)
 
 	if (v)
 		*v += n; /* per-CPU slot: no atomic needed */
-}
-
-/* The pending-map key of a client: its own address, as its server end sees it remotely. */
-static __always_inline struct origin_key client_origin(const struct sock_state *st)
-{
-	struct origin_key origin = {};
-
-	origin.netns = st->key.netns;
-	__builtin_memcpy(origin.ip, st->key.client_ip, sizeof(origin.ip));
-	origin.port = st->key.client_port;
-	return origin;
 }
 
 #endif /* SOCKOPS_MAPS_H */

@@ -8,39 +8,9 @@
  * sendmsg() with EACCES. We return SK_PASS instead, so the bytes take the normal TCP path.
  */
 
-/*
- * The first message of a client decides for the connection's lifetime (see sockops.bpf.c):
- * redirect if its server end has joined the sockhash (tag PAIRED), else stay on TCP and mark the
- * tag PASS so a server that joins a moment later withdraws. The compare-and-swap against our own
- * tag is what makes that race safe: exactly one of the two ends wins.
- */
 #include <uapi/linux/bpf.h>
 
 #include "maps.bpf.h"
-
-static __always_inline void decide_client(struct sock_state *st)
-{
-	struct origin_key origin = client_origin(st);
-	__u64 mine = st->cookie << 2;
-	struct pending *p;
-	__u64 old;
-
-	p = pending.lookup(&origin);
-	if (!p) {
-		st->decision = DECIDE_PASS;
-		count(CNT_PASSED, 1);
-		return;
-	}
-	old = __sync_val_compare_and_swap(&p->tag, mine | PEND_WAITING, mine | PEND_PASS);
-	if (old == (mine | PEND_PAIRED)) {
-		st->decision = DECIDE_REDIRECT;
-	} else {
-		st->decision = DECIDE_PASS;
-		count(CNT_PASSED, 1);
-	}
-	if ((old >> 2) == st->cookie)
-		pending.delete(&origin);	/* decided: the entry has done its job */
-}
 
 /*
  * Before the first redirect to the peer, mark RX_USED on the peer's half of the connection's
@@ -84,7 +54,7 @@ int sockops_redirect(struct sk_msg_md *msg)
 	if (!st)
 		return SK_PASS;
 	if (st->decision == DECIDE_UNDECIDED)
-		decide_client(st);
+		decide_client(st);	/* sockops.bpf.c: the first message decides */
 	if (st->decision != DECIDE_REDIRECT || st->peer_fin)
 		return SK_PASS;
 

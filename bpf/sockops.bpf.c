@@ -2,18 +2,20 @@
 /*
  * sock_ops hook: decides which sockets join the sockhash, and pairs the two ends of a connection.
  *
- * The life of an accelerated connection inside one pod (one network namespace):
+ * The life of an accelerated connection (both ends in enabled pods of this node):
  *   1. client ACTIVE_ESTABLISHED: the client joins the sockhash as (conn, CLIENT) and leaves a
- *      pending entry under its own address, tagged WAITING.
- *   2. server PASSIVE_ESTABLISHED: the accepted socket finds the pending entry by its remote
- *      address. It pairs when its local address is the client's destination (plain or Istio's
- *      127.0.0.6 hop) or a capture port (Istio's REDIRECT to 15001/15006, where the destination the
- *      client sees is the original one). It joins as (conn, SERVER), then flips the tag to PAIRED.
- *   3. the first message on the client decides once, for the connection's lifetime
- *      (redirect.bpf.c): PAIRED means redirect both ways; WAITING means the server has not joined
+ *      pending entry under its own 4-tuple, tagged WAITING.
+ *   2. server SYN-ACK (synack.bpf.c): conntrack has un-NATed it, so it names the client's 4-tuple;
+ *      it is recorded under what the server socket will know (struct synack_key).
+ *   3. server PASSIVE_ESTABLISHED: the accepted socket takes that record, finds the client's
+ *      pending entry by the exact 4-tuple, joins as (conn, SERVER) and flips the tag to PAIRED.
+ *      Nothing else can pair two sockets: no port, address or capture-port guess is involved.
+ *   4. the first message on the client decides once, for the connection's lifetime
+ *      (decide_client): PAIRED means redirect both ways; WAITING means the server has not joined
  *      yet (the handshake's last ACK is still in a backlog), so the tag flips to PASS and the whole
  *      connection stays on TCP.
- *   4. a PASS client leaves the sockhash on its next transmit (HDR_OPT_LEN callback, step below).
+ *   5. a PASS client leaves the sockhash on its next transmit (HDR_OPT_LEN callback, below), or at
+ *      its FIN if it never sends.
  *
  * Why a connection never starts redirecting mid-stream, nor receives over TCP while it has a
  * psock: tcp_bpf_recvmsg() reads the psock queue before the TCP queue (older TCP bytes would be
@@ -27,6 +29,7 @@
 #define AF_INET_ 2
 #define AF_INET6_ 10
 #define E2BIG_ 7
+#define EEXIST_ 17
 #define EBUSY_ 16
 #define IPPROTO_TCP_ 6
 
@@ -129,6 +132,22 @@ static __always_inline __u64 node_pod(const __u32 *ip)
 	return owner ? *owner : 0;
 }
 
+/*
+ * Sockets that must never get a psock. A socket of IPPROTO_MPTCP runs no sock_ops (only its TCP
+ * subflows do), but the subflows are IPPROTO_TCP sockets owned by the MPTCP socket, whose reader
+ * never looks at a subflow's psock queue: bytes redirected there would be lost to it.
+ */
+static __always_inline int eligible(struct bpf_sock_ops *skops, struct bpf_sock *sk)
+{
+	if (sk->protocol != IPPROTO_TCP_)
+		return 0;
+	if (bpf_skc_to_mptcp_sock(sk)) {
+		count(CNT_SKIPPED_MPTCP, 1);
+		return 0;
+	}
+	return 1;
+}
+
 static __always_inline void count_insert_error(int err)
 {
 	if (err == -E2BIG_)
@@ -153,17 +172,20 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 	__u64 netns = bpf_get_netns_cookie(skops);
 	struct netns_conf *conf = netns_conf.lookup(&netns);
 	struct sock_key key = {};
-	struct origin_key origin;
 	struct pending pend = {};
-	struct origin_key ridx;
 	struct sock_state *st;
 	__u64 cookie, remote;
 	int err;
 
 	if (!conf || !sk)
 		return;
-	if (sk->protocol != IPPROTO_TCP_)
-		return;	/* never MPTCP */
+	if (!eligible(skops, sk))
+		return;
+	if (skops->data_segs_out) {
+		/* TCP Fast Open: bytes rode on the SYN over TCP, before any redirect could exist */
+		count(CNT_SKIPPED_FASTOPEN, 1);
+		return;
+	}
 	if (load_addrs(skops, key.client_ip, &key.client_port, key.dest_ip, &key.dest_port))
 		return;
 	remote = node_pod(key.dest_ip);
@@ -184,26 +206,21 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 	st->key = key;
 	st->decision = DECIDE_PASS;	/* until both map updates below succeed */
 
-	origin = client_origin(st);
+	/* Written before the handshake's last ACK leaves (this callback runs first), so the entry is
+	 * in place when the server's PASSIVE_ESTABLISHED runs, in this pod or in `remote`. */
 	pend.tag = (cookie << 2) | PEND_WAITING;
-	pend.conn = key;
-	if (pending.insert(&origin, &pend)) {
-		count(CNT_PENDING_FULL, 1);
+	err = pending.insert(&key, &pend);
+	if (err) {
+		/* EEXIST: a stale entry under this very 4-tuple (a previous connection's, not yet
+		 * cleaned). Never "first one wins": this connection is simply not accelerated. */
+		count(err == -EEXIST_ ? CNT_PENDING_AMBIGUOUS : CNT_PENDING_FULL, 1);
 		return;
 	}
 	err = sock_hash.sock_hash_update(skops, &key, BPF_NOEXIST);
 	if (err) {
 		count_insert_error(err);
-		pending.delete(&origin);
+		pending.delete(&key);
 		return;
-	}
-	if (remote) {
-		/* The server end will be accepted in namespace `remote` and look this up there. Written
-		 * before the handshake's last ACK leaves (this callback runs first), so it is in place
-		 * when that server's PASSIVE_ESTABLISHED runs. A failure only means "not paired". */
-		ridx = origin;
-		ridx.netns = remote;
-		remote_index.update(&ridx, &origin);
 	}
 	st->in_map = 1;
 	st->decision = DECIDE_UNDECIDED;
@@ -214,53 +231,71 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 					 BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 }
 
+/*
+ * Which client this accepted socket serves: the record its SYN-ACK left (synack.bpf.c), taken
+ * (deleted) here. The client is in this namespace when its address is loopback or one of the
+ * pod's own, else in the enabled pod of this node that owns its IP (node_pods; an IP claimed by
+ * two namespaces is 0 there and never paired). Returns the client's pending key, or 0.
+ */
+static __always_inline int server_identity(struct bpf_sock_ops *skops, const struct netns_conf *conf,
+					   __u64 netns, struct sock_key *key)
+{
+	struct synack_key k = {};
+	struct synack *rec;
+	__u32 local_ip[4], remote_port;
+	int ambiguous;
+
+	k.netns = netns;
+	if (load_addrs(skops, local_ip, &k.local_port, k.client_ip, &remote_port))
+		return 0;
+	k.isn = skops->snd_una - 1;	/* nothing sent yet: snd_una is the ISN plus the SYN */
+	rec = synacks.lookup(&k);
+	if (!rec)
+		return 0;	/* no SYN-ACK seen: a Fast Open child, or a handshake from before the load */
+	*key = rec->conn;
+	ambiguous = rec->ambiguous;
+	synacks.delete(&k);
+	if (ambiguous) {
+		count(CNT_PENDING_AMBIGUOUS, 1);
+		return 0;
+	}
+	if (is_loopback(key->client_ip) || is_pod_ip(conf, key->client_ip))
+		key->netns = netns;
+	else
+		key->netns = node_pod(key->client_ip);
+	key->role = ROLE_CLIENT;
+	return key->netns != 0;
+}
+
 static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	__u64 netns = bpf_get_netns_cookie(skops);
 	struct netns_conf *conf = netns_conf.lookup(&netns);
-	struct origin_key origin = {};
 	struct conn_state zero_conn = {};
-	struct sock_key key;
-	__u32 local_ip[4], local_port;
+	struct sock_key key = {};
+	__u32 local_ip[4], local_port, remote_ip[4], remote_port;
 	struct sock_state *st;
-	struct origin_key *idx, canon;
 	struct pending *p;
 	__u64 tag;
-	int mirror, captured, err, cross = 0;
+	int mirror, err;
 
 	if (!conf || !sk)
 		return;
-	if (sk->protocol != IPPROTO_TCP_)
+	if (!eligible(skops, sk))
 		return;
-	origin.netns = netns;
-	if (load_addrs(skops, local_ip, &local_port, origin.ip, &origin.port))
+	if (!server_identity(skops, conf, netns, &key))
 		return;
-	p = pending.lookup(&origin);
-	if (!p) {
-		/* Perhaps a client in another enabled pod of this node (see struct pod_ip). */
-		idx = remote_index.lookup(&origin);
-		if (!idx)
-			return;	/* the client is not an enabled socket */
-		canon = *idx;
-		p = pending.lookup(&canon);
-		if (!p)
-			return;
-		cross = 1;
-	}
+	p = pending.lookup(&key);
+	if (!p)
+		return;	/* the client is not an enabled socket */
 	tag = p->tag;
 	if ((tag & PEND_MASK) != PEND_WAITING)
 		return;	/* already paired, or the client already chose TCP */
-	key = p->conn;
-	/* Across pods, the client must have dialled one of this pod's own addresses. */
-	if (cross && !is_pod_ip(conf, key.dest_ip))
+	if (load_addrs(skops, local_ip, &local_port, remote_ip, &remote_port))
 		return;
-
-	mirror = ip_eq(local_ip, key.dest_ip) && local_port == key.dest_port;
-	captured = (conf->flags & NETNS_F_SIDECAR) &&
-		   (local_port == conf->capture_out || local_port == conf->capture_in);
-	if (!mirror && !captured)
-		return;
+	mirror = ip_eq(local_ip, key.dest_ip) && local_port == key.dest_port &&
+		 ip_eq(remote_ip, key.client_ip) && remote_port == key.client_port;
 	key.role = ROLE_SERVER;
 
 	st = sock_state.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -299,9 +334,38 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	count(CNT_SOCKETS_INSERTED, 1);
 	count(mirror ? CNT_PAIRED_MIRROR : CNT_PAIRED_ORIGDST, 1);
-	if (cross)
+	if (key.netns != netns)
 		count(CNT_PAIRED_CROSS_POD, 1);
 	netns_inserted(netns);
+}
+
+/*
+ * The client's one decision, at its first message (redirect.bpf.c) or at its FIN if it sends
+ * nothing (on_own_fin): redirect if its server end has joined the sockhash (tag PAIRED), else
+ * stay on TCP and mark the tag PASS so a server that joins a moment later withdraws. The
+ * compare-and-swap against our own tag is what makes that race safe: exactly one end wins.
+ */
+static __always_inline void decide_client(struct sock_state *st)
+{
+	__u64 mine = st->cookie << 2;
+	struct pending *p;
+	__u64 old;
+
+	p = pending.lookup(&st->key);
+	if (!p) {
+		st->decision = DECIDE_PASS;
+		count(CNT_PASSED, 1);
+		return;
+	}
+	old = __sync_val_compare_and_swap(&p->tag, mine | PEND_WAITING, mine | PEND_PASS);
+	if (old == (mine | PEND_PAIRED)) {
+		st->decision = DECIDE_REDIRECT;
+	} else {
+		st->decision = DECIDE_PASS;
+		count(CNT_PASSED, 1);
+	}
+	if ((old >> 2) == st->cookie)
+		pending.delete(&st->key);	/* decided: the entry has done its job */
 }
 
 /*
@@ -314,7 +378,6 @@ static __always_inline void on_transmit(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct sock_state *st;
-	struct origin_key origin;
 	struct pending *p;
 
 	if (!sk)
@@ -323,12 +386,11 @@ static __always_inline void on_transmit(struct bpf_sock_ops *skops)
 	if (!st)
 		goto done;
 	if (st->decision == DECIDE_UNDECIDED) {
-		origin = client_origin(st);
-		p = pending.lookup(&origin);
+		p = pending.lookup(&st->key);
 		if (!p || p->tag != ((st->cookie << 2) | PEND_PASS))
 			return;	/* still waiting (e.g. the handshake's ACK): keep watching */
 		st->decision = DECIDE_PASS;	/* the server could not join the sockhash */
-		pending.delete(&origin);
+		pending.delete(&st->key);
 	}
 	if (st->decision == DECIDE_PASS && st->in_map) {
 		sock_hash.delete(&st->key);
@@ -345,7 +407,6 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct sock_state *st;
-	struct origin_key origin;
 	struct pending *p;
 
 	if (!sk)
@@ -354,10 +415,9 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 	if (!st || st->key.role != ROLE_CLIENT)
 		return;
 	conns.delete(&st->cookie);	/* the connection's hand-off bits (if it was paired) */
-	origin = client_origin(st);
-	p = pending.lookup(&origin);
+	p = pending.lookup(&st->key);
 	if (p && (p->tag >> 2) == st->cookie)
-		pending.delete(&origin);
+		pending.delete(&st->key);
 }
 
 /*
@@ -406,6 +466,18 @@ static __always_inline void on_own_fin(struct bpf_sock_ops *skops)
 	st = sock_state.sk_storage_get(sk, 0, 0);
 	if (!st)
 		return;
+	if (st->decision == DECIDE_UNDECIDED) {
+		/* A client that never sent (a server-first protocol, or connect() then shutdown()):
+		 * decide now. Paired: its server may already have redirected to it, so it stays and
+		 * takes the hand-off below like any paired end. Not paired: nothing was ever
+		 * redirected to it, so it leaves the sockhash and reads over plain TCP. */
+		decide_client(st);
+		if (st->decision == DECIDE_PASS && st->in_map) {
+			sock_hash.delete(&st->key);
+			st->in_map = 0;
+			count(CNT_UNDECIDED_FIN, 1);
+		}
+	}
 	if (st->in_map && st->decision == DECIDE_REDIRECT) {
 		cs = conns.lookup(&st->cookie);
 		old = cs ? __sync_fetch_and_or(&cs->flags[st->key.role & 1], SOCK_F_HALF_CLOSED)

@@ -31,7 +31,9 @@
  * (netns cookie, client ip:port, original destination ip:port). Both ends of an accelerated
  * connection sit in the sockhash under that one name, told apart by `role`, so either end finds
  * the other by flipping one field. That holds for Istio's REDIRECT too, where the two sockets'
- * 4-tuples do not mirror each other: the server end learns the name from the pending map.
+ * 4-tuples do not mirror each other: the server end learns the name from its own SYN-ACK
+ * (struct synack_key). A live TCP socket's 4-tuple is unique in its namespace, so the name is
+ * too: no two connections ever share a key, whatever ports they share.
  *
  * The netns cookie is part of every key: two pods that both talk 127.0.0.1:A <-> 127.0.0.1:B have
  * identical 4-tuples, and a key without the namespace would deliver one pod's bytes to the other.
@@ -51,29 +53,47 @@ struct sock_key {
 #define ROLE_CLIENT 0
 #define ROLE_SERVER 1
 
-/* Pending map key: the client's own address, which is what the server end sees as its remote. */
-struct origin_key {
-	__u64 netns;
-	__u32 ip[4];
-	__u32 port;
-	__u32 pad;
-};
-
 /*
- * Pending map value: written at the client's ACTIVE_ESTABLISHED, read at the server's
- * PASSIVE_ESTABLISHED. `tag` is (client socket cookie << 2 | PEND_*): both ends change it only by
- * compare-and-swap against the exact tag they read, so a deleted and reused entry (another
- * connection from the same address) can never be mistaken for this one.
+ * Pending map value, keyed by the client's struct sock_key (role ROLE_CLIENT): written at the
+ * client's ACTIVE_ESTABLISHED, claimed by its server end at PASSIVE_ESTABLISHED. `tag` is
+ * (client socket cookie << 2 | PEND_*): both ends change it only by compare-and-swap against the
+ * exact tag they read, so a deleted and reused entry (a later connection with the same 4-tuple)
+ * can never be mistaken for this one.
  */
 struct pending {
 	__u64 tag;
-	struct sock_key conn; /* role = ROLE_CLIENT */
 };
 
 #define PEND_WAITING 0 /* client in the sockhash, no decision yet */
 #define PEND_PAIRED 1  /* server end joined the sockhash: redirect both ways */
 #define PEND_PASS 2    /* client spoke first before the server joined: TCP both ways */
 #define PEND_MASK 3
+
+/*
+ * How a server end learns which client it serves (docs/DATAPLANE.md, "Exact pairing"). The
+ * server's own 4-tuple does not name its client: Istio's REDIRECT rewrote the destination, and
+ * conntrack may have rewritten the client's source port too. But the SYN-ACK the server sends
+ * is un-NATed by conntrack before it leaves (cgroup_skb egress runs after POSTROUTING), so it
+ * carries the client's own 4-tuple, exactly as the client socket sees it. sockops_synack records
+ * it under what the server socket will know at PASSIVE_ESTABLISHED: its netns, the client's IP,
+ * its listening port and its initial sequence number (the SYN-ACK's seq, which is snd_una - 1
+ * on the established child).
+ *
+ * Two handshakes that share this key at once (an ISN collision on one port, 2^-32) cannot be
+ * told apart: the record is marked ambiguous and neither connection is paired.
+ */
+struct synack_key {
+	__u64 netns;
+	__u32 client_ip[4];
+	__u32 local_port;
+	__u32 isn;
+};
+
+struct synack {
+	struct sock_key conn; /* the client's view; netns and role are filled in by the server */
+	__u32 ambiguous;
+	__u32 pad;
+};
 
 /* Socket-local storage: the per-connection decision, kept for the socket's lifetime. */
 struct sock_state {
@@ -108,9 +128,9 @@ struct conn_state {
 
 /*
  * Per-namespace settings, one entry per enabled network namespace (presence = enabled).
- * Capture ports are where Istio's iptables REDIRECT sends traffic: a server socket on one of
- * them pairs with a pending client whose destination differs (the original destination).
- * local_ip lists the pod's own addresses: a client whose destination is loopback, one of these,
+ * Capture ports are where the pod's Istio rules REDIRECT traffic, as found by the agent and shown
+ * by `sockops status`; pairing does not depend on them (it follows conntrack, struct
+ * synack_key). local_ip lists the pod's own addresses: a client whose destination is loopback, one of these,
  * or (with a sidecar) anything at all can have its server end in the same pod; other clients
  * are never inserted.
  */
@@ -129,11 +149,9 @@ struct netns_conf {
  * Pods of this node (node_pods map, written by the agent): a pod IP, IPv4-mapped, -> the netns
  * cookie of the enabled namespace that owns it, or 0 when two enabled namespaces claim the same
  * IP (ambiguous: never paired across pods). A client whose destination is another enabled pod
- * of the node leaves, beside its pending entry, a remote_index entry: the pending key with the
- * *server's* netns cookie, whose value is the client's own pending key. The server end, accepted
- * in the other namespace, looks its remote address up there. Only a client socket's own
- * sock_ops callback writes that index, so a pod can only ever be paired with a connection
- * another enabled pod really opened to one of its own addresses.
+ * of the node is inserted like a local one; the server end, accepted in the other namespace,
+ * finds the client's namespace by the client's IP here and its pending entry by the exact
+ * 4-tuple its SYN-ACK carried (struct synack_key).
  */
 struct pod_ip {
 	__u32 ip[4];
@@ -153,9 +171,9 @@ struct netns_stats {
 #define CNT_INSERT_FULL 1        /* sockhash full (E2BIG): connection not accelerated */
 #define CNT_INSERT_BUSY 2        /* socket has another sk_msg program (EBUSY) */
 #define CNT_INSERT_OTHER 3       /* any other insert error */
-#define CNT_PENDING_FULL 4       /* pending map full or entry exists: not accelerated */
-#define CNT_PAIRED_MIRROR 5      /* server paired by mirrored tuple (plain or 127.0.0.6) */
-#define CNT_PAIRED_ORIGDST 6     /* server paired through a capture port (REDIRECT) */
+#define CNT_PENDING_FULL 4       /* pending map full: not accelerated */
+#define CNT_PAIRED_MIRROR 5      /* server paired, its 4-tuple mirrors the client's */
+#define CNT_PAIRED_ORIGDST 6     /* server paired through NAT (Istio's REDIRECT) */
 #define CNT_PASSED 7             /* client spoke before its server joined: left on TCP */
 #define CNT_PAIR_RACE_LOST 8     /* server joined just after the client decided: withdrew */
 #define CNT_REDIRECTED_MSGS 9
@@ -164,6 +182,10 @@ struct netns_stats {
 #define CNT_SOCKETS_WITHDRAWN 12 /* unpaired client removed from the sockhash */
 #define CNT_HALFCLOSE_LEFT 13    /* socket half-closed before any byte was redirected to it: left */
 #define CNT_PAIRED_CROSS_POD 14  /* server paired with a client in another pod of this node */
-#define CNT_MAX 16
+#define CNT_PENDING_AMBIGUOUS 15 /* a connection's identity was not unique: not accelerated */
+#define CNT_SKIPPED_MPTCP 16     /* MPTCP subflow: never given a psock */
+#define CNT_SKIPPED_FASTOPEN 17  /* data rode on the SYN (TCP Fast Open): not accelerated */
+#define CNT_UNDECIDED_FIN 18     /* client sent its FIN before deciding: left if never paired */
+#define CNT_MAX 24
 
 #endif /* SOCKOPS_H */

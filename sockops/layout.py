@@ -35,7 +35,7 @@ MAP_COUNTERS = "counters"
 MAP_SOCK_STATE = "sock_state"
 MAP_CONNS = "conns"
 MAP_NODE_PODS = "node_pods"
-MAP_REMOTE_INDEX = "remote_index"
+MAP_SYNACKS = "synacks"
 ALL_MAPS = (
     MAP_SOCKHASH,
     MAP_PENDING,
@@ -45,7 +45,7 @@ ALL_MAPS = (
     MAP_SOCK_STATE,
     MAP_CONNS,
     MAP_NODE_PODS,
-    MAP_REMOTE_INDEX,
+    MAP_SYNACKS,
 )
 
 # Counter indexes (CNT_* in the header) and the names user space reports them under.
@@ -65,8 +65,12 @@ COUNTERS = {
     "sockets_withdrawn": 12,
     "halfclose_left": 13,
     "paired_cross_pod": 14,
+    "pending_ambiguous": 15,
+    "skipped_mptcp": 16,
+    "skipped_fastopen": 17,
+    "undecided_fin_left": 18,
 }
-CNT_MAX = 16
+CNT_MAX = 24
 
 Ip6 = ctypes.c_uint32 * 4
 
@@ -83,13 +87,17 @@ class SockKey(ctypes.Structure):
     )
 
 
-class OriginKey(ctypes.Structure):
+class SynackKey(ctypes.Structure):
     _fields_ = (
         ("netns", ctypes.c_uint64),
-        ("ip", Ip6),
-        ("port", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("client_ip", Ip6),
+        ("local_port", ctypes.c_uint32),
+        ("isn", ctypes.c_uint32),
     )
+
+
+class Synack(ctypes.Structure):
+    _fields_ = (("conn", SockKey), ("ambiguous", ctypes.c_uint32), ("pad", ctypes.c_uint32))
 
 
 class PodIp(ctypes.Structure):
@@ -97,7 +105,7 @@ class PodIp(ctypes.Structure):
 
 
 class Pending(ctypes.Structure):
-    _fields_ = (("tag", ctypes.c_uint64), ("conn", SockKey))
+    _fields_ = (("tag", ctypes.c_uint64),)
 
 
 class SockState(ctypes.Structure):

@@ -35,6 +35,7 @@ _BPF_PROG_DETACH = 9
 _BPF_PROG_GET_FD_BY_ID = 13
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _BPF_PROG_QUERY = 16
+BPF_CGROUP_INET_EGRESS = 1
 BPF_CGROUP_SOCK_OPS = 3
 BPF_SK_MSG_VERDICT = 7
 
@@ -42,6 +43,7 @@ UNINSTALL_MARK = 0  # netns_conf key that says "uninstall in progress" (no names
 
 PROG_SOCK_OPS = "sockops_main"
 PROG_SK_MSG = "sockops_redirect"
+PROG_SYNACK = "sockops_synack"
 
 
 def bpf_source_dir() -> Path:
@@ -61,7 +63,8 @@ def program_text(src_dir: Path | None = None) -> str:
     """
     d = src_dir or bpf_source_dir()
     parts = ["#include <uapi/linux/bpf.h>\n"]
-    for name in ("maps.bpf.h", "sockops.bpf.c", "redirect.bpf.c"):
+    # sockops.bpf.c before redirect.bpf.c: it defines decide_client(), which both use.
+    for name in ("maps.bpf.h", "sockops.bpf.c", "redirect.bpf.c", "synack.bpf.c"):
         try:
             parts.append(f"/* ---- {name} ---- */\n" + (d / name).read_text())
         except FileNotFoundError as e:
@@ -178,7 +181,8 @@ def pinned_map_info(bpffs_dir: Path) -> dict[str, dict[str, int]]:
 # Key and value sizes of the maps whose layout user space and both programs must agree on.
 _LAYOUTS = {
     layout.MAP_SOCKHASH: (ctypes.sizeof(layout.SockKey), None),
-    layout.MAP_PENDING: (ctypes.sizeof(layout.OriginKey), ctypes.sizeof(layout.Pending)),
+    layout.MAP_PENDING: (ctypes.sizeof(layout.SockKey), ctypes.sizeof(layout.Pending)),
+    layout.MAP_SYNACKS: (ctypes.sizeof(layout.SynackKey), ctypes.sizeof(layout.Synack)),
     layout.MAP_NETNS_CONF: (8, ctypes.sizeof(layout.NetnsConf)),
     layout.MAP_NETNS_STATS: (8, ctypes.sizeof(layout.NetnsStats)),
     layout.MAP_SOCK_STATE: (4, ctypes.sizeof(layout.SockState)),
@@ -444,8 +448,8 @@ class PinnedMaps:
     def sockets(self) -> list[layout.SockKey]:
         return list(self._keys(layout.MAP_SOCKHASH, layout.SockKey))
 
-    def pending(self) -> list[layout.OriginKey]:
-        return list(self._keys(layout.MAP_PENDING, layout.OriginKey))
+    def pending(self) -> list[layout.SockKey]:
+        return list(self._keys(layout.MAP_PENDING, layout.SockKey))
 
 
 def node_pods_for(enabled: dict[int, layout.NetnsSettings]) -> dict[str, int]:
@@ -479,6 +483,7 @@ class DataPlane:
     bpf: object = field(repr=False)
     sock_ops: object = field(repr=False)
     sk_msg: object = field(repr=False)
+    synack: object = field(repr=False)
     notes: list[str] = field(default_factory=list)  # what the load adapted to (pinned sizes)
 
     @classmethod
@@ -509,15 +514,20 @@ class DataPlane:
             b = BPF(text=text, cflags=cflags(bpffs_dir, sizes))
             ops = b.load_func(PROG_SOCK_OPS, BPF.SOCK_OPS)
             msg = b.load_func(PROG_SK_MSG, BPF.SK_MSG)
+            synack = b.load_func(PROG_SYNACK, BPF.CGROUP_SKB)
         except Exception as e:  # bcc raises bare Exception with the verifier log on stderr
             raise SockopsError(f"loading the BPF programs failed: {e}") from e
-        return cls(bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, sock_ops=ops, sk_msg=msg, notes=notes)
+        return cls(
+            bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, sock_ops=ops, sk_msg=msg, synack=synack, notes=notes
+        )
 
     def attach(self, cgroup: Path) -> None:
-        """Attach sock_ops to the cgroup and sk_msg to the sockhash, replacing older versions.
+        """Attach sock_ops and the SYN-ACK recorder to the cgroup and sk_msg to the sockhash,
+        replacing older versions.
 
         sk_msg goes first: sockets inserted by a new sock_ops program must find the (new) verdict
-        program on the map. Each attach swaps atomically, so there is no window without one.
+        program on the map; the SYN-ACK recorder before sock_ops, whose servers read its records.
+        Each attach swaps atomically, so there is no window without one.
         """
         from bcc import BPF, BPFAttachType
 
@@ -529,11 +539,12 @@ class DataPlane:
             raise SockopsError(f"attaching sk_msg to the sockhash failed: {e}") from e
         with _dir_fd(cgroup) as cg_fd:
             try:
+                BPF.attach_func(self.synack, cg_fd, BPFAttachType.CGROUP_INET_EGRESS)
                 BPF.attach_func(self.sock_ops, cg_fd, BPFAttachType.CGROUP_SOCK_OPS)
             except Exception as e:
                 raise SockopsError(
-                    f"attaching sock_ops to {cgroup} failed: {e} (another program attached with "
-                    f"BPF_F_ALLOW_MULTI? see bpftool cgroup show {cgroup})"
+                    f"attaching sock_ops or cgroup_skb to {cgroup} failed: {e} (another program "
+                    f"attached with BPF_F_ALLOW_MULTI? see bpftool cgroup show {cgroup})"
                 ) from e
 
     def bpf_map_fd(self, name: str) -> int:
@@ -550,9 +561,10 @@ class DataPlane:
 
 def attached_programs(cgroup: Path, bpffs_dir: Path) -> dict[str, list[dict[str, object]]]:
     """What is attached now: sock_ops on the cgroup, sk_msg on the pinned sockhash."""
-    out: dict[str, list[dict[str, object]]] = {"sock_ops": [], "sk_msg": []}
+    out: dict[str, list[dict[str, object]]] = {"sock_ops": [], "sk_msg": [], "cgroup_skb": []}
     with contextlib.suppress(OSError), _dir_fd(cgroup) as cg_fd:
         out["sock_ops"] = [_describe(i) for i in prog_query(cg_fd, BPF_CGROUP_SOCK_OPS)]
+        out["cgroup_skb"] = [_describe(i) for i in prog_query(cg_fd, BPF_CGROUP_INET_EGRESS)]
     sockhash = bpffs_dir / layout.MAP_SOCKHASH
     if sockhash.exists():
         from bcc import libbcc
@@ -570,7 +582,7 @@ def attached_programs(cgroup: Path, bpffs_dir: Path) -> dict[str, list[dict[str,
 
 def programs_attached(cgroup: Path, bpffs_dir: Path) -> dict[str, bool]:
     """Whether sockops' own programs (by name) are attached: the health a user alerts on."""
-    names = {"sock_ops": PROG_SOCK_OPS[:15], "sk_msg": PROG_SK_MSG[:15]}
+    names = {"sock_ops": PROG_SOCK_OPS[:15], "sk_msg": PROG_SK_MSG[:15], "cgroup_skb": PROG_SYNACK[:15]}
     try:
         found = attached_programs(cgroup, bpffs_dir)
     except OSError:
@@ -595,6 +607,8 @@ def detach_all(cgroup: Path, bpffs_dir: Path) -> None:
     with contextlib.suppress(FileNotFoundError), _dir_fd(cgroup) as cg_fd:
         for prog_id in prog_query(cg_fd, BPF_CGROUP_SOCK_OPS):
             _detach_if_ours(cg_fd, prog_id, BPF_CGROUP_SOCK_OPS, PROG_SOCK_OPS)
+        for prog_id in prog_query(cg_fd, BPF_CGROUP_INET_EGRESS):
+            _detach_if_ours(cg_fd, prog_id, BPF_CGROUP_INET_EGRESS, PROG_SYNACK)
     sockhash = bpffs_dir / layout.MAP_SOCKHASH
     if sockhash.exists():
         from bcc import libbcc

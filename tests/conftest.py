@@ -173,7 +173,8 @@ def _teardown_plane(plane: Plane) -> None:
     try:
         detach_all(plane.cgroup, plane.bpffs_dir)
         left = attached_programs(plane.cgroup, plane.bpffs_dir)
-        assert left == {"sock_ops": [], "sk_msg": []}, f"still attached after detach_all: {left}"
+        nothing: dict[str, list[Any]] = {"sock_ops": [], "sk_msg": [], "cgroup_skb": []}
+        assert left == nothing, f"still attached after detach_all: {left}"
     finally:
         with contextlib.suppress(Exception):
             plane.maps.close()

@@ -425,7 +425,7 @@ def test_destination_not_an_enabled_pod_never_inserted(dataplane: Plane, lab: La
 @pytest.mark.timeout(60)
 def test_cross_pod_connection_between_enabled_pods_is_paired(dataplane: Plane, lab: Lab, logs: Path) -> None:
     """Two enabled pods of the node (no sidecars): the client's connection to the other pod's IP
-    pairs across the two namespaces (the server end finds the client through remote_index) and
+    pairs across the two namespaces (the server end finds the client by the 4-tuple its SYN-ACK carried) and
     every byte is redirected between them instead of crossing both veths and the bridge."""
     client_pod = lab.add_pod("client", ip="10.244.1.20", sidecar=False)
     server_pod = lab.add_pod("server", ip="10.244.1.10", sidecar=False)

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 STRUCTS = {
     "sock_key": layout.SockKey,
-    "origin_key": layout.OriginKey,
     "pending": layout.Pending,
+    "synack_key": layout.SynackKey,
+    "synack": layout.Synack,
     "sock_state": layout.SockState,
     "conn_state": layout.ConnState,
     "netns_conf": layout.NetnsConf,
