@@ -278,13 +278,12 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	struct sock_state *st;
 	struct pending *p;
 	__u64 tag;
-	int mirror, err;
+	int found, mirror, err;
 
 	if (!conf || !sk)
 		return;
-	if (!eligible(skops, sk))
-		return;
-	if (!server_identity(skops, conf, netns, &key))
+	found = server_identity(skops, conf, netns, &key);	/* takes its SYN-ACK record in any case */
+	if (!eligible(skops, sk) || !found)
 		return;
 	p = pending.lookup(&key);
 	if (!p)

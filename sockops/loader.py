@@ -451,6 +451,10 @@ class PinnedMaps:
     def pending(self) -> list[layout.SockKey]:
         return list(self._keys(layout.MAP_PENDING, layout.SockKey))
 
+    def synacks(self) -> list[layout.SynackKey]:
+        """SYN-ACK records not (yet) taken by their accepted socket."""
+        return list(self._keys(layout.MAP_SYNACKS, layout.SynackKey))
+
 
 def node_pods_for(enabled: dict[int, layout.NetnsSettings]) -> dict[str, int]:
     """The node_pods content for these enabled namespaces: an IP two of them claim maps to 0.

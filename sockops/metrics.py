@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 ENFORCE_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # The programs sockops attaches; the label set of sockops_program_attached is exactly this.
-PROGRAMS = ("sock_ops", "sk_msg")
+PROGRAMS = ("sock_ops", "sk_msg", "cgroup_skb")
 
 # Global counters (layout.COUNTERS) -> (family, label value or None). Families with a label are
 # emitted once with every label value, so a reason that never happened still shows as 0.
@@ -66,7 +66,9 @@ INSERT_FAILURE_REASONS = {
     "insert_failures_map_full": "map_full",
     "insert_failures_busy": "busy",
     "insert_failures_other": "other",
+    "pending_ambiguous": "ambiguous",
 }
+NOT_ELIGIBLE_REASONS = {"skipped_mptcp": "mptcp", "skipped_fastopen": "fastopen"}
 PAIRED_HOW = {"paired_mirror": "mirror", "paired_origdst": "origdst"}
 
 UNKNOWN_POD = ("", "")
@@ -219,7 +221,12 @@ class MapCollector(Collector):
             ),
             CounterMetricFamily(
                 "sockops_origdst_insert_failures",
-                "Client connections not accelerated: original-destination map full or entry taken.",
+                "Client connections not accelerated: original-destination (pending) map full.",
+            ),
+            CounterMetricFamily(
+                "sockops_sockets_not_eligible",
+                "Sockets of enabled pods never given a psock by design (left on TCP), by reason.",
+                labels=["reason"],
             ),
             CounterMetricFamily("sockops_sockets_inserted", "Sockets put into the sockhash (both ends)."),
             CounterMetricFamily(
@@ -345,7 +352,11 @@ class MapCollector(Collector):
             fams["sockops_connections_paired"].add_metric([how], c.get(name, 0))
         fams["sockops_origdst_insert_failures"].add_metric([], c.get("pending_full", 0))
         fams["sockops_sockets_inserted"].add_metric([], c.get("sockets_inserted", 0))
-        fams["sockops_sockets_withdrawn"].add_metric([], c.get("sockets_withdrawn", 0))
+        for name, reason in NOT_ELIGIBLE_REASONS.items():
+            fams["sockops_sockets_not_eligible"].add_metric([reason], c.get(name, 0))
+        # Withdrawn at the first transmit or, for clients that never sent, at their FIN.
+        withdrawn = c.get("sockets_withdrawn", 0) + c.get("undecided_fin_left", 0)
+        fams["sockops_sockets_withdrawn"].add_metric([], withdrawn)
         fams["sockops_halfclose_handoffs"].add_metric([], c.get("halfclose_left", 0))
         fams["sockops_connections_paired_cross_pod"].add_metric([], c.get("paired_cross_pod", 0))
         fams["sockops_connections_passed"].add_metric([], c.get("connections_passed", 0))

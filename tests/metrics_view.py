@@ -25,7 +25,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sockops import loader
-from sockops.loader import MapSizes, PinnedMaps, attached_programs
+from sockops.loader import MapSizes, PinnedMaps, programs_attached
 from sockops.podlab import APP_UID, Pod
 
 PAIR_TRAFFIC = Path(__file__).resolve().parent / "pair_traffic.py"
@@ -60,9 +60,7 @@ class PlaneView:
         return self.pending
 
     def programs_attached(self) -> dict[str, bool]:
-        found = attached_programs(self.cgroup, self.bpffs_dir)
-        names = {"sock_ops": "sockops_main", "sk_msg": "sockops_redirect"}
-        return {kind: any(p["name"] == name[:15] for p in found[kind]) for kind, name in names.items()}
+        return programs_attached(self.cgroup, self.bpffs_dir)
 
     def kernel_supported(self) -> bool:
         return self.supported

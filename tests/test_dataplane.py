@@ -17,6 +17,7 @@ joined race); nothing else happens with maps that are large enough.
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -33,6 +34,7 @@ from podtraffic import (
     assert_intact,
     run_client,
     run_halfclose_client,
+    run_json,
     start_echo_server,
     wire_bytes,
 )
@@ -53,16 +55,18 @@ def conn_entries(plane: Plane) -> list[int]:
 
 
 def wait_drained(plane: Plane, timeout: float = 10.0) -> None:
-    """Once every connection is closed, no socket, pending or conns entry may be left in the maps."""
+    """Once every connection is closed, no socket, pending, conns or SYN-ACK entry may be left in
+    the maps."""
     deadline = time.monotonic() + timeout
     while True:
         socks, pend, conns = plane.maps.sockets(), plane.maps.pending(), conn_entries(plane)
-        if not socks and not pend and not conns:
+        synacks = plane.maps.synacks()
+        if not socks and not pend and not conns and not synacks:
             return
         if time.monotonic() > deadline:
             pytest.fail(
                 f"maps not drained after {timeout}s: {len(socks)} sockets, {len(pend)} pending, "
-                f"{len(conns)} conns"
+                f"{len(conns)} conns, {len(synacks)} SYN-ACK records"
             )
         time.sleep(0.05)
 
@@ -525,4 +529,74 @@ def test_half_closing_clients(dataplane: Plane, lab: Lab, logs: Path, sidecar: b
     assert on["errors"] == {} and on["mismatches"] == 0 and on["ok"] == total, (on, c)
     assert c["paired_mirror"] > 0 and dataplane.stats(cookie)["redirected_bytes"] > 0, c
     assert c["halfclose_left"] > 0, c  # the hand-off really ran
+    wait_drained(dataplane)
+
+
+# -- sockets that must never get a psock ---------------------------------------------------------
+
+SOCKET_KINDS = Path(__file__).resolve().parent / "socket_kinds.py"
+
+
+def run_kind(pod: Any, kind: str, connections: int) -> dict[str, Any]:
+    """tests/socket_kinds.py in the pod: ``connections`` checked connections of one kind."""
+    argv = [sys.executable, str(SOCKET_KINDS), kind, "--connections", str(connections)]
+    return run_json(pod, argv, f"{kind} client")
+
+
+@pytest.mark.timeout(90)
+def test_mptcp_subflows_never_get_a_psock(dataplane: Plane, lab: Lab) -> None:
+    """MPTCP in an enabled pod: the TCP subflows under each MPTCP socket run sock_ops like any TCP
+    socket, but the MPTCP socket reads them directly, never a psock queue. None may enter the
+    sockhash, and none may count as a failed insert either (6.18 refuses a subflow itself, which
+    the old data plane counted under reason="other", where a user looks for real failures);
+    every reply is intact."""
+    pod = lab.add_pod("app", ip="10.244.1.10", sidecar=False)
+    dataplane.enable(pod)
+    conns = 40
+
+    res = run_kind(pod, "mptcp", conns)
+
+    assert res["errors"] == {} and res["mismatches"] == 0 and res["ok"] == conns, res
+    c = dataplane.counters()
+    assert c["sockets_inserted"] == 0 and c["insert_failures_other"] == 0, c
+    assert c["skipped_mptcp"] >= 2 * conns, c  # both subflows of every connection were seen
+    wait_drained(dataplane)
+
+
+@pytest.mark.timeout(90)
+def test_fastopen_data_on_syn_is_never_accelerated(dataplane: Plane, lab: Lab) -> None:
+    """TCP Fast Open with the request in the SYN: those bytes crossed TCP before any psock could
+    exist, so the connection stays on TCP from the start (no psock on either end)."""
+    pod = lab.add_pod("app", ip="10.244.1.10", sidecar=False)
+    pod.run(["sysctl", "-qw", "net.ipv4.tcp_fastopen=0x207"], check=True)  # client+server, no cookie
+    dataplane.enable(pod)
+    conns = 40
+
+    res = run_kind(pod, "fastopen", conns)
+
+    assert res["errors"] == {} and res["mismatches"] == 0 and res["ok"] == conns, res
+    c = dataplane.counters()
+    assert c["skipped_fastopen"] == conns, c
+    assert c["sockets_inserted"] == 0, c
+    wait_drained(dataplane)
+
+
+@pytest.mark.timeout(90)
+def test_client_that_half_closes_before_sending(dataplane: Plane, lab: Lab) -> None:
+    """connect(), shutdown(SHUT_WR) at once, then a blocking recv() until EOF; the server answers
+    after the client's FIN, a delayed-ACK time later. A client that never sent has not decided;
+    it must decide at its FIN and leave the sockhash when nothing was redirected to it, or the
+    bare ACK of its FIN gives its blocking recv() EAGAIN (docs/KERNEL-NOTES.md §1)."""
+    pod = lab.add_pod("app", ip="10.244.1.10", sidecar=False)
+    conns = 200
+
+    off = run_kind(pod, "fin-first", conns)
+    assert off["errors"] == {} and off["mismatches"] == 0 and off["ok"] == conns, off
+
+    dataplane.enable(pod)
+    on = run_kind(pod, "fin-first", conns)
+    c = dataplane.counters()
+    assert on["errors"] == {} and on["mismatches"] == 0 and on["ok"] == conns, (on, c)
+    assert c["sockets_inserted"] > 0, c  # the clients were in the sockhash ...
+    assert c["undecided_fin_left"] + c["halfclose_left"] > 0, c  # ... and left it at their FIN
     wait_drained(dataplane)

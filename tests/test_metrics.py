@@ -232,13 +232,19 @@ def test_label_sets_are_bounded() -> None:
     for name, series in s.items():
         for labels in series:
             assert {k for k, _ in labels} <= allowed, (name, labels)
-    assert set(s["sockops_program_attached"]) == {(("program", "sk_msg"),), (("program", "sock_ops"),)}
+    assert set(s["sockops_program_attached"]) == {
+        (("program", "sk_msg"),),
+        (("program", "sock_ops"),),
+        (("program", "cgroup_skb"),),
+    }
     assert value(s, "sockops_program_attached", program="sk_msg") == 0
     assert {dict(k)["reason"] for k in s["sockops_socket_insert_failures_total"]} == {
         "map_full",
         "busy",
         "other",
+        "ambiguous",
     }
+    assert {dict(k)["reason"] for k in s["sockops_sockets_not_eligible_total"]} == {"mptcp", "fastopen"}
     pods = {tuple(v for _, v in k) for k in s["sockops_redirected_bytes_total"]}
     assert pods == {("shop", "cart"), ("web", "front"), ("", "")}
 
