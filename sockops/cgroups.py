@@ -4,7 +4,7 @@ BPF ``sock_ops`` programs are attached to a cgroup v2 directory and see only the
 processes inside it (and of its descendants). The demo, the benchmark and the tests therefore put every
 process they start (Envoy sidecars, apps, load generators) in a private child cgroup, so that:
 
-* the programs never see the sockets of unrelated processes on the machine (field notes §2.10: only
+* the programs never see the sockets of unrelated processes on the machine (docs/DATAPLANE.md F10: only
   opted-in pods' sockets may go in the map);
 * tearing down is reliable: everything still alive in the cgroup is killed on exit, even processes
   that forked, double-forked or changed their UID, because cgroup membership is inherited and cannot

@@ -5,7 +5,7 @@ network namespace per pod, each joined to the bridge by a veth pair whose pod en
 get addresses from ``10.244.0.0/16`` (and ``fd00:10:244::/64``); there is no default route and no
 link to the host's own namespace, so nothing a test does can leak out. Two Labs never share a
 namespace, which is why they may reuse the very same pod IPs (needed to test that sockmap keys
-include the network namespace, field notes §2.12).
+include the network namespace, docs/DATAPLANE.md F12).
 
 A pod created with ``sidecar=True`` looks like an Istio pod in REDIRECT mode:
 
@@ -148,7 +148,8 @@ def istio_nat_rules(
     inbound_port: int = INBOUND_PORT,
 ) -> str:
     """The nat table of ``istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*'
-    -d 15090,15021,15020``, in iptables-restore format, rule for rule as in field notes §1.
+    -d 15090,15021,15020``, in iptables-restore format, rule for rule as Istio installs them
+    (docs/DATAPLANE.md, "Istio's capture").
 
     With ``ipv6`` the loopback addresses become ``::1`` and ``::6`` (for ip6tables-restore). Kept
     verbatim on purpose: the acceleration must work with *unmodified* Istio rules.

@@ -8,8 +8,8 @@ entry removed or changed by hand comes back; one the agent no longer wants goes)
 
 Why only ``netns_conf``: it is read by sock_ops when a connection is established, so changing it
 affects new connections only. Sockets already in the sockhash stay there with their peers until
-they close; removing a live socket from its last map would purge its unread data (field notes
-§2.4). Disabling a pod is therefore always safe for its live connections.
+they close; removing a live socket from its last map would purge its unread data (docs/DATAPLANE.md
+F4). Disabling a pod is therefore always safe for its live connections.
 
 Entries the agent writes carry NETNS_F_AGENT; entries made by hand (``sockops enable``) do not,
 and the reconciler never removes them. Until every source has completed its first list, the

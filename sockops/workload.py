@@ -24,7 +24,7 @@ ANNOTATION = "sockops.io/accelerate"
 NAMESPACE_LABEL = "sockops.io/accelerate"
 DOCKER_LABEL = "sockops.io/accelerate"
 
-# Istio's per-pod capture annotations (field notes §1).
+# Istio's per-pod capture annotations (docs/DATAPLANE.md, "Istio's capture").
 ISTIO_INCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/includeOutboundPorts"
 ISTIO_EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
 ISTIO_INCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/includeInboundPorts"

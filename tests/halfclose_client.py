@@ -5,7 +5,7 @@ Run inside a pod (stdlib only, any UID): ``python halfclose_client.py HOST PORT 
 echo server replies and closes when it reads EOF. ``N`` threads each make ``R`` connections, one
 request per connection. This is the pattern of HTTP/1.0 clients, ``nc -N`` and many RPC tools; on
 plain blocking sockets (no timeout, so CPython does not retry EAGAIN) it is the case where a
-reader blocked in recv() on a socket with a psock can be woken without data (field notes §2.13).
+reader blocked in recv() on a socket with a psock can be woken without data (docs/DATAPLANE.md F13).
 
 Prints one JSON line: ok / mismatches counts and errors by exception type.
 """

@@ -3,8 +3,8 @@
 Run inside a pod (stdlib only, any UID): ``python pinned_client.py HOST PORT --tag NAME ...``.
 Speaks the protocol of ``sockops.apps`` (8-byte big-endian length, then the bytes, echoed back).
 Connection ``i`` binds ``--source-ip:--source-base+i`` before connecting, so two pods running the
-same command produce connections with identical 4-tuples in two network namespaces (field notes
-§2.12). Every payload starts with ``--tag`` followed by random bytes; the client checks that the echo
+same command produce connections with identical 4-tuples in two network namespaces (docs/DATAPLANE.md
+F12). Every payload starts with ``--tag`` followed by random bytes; the client checks that the echo
 is byte-for-byte what it sent, so a byte delivered to the other pod's socket shows up as a
 mismatch, an error or a hang (bounded by the caller's timeout).
 
@@ -13,7 +13,7 @@ the client then prints ``{"held": [...local ports...]}`` and waits for a line on
 connection still open (the caller inspects the sockhash meanwhile); then each connection makes
 ``--requests`` more requests and closes. The last stdout line is the JSON result.
 
-Plain blocking sockets without timeouts (field notes §2.13: settimeout() would hide a spurious
+Plain blocking sockets without timeouts (docs/DATAPLANE.md F13: settimeout() would hide a spurious
 EAGAIN).
 """
 

@@ -222,7 +222,7 @@ def test_identical_tuples_in_two_pods_stay_apart(
 ) -> None:
     """Two pods with the same IP, both enabled, both talking 127.0.0.1:41000+i <-> 127.0.0.1:8080
     at the same time: the sockhash holds both pods' connections under keys that differ only in
-    the netns cookie, and every byte comes back to the pod that sent it (field notes §2.12)."""
+    the netns cookie, and every byte comes back to the pod that sent it (docs/DATAPLANE.md F12)."""
     # Two Labs: two private nodes whose pods may, and here do, share an IP.
     pods = {tag: make_lab().add_pod("app", ip="10.244.1.10", sidecar=False) for tag in ("lab-a", "lab-b")}
     cookies = {tag: dataplane.enable(pod) for tag, pod in pods.items()}
@@ -317,7 +317,7 @@ def test_full_maps_mean_not_accelerated(
     make_dataplane: Callable[..., Plane], lab: Lab, logs: Path, sidecar: bool
 ) -> None:
     """A sockhash for 4 sockets and 4 pending entries, 16 concurrent connections: the ones that do
-    not fit stay on TCP; none fails and no byte is lost (field notes §2.7)."""
+    not fit stay on TCP; none fails and no byte is lost (docs/DATAPLANE.md F7)."""
     plane = make_dataplane(MapSizes(sockhash=4, pending=4))
     pod = lab.add_pod("app", ip="10.244.1.10", sidecar=sidecar)
     cookie = plane.enable(pod)
@@ -344,7 +344,7 @@ def test_server_end_that_does_not_fit_withdraws_its_client(
     """A sockhash with room for one socket: the first client to connect gets in, its server end
     cannot (E2BIG), so the client must leave the map before its first byte and the connection
     runs on plain TCP (a client keeping its psock while its peer sends over TCP risks EAGAIN in a
-    blocking recv, field notes §2.13). No connection can ever pair."""
+    blocking recv, docs/DATAPLANE.md F13). No connection can ever pair."""
     plane = make_dataplane(MapSizes(sockhash=1, pending=16))
     pod = lab.add_pod("app", ip="10.244.1.10", sidecar=False)
     cookie = plane.enable(pod)

@@ -56,7 +56,7 @@ while True:
     threading.Thread(target=serve, args=(c, a), daemon=True).start()
 """
 
-# Plain blocking sockets on purpose (settimeout() would hide spurious EAGAIN, field notes §2.13);
+# Plain blocking sockets on purpose (settimeout() would hide spurious EAGAIN, docs/DATAPLANE.md F13);
 # Pod.run's timeout bounds a hang. Sends and receives concurrently so 1 MiB cannot deadlock.
 ECHO_CLIENT = r"""
 import hashlib, json, os, socket, sys, threading

@@ -339,7 +339,7 @@ def test_peer_close_while_blocked(
 ) -> None:
     """The server reads the request and closes 100 ms later without answering, while the client
     is blocked in recv(), poll() or epoll_wait() without a timeout: the client wakes with EOF
-    (field notes §2.1: FIN not delivered / recv waits forever)."""
+    (docs/DATAPLANE.md F1: FIN not delivered / recv waits forever)."""
     s = Setup(dataplane, lab, relpeer_bin, path, close_after_request_ms=100)
     conns = 64
     t0 = time.monotonic()
@@ -373,8 +373,8 @@ def test_syscall_paths(
     dataplane: Plane, lab: Lab, logs: Path, relpeer_bin: Path, path: str, combo: str
 ) -> None:
     """sendfile() on the sender, splice() on the receiver, writev() with readv(), and a receiver
-    that MSG_PEEKs the header. splice() readers are a known kernel gap on 6.18 (field notes
-    §2.2, docs/KERNEL-NOTES.md §3): tcp_splice_read() reads only the TCP receive queue, never
+    that MSG_PEEKs the header. splice() readers are a known kernel gap on 6.18 (docs/DATAPLANE.md
+    F2, docs/KERNEL-NOTES.md §3): tcp_splice_read() reads only the TCP receive queue, never
     the psock queue, so it waits forever for bytes that sit there. Measured here: with the pod
     off the same run must pass; with it on, a hang is reported as an xfail (bounded at 10 s)."""
     send, recv = combo.split("-")
@@ -436,7 +436,7 @@ def test_slow_reader_fast_writer(
     """One writer pushes 32 MiB (64 in the full run) as fast as it can into a reader that takes
     256 KiB every 10 ms: no loss, the writer sleeps instead of spinning (its CPU time stays well
     under its wall time), and the kernel memory held for TCP never exceeds what was written and
-    is all given back (field notes §2.9; the open part, no per-socket bound, is in
+    is all given back (docs/DATAPLANE.md F9; the open part, no per-socket bound, is in
     docs/RELIABILITY.md)."""
     s = Setup(dataplane, lab, relpeer_bin, path, read_delay_us=10_000)
     size = 64 * MIB if FULL else 32 * MIB
@@ -552,7 +552,7 @@ BPF_F_ALLOW_MULTI = 2
 def test_other_sk_msg_owner_means_not_accelerated(cgroup: Cgroup, logs: Path, relpeer_bin: Path) -> None:
     """Another program's sockmap (with its own sk_msg program) takes the sockets first: our
     insert fails with EBUSY, the connection is not accelerated, and its traffic is fine
-    (field notes §2.11). Both sock_ops programs are attached with BPF_F_ALLOW_MULTI, the other
+    (docs/DATAPLANE.md F11). Both sock_ops programs are attached with BPF_F_ALLOW_MULTI, the other
     one on a child cgroup so that it runs first."""
     import secrets
 
