@@ -362,6 +362,25 @@ def test_pod_and_security_context_are_the_measured_ones() -> None:
     assert limit >= 384, "measured: ~190 MiB resident after the compile, full-map scrapes on top"
 
 
+def test_a_node_label_keeps_the_agent_off_a_node() -> None:
+    """sockops.io/agent=disabled (docs/RUNBOOKS.md, SockopsKernelUnsupported): nodes without the
+    label, or with another value, still get the agent."""
+    spec = one(built(), "DaemonSet")["spec"]["template"]["spec"]
+    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+
+    def schedules(labels: dict[str, str]) -> bool:
+        for e in term["matchExpressions"]:
+            assert e["operator"] == "NotIn"  # the only operator this evaluates
+            if labels.get(e["key"]) in e["values"]:
+                return False
+        return True
+
+    assert not schedules({"sockops.io/agent": "disabled"})
+    assert schedules({}) and schedules({"sockops.io/agent": "enabled"})
+
+
 def test_prometheus_operator_objects() -> None:
     """ServiceMonitor and PrometheusRule have no schema here: their structure is checked by hand."""
     objs = built()
