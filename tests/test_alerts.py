@@ -1,6 +1,9 @@
 """Alert rules: promtool checks and unit-tests them, each alert fires and stays quiet where it should,
 the PrometheusRule carries exactly the same groups, and alerts fed with a *real* scrape fire:
-a full sockhash and a detached sock_ops program of a real data plane.
+a full sockhash and a detached sock_ops program of a real data plane. Every alert links its
+section of docs/RUNBOOKS.md, speaks of the node (not the scrape address), platform alerts carry
+no workload namespace, and the scrapes of a real idle agent and of a real agent after
+`sockops uninstall` fire only the alert that names their state.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Structure is checked the way Grafana needs it (panels with a Prometheus datasour
 grid position inside the 24-column grid, no overlaps, unique ids and refIds, defined variables);
 every query is valid PromQL (promtool parses it as a recording rule) and uses only metric names
 that a real scrape of the agent's registry contains; the ConfigMap carries the file verbatim with
-the label Grafana's dashboard sidecar looks for.
+the label Grafana's dashboard sidecar looks for. Nodes are chosen by name ($node), workloads by
+$namespace and $pod, per-pod panels draw the top ten, and the agent's own CPU and memory show.
 """
 
 from __future__ import annotations
