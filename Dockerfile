@@ -31,7 +31,7 @@
 # Size: the runtime stage is one flattened layer without documentation, man pages and message
 # catalogues (nothing reads them) and without the kubernetes client's asyncio copy (the agent uses
 # the synchronous client, 41 MB). Measured (tests/test_image.py): 505 MB before, 453 MB now,
-# kernel headers (about 45 MB) included.
+# kernel headers (35 MB of files) included.
 
 ARG BASE_IMAGE=sockops-base:bookworm
 
