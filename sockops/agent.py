@@ -213,7 +213,7 @@ class Agent:
 
         sources = build_sources(self.args)
         self.load()
-        registry, metrics = build_registry(self)
+        registry, metrics = build_registry(self, self.args.pod_metric_labels)
         for s in sources:
             metrics.init_source(s.name)  # a first error then shows as an increase from 0
         with contextlib.suppress(Exception):

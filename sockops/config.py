@@ -142,6 +142,14 @@ AGENT = (
         "accelerate nothing)",
         choices=("exit", "idle"),
     ),
+    Setting(
+        "--pod-metric-labels",
+        "SOCKOPS_POD_METRIC_LABELS",
+        "pod",
+        "labels of the per-pod metrics: pod (namespace and pod), namespace (pods summed per "
+        "namespace) or off (one node total); docs/OBSERVABILITY.md has the series counts",
+        choices=("pod", "namespace", "off"),
+    ),
 )
 
 SOURCES = ("kubernetes", "docker", "static")

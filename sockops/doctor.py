@@ -79,8 +79,9 @@ def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None
     except SockopsError as e:
         probes.append(Probe("bpffs", False, str(e), "mount -t bpf bpf /sys/fs/bpf"))
     try:
-        loader.check_headers()
-        probes.append(Probe("kernel_headers", True, f"/lib/modules/{release}/build"))
+        tree = loader.check_headers()
+        via = " (BCC_KERNEL_SOURCE)" if str(tree) == os.environ.get("BCC_KERNEL_SOURCE") else ""
+        probes.append(Probe("kernel_headers", True, f"{tree}{via}"))
     except SockopsError as e:
         probes.append(_headers_missing(release, str(e)))
     try:
@@ -97,8 +98,12 @@ def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None
     return probes
 
 
+# Where the container image keeps its kernel headers (Dockerfile, `headers` stage).
+IMAGE_HEADERS = "/opt/sockops/kernel-headers"
+
+
 def in_container() -> bool:
-    """True inside a docker/podman container or a Kubernetes pod (where headers come from the host)."""
+    """True inside a docker/podman container or a Kubernetes pod."""
     return (
         Path("/.dockerenv").exists()
         or Path("/run/.containerenv").exists()
@@ -109,24 +114,33 @@ def in_container() -> bool:
 def _headers_missing(release: str, message: str) -> Probe:
     """The headers probe's failure, worded for where the agent runs.
 
-    In a container the fix is never "install a package": the image carries no kernel headers on
-    purpose (they must match the host's kernel), so the host's must be mounted. A /lib/modules
-    link that dangles means /lib/modules was mounted without /usr/src, where Debian's links point.
+    In a container the fix is never "install a package": the sockops image carries headers at
+    IMAGE_HEADERS and points BCC_KERNEL_SOURCE at them (the programs use only UAPI structures, so
+    any version from 5.15 on serves), so a failure there means that variable was changed, or the
+    image is not the project's. Host headers mounted from the node work too: a /lib/modules link
+    that dangles means /lib/modules was mounted without /usr/src, where Debian's links point.
     """
     if not in_container():
         return Probe("kernel_headers", False, message, "install linux-headers-amd64 and link them")
     build = Path(f"/lib/modules/{release}/build")
-    if build.is_symlink() and not build.exists():
+    source = os.environ.get("BCC_KERNEL_SOURCE")
+    if source is not None:
+        detail = (
+            f"no kernel headers for {release} in this container: BCC_KERNEL_SOURCE={source} "
+            "is no whole header tree (no include/linux/kconfig.h)"
+        )
+    elif build.is_symlink() and not build.exists():
         detail = (
             f"no kernel headers for {release} in this container: {build} points at "
             f"{os.readlink(build)}, which is not mounted"
         )
     else:
-        detail = f"no kernel headers for {release} in this container ({build} not found)"
+        detail = (
+            f"no kernel headers for {release} in this container (BCC_KERNEL_SOURCE unset, {build} not found)"
+        )
     fix = (
-        "mount the host's kernel headers read-only: docker run -v /lib/modules:/lib/modules:ro "
-        "-v /usr/src:/usr/src:ro (DaemonSet: hostPath volumes for both), or set BCC_KERNEL_SOURCE "
-        "to a mounted header tree; the host needs linux-headers for its kernel"
+        f"the sockops image carries headers: set BCC_KERNEL_SOURCE={IMAGE_HEADERS} (the image's default), "
+        "or unset it and mount the host's read-only: -v /lib/modules:/lib/modules:ro -v /usr/src:/usr/src:ro"
     )
     return Probe("kernel_headers", False, detail, fix)
 

@@ -645,14 +645,26 @@ def unpin(bpffs_dir: Path) -> None:
         bpffs_dir.rmdir()
 
 
-def check_headers() -> None:
-    """bcc needs kernel headers; raise with the fix when none are where it looks."""
+def check_headers() -> Path:
+    """The header tree bcc will compile against; raise with the fix when none is where it looks.
+
+    BCC_KERNEL_SOURCE comes first, as in bcc: the container image sets it to the headers it
+    carries (Dockerfile, ``headers`` stage), so a node needs none of its own. bcc takes that
+    variable as one whole tree (it force-includes ``include/linux/kconfig.h`` from it), so a
+    Debian flavour directory alone, whose other half is the ``-common`` package, does not do.
+    """
     env = os.environ.get("BCC_KERNEL_SOURCE")
     release = os.uname().release
-    candidates = [Path(env)] if env else []
-    candidates += [Path(f"/lib/modules/{release}/build"), Path(f"/lib/modules/{release}/source")]
-    if any((c / "include").is_dir() for c in candidates):
-        return
+    if env is not None:  # bcc takes an empty value as the path "", not as unset
+        if env and (Path(env) / "include/linux/kconfig.h").is_file():
+            return Path(env)
+        raise HeadersMissing(
+            f"BCC_KERNEL_SOURCE={env} is not a whole kernel header tree (no include/linux/kconfig.h): "
+            "point it at one that has both the generated and the common headers, or unset it"
+        )
+    for c in (Path(f"/lib/modules/{release}/build"), Path(f"/lib/modules/{release}/source")):
+        if (c / "include").is_dir():
+            return c
     raise HeadersMissing(
         f"bcc could not find kernel headers for {release}: install linux-headers-amd64 (or "
         f"linux-headers-{release}) and link /lib/modules/{release}/build and /source to "

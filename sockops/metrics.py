@@ -72,6 +72,10 @@ NOT_ELIGIBLE_REASONS = {"skipped_mptcp": "mptcp", "skipped_fastopen": "fastopen"
 PAIRED_HOW = {"paired_mirror": "mirror", "paired_origdst": "origdst"}
 
 UNKNOWN_POD = ("", "")
+# How much of a workload's name the per-pod families carry (SOCKOPS_POD_METRIC_LABELS): the label
+# names stay namespace and pod in every mode, so queries and dashboards work unchanged; what is
+# switched off is left empty and summed over, which is what bounds the series count.
+POD_LABEL_MODES = ("pod", "namespace", "off")
 
 
 class AgentView(Protocol):
@@ -177,8 +181,11 @@ class MapCollector(Collector):
     metrics (programs attached, kernel supported) that say why.
     """
 
-    def __init__(self, view: AgentView) -> None:
+    def __init__(self, view: AgentView, pod_labels: str = "pod") -> None:
+        if pod_labels not in POD_LABEL_MODES:
+            raise ValueError(f"pod_labels={pod_labels!r}: use one of {', '.join(POD_LABEL_MODES)}")
         self.view = view
+        self.pod_labels = pod_labels
         self._errors = 0
         self._lock = threading.Lock()  # two Prometheus servers may scrape at once
 
@@ -362,18 +369,26 @@ class MapCollector(Collector):
         fams["sockops_connections_passed"].add_metric([], c.get("connections_passed", 0))
         fams["sockops_pair_races_lost"].add_metric([], c.get("pair_race_lost", 0))
 
-    @staticmethod
+    def _label_values(self, workload: tuple[str, str]) -> tuple[str, str]:
+        namespace, pod = workload
+        if self.pod_labels == "namespace":
+            return namespace, ""
+        if self.pod_labels == "off":
+            return UNKNOWN_POD
+        return namespace, pod
+
     def _add_pods(
-        fams: dict[str, Metric], stats: dict[int, dict[str, int]], labels: dict[int, tuple[str, str]]
+        self, fams: dict[str, Metric], stats: dict[int, dict[str, int]], labels: dict[int, tuple[str, str]]
     ) -> None:
         """Sum the per-netns stats by (namespace, pod); unknown cookies go to ("", "").
 
         Summing (rather than one series per cookie) also merges two cookies of one pod, e.g. a
-        pod sandbox re-created with a new network namespace while old connections still run.
+        pod sandbox re-created with a new network namespace while old connections still run,
+        and, with fewer labels (``pod_labels``), the pods of a namespace or of the whole node.
         """
         per_pod: dict[tuple[str, str], dict[str, int]] = {}
         for cookie, s in stats.items():
-            key = labels.get(cookie, UNKNOWN_POD)
+            key = self._label_values(labels.get(cookie, UNKNOWN_POD))
             acc = per_pod.setdefault(key, {})
             for field, value in s.items():
                 acc[field] = acc.get(field, 0) + value
@@ -385,14 +400,15 @@ class MapCollector(Collector):
             fams["sockops_pod_sockets_inserted"].add_metric(lv, s.get("sockets_inserted", 0))
 
 
-def build_registry(view: AgentView) -> tuple[CollectorRegistry, AgentMetrics]:
+def build_registry(view: AgentView, pod_labels: str = "pod") -> tuple[CollectorRegistry, AgentMetrics]:
     """A registry with the agent's metrics, the map collector and the process/Python collectors.
 
-    Serve it with ``prometheus_client.generate_latest(registry)`` (or ``make_wsgi_app(registry)``).
+    ``pod_labels`` is SOCKOPS_POD_METRIC_LABELS (see :data:`POD_LABEL_MODES`). Serve the registry
+    with ``prometheus_client.generate_latest(registry)`` (or ``make_wsgi_app(registry)``).
     """
     registry = CollectorRegistry()
     metrics = AgentMetrics(registry)
-    registry.register(MapCollector(view))
+    registry.register(MapCollector(view, pod_labels))
     ProcessCollector(registry=registry)  # agent memory, CPU, open fds
     PlatformCollector(registry=registry)
     return registry, metrics
@@ -400,6 +416,7 @@ def build_registry(view: AgentView) -> tuple[CollectorRegistry, AgentMetrics]:
 
 __all__ = [
     "ENFORCE_LATENCY_BUCKETS",
+    "POD_LABEL_MODES",
     "AgentMetrics",
     "AgentView",
     "MapCollector",

@@ -4,7 +4,8 @@ Structure is checked the way Grafana needs it (panels with a Prometheus datasour
 grid position inside the 24-column grid, no overlaps, unique ids and refIds, defined variables);
 every query is valid PromQL (promtool parses it as a recording rule) and uses only metric names
 that a real scrape of the agent's registry contains; the ConfigMap carries the file verbatim with
-the label Grafana's dashboard sidecar looks for.
+the label Grafana's dashboard sidecar looks for. Nodes are chosen by name ($node), workloads by
+$namespace and $pod, per-pod panels draw the top ten, and the agent's own CPU and memory show.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ def exprs() -> list[str]:
     return [t["expr"] for p in panels() for t in p["targets"]]
 
 
+def variable_queries() -> list[str]:
+    """The PromQL inside each query variable's label_values(...)."""
+    out = []
+    for v in load()["templating"]["list"]:
+        if v["type"] == "query":
+            m = re.fullmatch(r"label_values\((.*), (\w+)\)", v["query"]["query"])
+            assert m and v["definition"] == v["query"]["query"], v["name"]
+            out.append(m.group(1))
+    return out
+
+
 def test_dashboard_structure() -> None:
     d = load()
     assert d["uid"] == "sockops" and d["title"]
@@ -50,7 +62,8 @@ def test_dashboard_structure() -> None:
     assert (
         variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     )
-    assert variables["instance"]["datasource"] == DATASOURCE
+    for name in ("node", "namespace", "pod"):
+        assert variables[name]["type"] == "query" and variables[name]["datasource"] == DATASOURCE, name
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids)) and all(isinstance(i, int) for i in ids)
     boxes = []
@@ -91,6 +104,48 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
     assert "histogram_quantile(0.5," in text and "histogram_quantile(0.99," in text
 
 
+def test_node_namespace_and_pod_variables_filter_what_they_name() -> None:
+    """Nodes by name (the `node` target label), never by scrape address; the workload variables
+    chained under the node, and applied to every per-pod query."""
+    variables = {v["name"]: v for v in load()["templating"]["list"]}
+    assert "instance" not in variables
+    assert variables["node"]["query"]["query"].endswith(", node)")
+    assert '$node"' in variables["namespace"]["query"]["query"]
+    assert variables["namespace"]["query"]["query"].endswith(", namespace)")
+    assert '$namespace"' in variables["pod"]["query"]["query"]
+    assert variables["pod"]["query"]["query"].endswith(", pod)")
+    for v in ("node", "namespace", "pod"):
+        assert variables[v]["multi"] and variables[v]["includeAll"] and variables[v]["allValue"] == ".*"
+    for p in panels():
+        for t in p["targets"]:
+            assert "instance" not in t["expr"].replace("on (job, instance)", ""), p["title"]
+            assert "{{instance}}" not in t["legendFormat"], p["title"]
+            assert 'node=~"$node"' in t["expr"], p["title"]
+
+
+def test_per_pod_panels_show_the_top_pods_of_the_selection() -> None:
+    """110 pods a node times hundreds of nodes: a per-pod panel draws the busiest ten."""
+    per_pod = [p for p in panels() if any("by (namespace, pod)" in t["expr"] for t in p["targets"])]
+    assert len(per_pod) >= 3
+    for p in per_pod:
+        for t in p["targets"]:
+            assert re.match(r"topk\(\d+, ", t["expr"]), p["title"]
+            for sel in t["expr"].split("{")[1:]:
+                assert 'namespace=~"$namespace"' in sel and 'pod=~"$pod"' in sel, p["title"]
+
+
+def test_agent_cpu_and_memory_panels() -> None:
+    by_metric = {
+        metric: [p for p in panels() if any(metric in t["expr"] for t in p["targets"])]
+        for metric in ("process_cpu_seconds_total", "process_resident_memory_bytes")
+    }
+    (cpu,) = by_metric["process_cpu_seconds_total"]
+    (mem,) = by_metric["process_resident_memory_bytes"]
+    assert "rate(process_cpu_seconds_total" in cpu["targets"][0]["expr"]
+    assert mem["fieldConfig"]["defaults"]["unit"] == "bytes"
+    assert cpu["targets"][0]["legendFormat"] == mem["targets"][0]["legendFormat"] == "{{node}}"
+
+
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -98,9 +153,9 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     rules = [
         {
             "record": f"dashboard:query_{i}",
-            "expr": e.replace("$__rate_interval", "5m").replace("$instance", ".*"),
+            "expr": re.sub(r"\$(node|namespace|pod)\b", ".*", e.replace("$__rate_interval", "5m")),
         }
-        for i, e in enumerate(exprs())
+        for i, e in enumerate(exprs() + variable_queries())
     ]
     (tmp_path / "dashboard-rules.yaml").write_text(
         yaml.safe_dump({"groups": [{"name": "q", "rules": rules}]})

@@ -296,11 +296,21 @@ def test_mounts_cover_the_pins_the_state_file_and_the_cgroup_root() -> None:
     assert _host_path(m, vol, cgroup) == "/sys/fs/cgroup"  # the cgroup v2 root: every pod's sockets
     assert m["mountPath"] != "/sys/fs/cgroup"  # the runtime's own (namespaced) cgroup mount is there
 
-    for headers in ("/lib/modules", "/usr/src"):
-        m, vol = _mount_for(objs, headers)
-        assert m["readOnly"] and vol["hostPath"]["path"] == headers
-    m, vol = _mount_for(objs, "/tmp")  # bcc unpacks kheaders here
+    m, vol = _mount_for(objs, "/tmp")  # bcc's scratch space
     assert "emptyDir" in vol and not m.get("readOnly")
+
+
+def test_no_kernel_headers_from_the_node() -> None:
+    """Managed node images (COS, Bottlerocket, Flatcar, Talos) have no headers to mount: the image
+    carries them (tests/test_image.py runs doctor without these mounts)."""
+    objs = built()
+    spec = one(objs, "DaemonSet")["spec"]["template"]["spec"]
+    host_paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert host_paths == {"/sys/fs/bpf", "/sys/fs/cgroup"}
+    mounts = {m["mountPath"] for m in agent_container(objs)["volumeMounts"]}
+    assert not mounts & {"/lib/modules", "/usr/src"}
+    assert "BCC_KERNEL_SOURCE" not in agent_env(objs)  # the image's own setting stays in force
+    assert re.search(r"BCC_KERNEL_SOURCE=/opt/sockops/kernel-headers", (REPO / "Dockerfile").read_text())
 
 
 def test_rbac_is_only_get_list_watch_on_pods_and_namespaces() -> None:
@@ -343,11 +353,32 @@ def test_pod_and_security_context_are_the_measured_ones() -> None:
     assert sc.get("allowPrivilegeEscalation") is not False
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert sc["appArmorProfile"] == {"type": "Unconfined"}
+    # SELinux nodes: the type container runtimes give to agents that touch host state.
+    assert spec["securityContext"]["seLinuxOptions"] == {"type": "spc_t"}
     res = c["resources"]
     assert {"cpu", "memory"} <= res["requests"].keys() and {"cpu", "memory"} <= res["limits"].keys()
     mib = {"Mi": 1, "Gi": 1024}
     limit = int(res["limits"]["memory"][:-2]) * mib[res["limits"]["memory"][-2:]]
     assert limit >= 384, "measured: ~190 MiB resident after the compile, full-map scrapes on top"
+
+
+def test_a_node_label_keeps_the_agent_off_a_node() -> None:
+    """sockops.io/agent=disabled (docs/RUNBOOKS.md, SockopsKernelUnsupported): nodes without the
+    label, or with another value, still get the agent."""
+    spec = one(built(), "DaemonSet")["spec"]["template"]["spec"]
+    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+
+    def schedules(labels: dict[str, str]) -> bool:
+        for e in term["matchExpressions"]:
+            assert e["operator"] == "NotIn"  # the only operator this evaluates
+            if labels.get(e["key"]) in e["values"]:
+                return False
+        return True
+
+    assert not schedules({"sockops.io/agent": "disabled"})
+    assert schedules({}) and schedules({"sockops.io/agent": "enabled"})
 
 
 def test_prometheus_operator_objects() -> None:
@@ -374,18 +405,15 @@ def test_prometheus_operator_objects() -> None:
 # -- plain-prometheus overlay ----------------------------------------------------------------------
 
 
+SCRAPE_ANNOTATION = "prometheus.io/scrape"
+
+
 def test_plain_prometheus_overlay() -> None:
     base, objs = built(), built("plain-prometheus")
     assert not [o for o in objs if o["kind"] in CRD_KINDS]
-    port = str(agent_container(objs)["ports"][0]["containerPort"])
-    annotations = one(objs, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == port
-    assert annotations["prometheus.io/path"] == "/metrics"
-    # Only the annotations differ from the base's DaemonSet.
+    # The agent is the base's: nothing added for scraping (see the next test).
+    assert one(objs, "DaemonSet") == one(base, "DaemonSet")
     ds = one(objs, "DaemonSet")
-    for k in ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path"):
-        del ds["spec"]["template"]["metadata"]["annotations"][k]
-    assert ds == one(base, "DaemonSet")
     cm = one(objs, "ConfigMap", "sockops-prometheus")
     rules_src = (DEPLOY / "alerts/sockops-rules.yaml").read_text()
     assert cm["data"]["sockops-rules.yaml"] == rules_src, (
@@ -394,6 +422,58 @@ def test_plain_prometheus_overlay() -> None:
     (job,) = yaml.safe_load(cm["data"]["sockops-scrape.yaml"])
     assert job["job_name"] == "sockops" and job["honor_labels"] is True
     assert job["kubernetes_sd_configs"][0]["namespaces"]["names"] == [ds["metadata"]["namespace"]]
+
+
+@pytest.mark.parametrize("name", ["base", "plain-prometheus"])
+def test_every_agent_is_scraped_once(name: str) -> None:
+    """Each scrape walks the whole sockhash: one scrape config per agent, never two. So no pod
+    annotation for a generic kubernetes-pods job beside the shipped ServiceMonitor or job."""
+    objs = built(name)
+    template = one(objs, "DaemonSet")["spec"]["template"]
+    annotations = template["metadata"].get("annotations", {})
+    assert SCRAPE_ANNOTATION not in annotations, f"{name}: pods annotated for a second scrape job"
+    monitors = [o for o in objs if o["kind"] in ("ServiceMonitor", "PodMonitor")]
+    cms = [o for o in objs if o["kind"] == "ConfigMap" and "sockops-scrape.yaml" in o.get("data", {})]
+    jobs = [j for cm in cms for j in yaml.safe_load(cm["data"]["sockops-scrape.yaml"])]
+    assert len(monitors) + len(jobs) == 1, f"{name}: {len(monitors)} monitors and {len(jobs)} jobs"
+    if monitors:
+        (ep,) = monitors[0]["spec"]["endpoints"]
+        assert ep["port"] == "metrics"
+    else:
+        # Pod role: one target per container port; the job keeps only the port named metrics.
+        keep = [r for r in jobs[0]["relabel_configs"] if r.get("action") == "keep"]
+        assert keep and keep[0]["regex"] == "sockops;metrics"
+        ports = [p for c in template["spec"]["containers"] for p in c.get("ports", [])]
+        assert [p["name"] for p in ports] == ["metrics"]
+
+
+def test_monitoring_objects_carry_the_kube_prometheus_stack_release_label() -> None:
+    """kube-prometheus-stack selects ServiceMonitors and PrometheusRules by `release: <release>`
+    by default: without it the rules, the absent() one included, are silently unused."""
+    objs = built()
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        assert one(objs, kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack", kind
+    for kind in ("DaemonSet", "Namespace", "ConfigMap"):
+        assert all("release" not in o["metadata"].get("labels", {}) for o in objs if o["kind"] == kind)
+
+
+def test_readme_overlay_for_another_release_name(tmp_path: Path) -> None:
+    """The README's overlay for a release not named kube-prometheus-stack builds and relabels both."""
+    kubectl = kubectl_kustomize()
+    if not kubectl:
+        pytest.skip("no kubectl with kustomize v4+ here")
+    deploy = (REPO / "README.md").read_text().split("## Deploy", 1)[1]
+    m = re.search(r"```yaml\n(# my-overlay/kustomization.yaml\n.*?)```", deploy, re.S)
+    assert m, "README's Deploy section lost the release-label overlay example"
+    overlay = tmp_path / "my-overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        m.group(1).replace("../daemonset", os.path.relpath(DEPLOY, overlay))
+    )
+    objs = kubectl_build(overlay)
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        assert one(objs, kind)["metadata"]["labels"]["release"] == "prom", kind
+    assert "release" not in one(objs, "DaemonSet")["metadata"]["labels"]
 
 
 def test_plain_prometheus_scrape_job_passes_promtool(tmp_path: Path) -> None:

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import secrets
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from agentproc import AgentProcess, agents, wait_for
 from conftest import Plane
 from metrics_view import PairTraffic, plane_view, run_pairs, scrape, value, wait_drained
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sockops import layout
+from sockops.cgroups import Cgroup
 from sockops.loader import MapSizes
 from sockops.metrics import ENFORCE_LATENCY_BUCKETS, AgentMetrics, MapCollector, build_registry
 from sockops.podlab import Lab
@@ -142,7 +146,7 @@ class ExplodingView:
         return boom
 
 
-def _fake_setup(**kw: Any) -> tuple[CollectorRegistry, AgentMetrics, FakeView]:
+def _fake_setup(pod_labels: str = "pod", **kw: Any) -> tuple[CollectorRegistry, AgentMetrics, FakeView]:
     maps = FakeMaps(
         stats={
             101: _stats(1000, 10, 1),
@@ -154,7 +158,7 @@ def _fake_setup(**kw: Any) -> tuple[CollectorRegistry, AgentMetrics, FakeView]:
         pending=5,
     )
     view = FakeView(maps, {101: ("shop", "cart"), 102: ("shop", "cart"), 104: ("web", "front")})
-    registry, metrics = build_registry(view)
+    registry, metrics = build_registry(view, pod_labels)
     return registry, metrics, view
 
 
@@ -247,6 +251,34 @@ def test_label_sets_are_bounded() -> None:
     assert {dict(k)["reason"] for k in s["sockops_sockets_not_eligible_total"]} == {"mptcp", "fastopen"}
     pods = {tuple(v for _, v in k) for k in s["sockops_redirected_bytes_total"]}
     assert pods == {("shop", "cart"), ("web", "front"), ("", "")}
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        # cookies 101+102 are shop/cart (1000+500 bytes), 104 web/front (40), 103 nobody's (7)
+        ("pod", {("shop", "cart"): 1500, ("web", "front"): 40, ("", ""): 7}),
+        ("namespace", {("shop", ""): 1500, ("web", ""): 40, ("", ""): 7}),
+        ("off", {("", ""): 1547}),
+    ],
+)
+def test_pod_metric_labels_setting_bounds_the_series(mode: str, expected: dict[tuple[str, str], int]) -> None:
+    """SOCKOPS_POD_METRIC_LABELS: the same label names in every mode, fewer values, and the sums
+    keep every byte (node totals do not change with the mode)."""
+    registry, _, _ = _fake_setup(pod_labels=mode)
+    s = scrape(registry)
+    for family in (
+        "sockops_redirected_bytes_total", "sockops_redirected_messages_total",
+        "sockops_redirect_misses_total", "sockops_pod_sockets_inserted_total",
+    ):  # fmt: skip
+        assert {tuple(dict(k)[n] for n in ("namespace", "pod")) for k in s[family]} == set(expected), family
+    got = {(dict(k)["namespace"], dict(k)["pod"]): v for k, v in s["sockops_redirected_bytes_total"].items()}
+    assert got == expected
+
+
+def test_pod_metric_labels_setting_rejects_unknown_modes() -> None:
+    with pytest.raises(ValueError, match="use one of pod, namespace, off"):
+        build_registry(FakeView(None), "pods")
 
 
 def test_a_pod_that_is_gone_leaves_the_output() -> None:
@@ -430,3 +462,41 @@ def test_scrape_cost_with_many_sockets(dataplane: Plane, lab: Lab) -> None:
         for sk in socks:
             sk.close()
         lst.close()
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(120)
+def test_agent_pod_metric_labels_setting(cgroup: Cgroup, lab: Lab, tmp_path: Path) -> None:
+    """The real agent, its setting from the environment as the DaemonSet's ConfigMap gives it:
+    two pods' bytes as two series by default, one node total with SOCKOPS_POD_METRIC_LABELS=off
+    (an agent restart keeps the pinned counters, so the total is the sum of the two)."""
+    from conftest import BPFFS_ROOT, TEST_PREFIX
+
+    bpffs = BPFFS_ROOT / f"{TEST_PREFIX}-podlabels-{secrets.token_hex(3)}"
+    pods = [lab.add_pod(n, ip=f"10.244.1.{20 + i}", sidecar=False) for i, n in enumerate(("cart", "front"))]
+    args = ["--source", "static", *[a for p in pods for a in ("--netns", p.netns)]]
+
+    def bytes_series(agent: AgentProcess) -> dict[tuple[str, str], float]:
+        return {
+            (dict(labels)["namespace"], dict(labels)["pod"]): v
+            for (name, labels), v in agent.metrics().items()
+            if name == "sockops_redirected_bytes_total"
+        }
+
+    with agents(cgroup.path, bpffs) as started:
+        agent = AgentProcess(cgroup.path, bpffs, tmp_path, args, name="per-pod")
+        started.append(agent)
+        agent.wait_ready()
+        wait_for(lambda: agent.metric("sockops_pods_accelerated") == 2, 30, "both pods accelerated")
+        sent = {p.netns: run_pairs(p, 2, 1000, 5)["bytes"] for p in pods}
+        assert bytes_series(agent) == {("", netns): float(b) for netns, b in sent.items()}
+        assert agent.stop() == 0
+
+        agent = AgentProcess(
+            cgroup.path, bpffs, tmp_path, args, env={"SOCKOPS_POD_METRIC_LABELS": "off"}, name="off"
+        )
+        started.append(agent)
+        agent.wait_ready()
+        wait_for(lambda: agent.metric("sockops_pods_accelerated") == 2, 30, "both pods accelerated")
+        assert bytes_series(agent) == {("", ""): float(sum(sent.values()))}
+        assert agent.stop() == 0
