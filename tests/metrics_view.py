@@ -24,8 +24,8 @@ from conftest import Plane
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sockops import loader
-from sockops.loader import MapSizes, PinnedMaps, attached_programs
+from sockops import libbpf, links
+from sockops.loader import MapSizes, PinnedMaps, programs_attached
 from sockops.podlab import APP_UID, Pod
 
 PAIR_TRAFFIC = Path(__file__).resolve().parent / "pair_traffic.py"
@@ -60,9 +60,7 @@ class PlaneView:
         return self.pending
 
     def programs_attached(self) -> dict[str, bool]:
-        found = attached_programs(self.cgroup, self.bpffs_dir)
-        names = {"sock_ops": "sockops_main", "sk_msg": "sockops_redirect"}
-        return {kind: any(p["name"] == name[:15] for p in found[kind]) for kind, name in names.items()}
+        return programs_attached(self.cgroup, self.bpffs_dir)
 
     def kernel_supported(self) -> bool:
         return self.supported
@@ -75,16 +73,12 @@ def plane_view(plane: Plane, sizes: MapSizes, labels: dict[int, tuple[str, str]]
     return PlaneView(bpffs_dir=plane.bpffs_dir, cgroup=plane.cgroup, sizes=sizes, labels=dict(labels))
 
 
-def detach_sock_ops(cgroup: Path) -> None:
-    """Detach sockops' sock_ops program from the test cgroup only (sk_msg stays on the map)."""
-    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+def detach_sock_ops(bpffs_dir: Path) -> None:
+    """Detach sockops' sock_ops link (as another admin could); sk_msg stays on the map."""
+    (att,) = [a for a in links.ATTACHMENTS if a.kind == "sock_ops"]
+    fd = libbpf.obj_get(links.link_pin(bpffs_dir, att))
     try:
-        for prog_id in loader.prog_query(fd, loader.BPF_CGROUP_SOCK_OPS):
-            pfd = loader.prog_fd_by_id(prog_id)
-            try:
-                loader.prog_detach(fd, pfd, loader.BPF_CGROUP_SOCK_OPS)
-            finally:
-                os.close(pfd)
+        libbpf.link_detach(fd)
     finally:
         os.close(fd)
 
