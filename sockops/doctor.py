@@ -37,7 +37,10 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
     return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
 
 
-def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None) -> list[Probe]:
+def probe_all(
+    bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None, bpffs_dir: Path | None = None
+) -> list[Probe]:
+    """``bpffs_dir`` is the agent's pin directory, whose sockhash and links the hook probes read."""
     probes: list[Probe] = []
     release = os.uname().release
     kv = kernel_version(release)
@@ -67,6 +70,7 @@ def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None
             "run as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)",
         )
     )
+    cg: Path | None = None
     try:
         cg = cgroup or find_cgroup2_root()
         loader.check_cgroup_v2(cg)
@@ -92,8 +96,33 @@ def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None
 
     if all(p.ok for p in probes if p.required):
         probes.append(_probe_load(bpffs_root))
+        assert cg is not None  # the cgroup_v2 probe passed
+        probes += probe_hooks(cg, bpffs_dir or bpffs_root / "sockops")
     else:
         probes.append(Probe("programs_load", False, "skipped: fix the failures above first"))
+    return probes
+
+
+def probe_hooks(cgroup: Path, bpffs_dir: Path) -> list[Probe]:
+    """One probe per hook sockops uses: which other programs share it, and whether they can.
+
+    Programs on a multi-attach cgroup hook all run, so sharing is fine; a program attached
+    exclusively (without BPF_F_ALLOW_MULTI) leaves no room for sockops' link, and a second
+    sk_msg program cannot share sockops' sockhash. Those fail the probe.
+    """
+    from sockops import links
+
+    try:
+        hooks = links.hooks(cgroup, bpffs_dir)
+    except SockopsError as e:
+        return [Probe("hooks", False, str(e), "run as root (CAP_BPF, CAP_SYS_ADMIN)")]
+    probes = []
+    for hook in hooks:
+        ok, why = hook.verdict()
+        progs = ", ".join(f"{p['name']} (id {p['id']}, {p['owner']})" for p in hook.programs)
+        detail = f"{hook.target}: {progs or 'nothing attached'}; {why}" if hook.exists else why
+        fix = "" if ok else "that tool must attach with BPF_F_ALLOW_MULTI or a BPF link (bpftool cgroup show)"
+        probes.append(Probe(f"hook_{hook.kind}", ok, detail, fix))
     return probes
 
 
