@@ -121,7 +121,12 @@ def probe_hooks(cgroup: Path, bpffs_dir: Path) -> list[Probe]:
         ok, why = hook.verdict()
         progs = ", ".join(f"{p['name']} (id {p['id']}, {p['owner']})" for p in hook.programs)
         detail = f"{hook.target}: {progs or 'nothing attached'}; {why}" if hook.exists else why
-        fix = "" if ok else "that tool must attach with BPF_F_ALLOW_MULTI or a BPF link (bpftool cgroup show)"
+        if ok:
+            fix = ""
+        elif hook.kind == "sk_msg":
+            fix = "detach the other sk_msg program from sockops' sockhash (bpftool map show, prog show)"
+        else:
+            fix = "that tool must attach with BPF_F_ALLOW_MULTI or a BPF link (bpftool cgroup show)"
         probes.append(Probe(f"hook_{hook.kind}", ok, detail, fix))
     return probes
 
