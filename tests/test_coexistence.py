@@ -227,6 +227,11 @@ def test_agent_restart_and_upgrade_keep_the_other_tool_and_swap_on_the_same_link
     for kind, (link_id, prog_id) in links_v1.items():
         assert links_v2[kind][0] == link_id, f"{kind}: a new link instead of BPF_LINK_UPDATE"
         assert links_v2[kind][1] != prog_id, f"{kind}: the program was not replaced"
+        fd = libbpf.link_fd_by_id(link_id)  # the very link of the first agent runs the new program
+        try:
+            assert libbpf.link_info(fd)["prog_id"] == links_v2[kind][1]
+        finally:
+            os.close(fd)
     assert [p["tag"] for p in env.attached()["sk_msg"]] != tags_v1["sk_msg"]
     assert ours_and_others(env)["sock_ops"] == sorted([NAME, "sockops_main"]), "attached twice, or lost"
     assert tool.prog_id in on_cgroup(env.cgroup.path)
