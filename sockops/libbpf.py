@@ -256,19 +256,14 @@ def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
         _raise(ret, f"detaching program fd {prog_fd} (attach type {attach_type})", "")
 
 
-def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str) -> int:
-    """A new link (multi-attach on a cgroup); the link fd. ``what`` names the hook for errors."""
+def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str, busy_fix: str) -> int:
+    """A new link (multi-attach on a cgroup); the link fd. ``what`` names the hook and
+    ``busy_fix`` says what to do when another program holds it, for the error message."""
     ret = lib().bpf_link_create(prog_fd, target_fd, attach_type, None)
     if ret < 0:
-        _raise(
-            ret,
-            f"attaching through a BPF link to {what}",
-            "another program holds the hook exclusively (attached without BPF_F_ALLOW_MULTI): "
-            "that tool must attach with BPF_F_ALLOW_MULTI or a link; sockops never replaces it "
-            f"(see `sockops doctor`). Or the kernel is older than the link support for {what} "
-            "(cgroup links: 5.7; sockmap sk_msg links: 6.10)",
-            attach=True,
-        )
+        if -ret in (errno.EINVAL, errno.EOPNOTSUPP):
+            busy_fix = "this kernel has no BPF links for this hook (cgroup links: 5.7, sockmap links: 6.10)"
+        _raise(ret, f"attaching through a BPF link to {what}", busy_fix, attach=True)
     return ret
 
 

@@ -117,7 +117,8 @@ def _detach_unlinked(att: Attachment, fd: int) -> int:
 
 def _foreign_on_sockhash(att: Attachment, fd: int) -> list[str]:
     ids, _ = libbpf.prog_query(fd, att.attach_type)
-    return [f"{_name_of(i)} (id {i})" for i in ids if _name_of(i) not in (att.kernel_name, None)]
+    names = {i: _name_of(i) for i in ids}
+    return [f"{name} (id {i})" for i, name in names.items() if name not in (att.kernel_name, None)]
 
 
 def _update_pinned(att: Attachment, pin: Path, tfd: int, prog_fd: int) -> bool:
@@ -170,6 +171,15 @@ def _migrate(att: Attachment, tfd: int) -> int:
     return _detach_unlinked(att, tfd)
 
 
+_BUSY_FIX = {
+    CGROUP: "another program holds the hook exclusively (attached without BPF_F_ALLOW_MULTI; "
+    "`sockops doctor` names it): that tool must attach with BPF_F_ALLOW_MULTI or a BPF link. "
+    "sockops never replaces it",
+    SOCKHASH: "another BPF link holds sockops' sockhash: find it with bpftool link show, detach it, "
+    "and restart the agent",
+}
+
+
 def attach(att: Attachment, prog_fd: int, cgroup: Path, bpffs_dir: Path) -> str:
     """Put one program on its hook through the pinned link; says what it did (for the log)."""
     pin = link_pin(bpffs_dir, att)
@@ -181,7 +191,7 @@ def attach(att: Attachment, prog_fd: int, cgroup: Path, bpffs_dir: Path) -> str:
             return "link updated"
         migrated = _migrate(att, tfd)
         try:
-            link = libbpf.link_create(prog_fd, tfd, att.attach_type, where)
+            link = libbpf.link_create(prog_fd, tfd, att.attach_type, where, _BUSY_FIX[att.target])
         except libbpf.NotSupported:
             if att.target != SOCKHASH:
                 raise
