@@ -285,3 +285,36 @@ def test_old_style_attachment_is_moved_to_links(
 
     tool = other_tool("multi")  # refused (EPERM) while the old exclusive attachment was there
     counted_by_other(env, pod, tool)
+
+
+# -- the attachment table ----------------------------------------------------------------------------------
+
+
+def test_optional_program_gets_its_own_pinned_link(
+    make_dataplane: Callable[..., Plane], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An optional entry of links.ATTACHMENTS (sockops_synack, cgroup_skb egress) is attached
+    through its own pinned link as soon as the sources define its function, reported with the
+    others, and detached with them. Here a pass-through stand-in is appended to a copy of bpf/
+    unless the sources already have the real program."""
+    import shutil
+
+    from sockops import loader
+
+    (att,) = [a for a in links.ATTACHMENTS if a.optional]
+    src = tmp_path / "bpf"
+    shutil.copytree(loader.bpf_source_dir(), src)
+    if f" {att.program}(" not in loader.program_text(src):
+        with (src / "redirect.bpf.c").open("a") as f:
+            f.write(f"\nint {att.program}(struct __sk_buff *skb)\n{{\n\treturn 1;\n}}\n")
+    monkeypatch.setenv("SOCKOPS_BPF_DIR", str(src))
+    plane = make_dataplane()
+
+    assert att.program in plane.dp.programs
+    assert links.link_pin(plane.bpffs_dir, att).exists()
+    assert loader.programs_attached(plane.cgroup, plane.bpffs_dir)[att.kind] is True
+    (prog,) = loader.attached_programs(plane.cgroup, plane.bpffs_dir)[att.kind]
+    assert (prog["name"], prog["owner"]) == (att.kernel_name, links.OURS)
+    assert plane.dp.attach(plane.cgroup)[att.kind] == "link updated"  # a second agent's start
+    loader.detach_all(plane.cgroup, plane.bpffs_dir)
+    assert loader.attached_programs(plane.cgroup, plane.bpffs_dir)[att.kind] == []
