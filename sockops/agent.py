@@ -3,9 +3,11 @@
 Lifecycle, and why it is safe for traffic:
 
 * start: ``DataPlane.load`` re-opens maps already pinned by an earlier agent (sizes adopted, see
-  loader.adopt_sizes) and ``attach`` swaps the programs atomically, so a restart or an upgrade to
-  changed programs never leaves a moment without a program nor attaches twice. Sockets already
-  in the sockhash keep the sk_msg program they were inserted with until they close.
+  loader.adopt_sizes) and ``attach`` swaps the programs on the pinned links atomically
+  (sockops/links.py), so a restart or an upgrade to changed programs never leaves a moment without
+  a program nor attaches twice. Sockets already in the sockhash keep the sk_msg program they were
+  inserted with until they close. Other tools' programs on the same cgroup hooks keep running
+  (links are multi-attach); the start logs them.
 * run: sources report, the reconciler enforces; a source that crashes is restarted with backoff.
 * SIGTERM/SIGINT: one stop event ends everything; programs stay attached and maps pinned, so
   accelerated connections keep running and new connections of enabled pods are still accelerated
@@ -166,7 +168,7 @@ class Agent:
     def load(self) -> None:
         try:
             self.plane = loader.DataPlane.load(self.bpffs, self.sizes)
-            self.plane.attach(self.cgroup)
+            done = self.plane.attach(self.cgroup)
         except SockopsError as e:
             if self.args.if_unsupported != "idle":
                 raise
@@ -186,9 +188,28 @@ class Agent:
                     "cgroup": str(self.cgroup),
                     "bpffs": str(self.bpffs),
                     "sizes": str(self.plane.sizes),
+                    **done,
                 }
             },
         )
+        self._report_hooks()
+
+    def _report_hooks(self) -> None:
+        """Say which other programs share our hooks, and whether that is fine."""
+        from sockops import links
+
+        try:
+            hooks = links.hooks(self.cgroup, self.bpffs)
+        except SockopsError as e:
+            log.warning("cannot list the programs on the hooks", extra={"fields": {"reason": str(e)}})
+            return
+        for hook in hooks:
+            ok, why = hook.verdict()
+            if hook.foreign() or not ok:
+                (log.info if ok else log.warning)(
+                    "other programs on a hook sockops uses",
+                    extra={"fields": {"hook": hook.kind, "target": hook.target, "verdict": why}},
+                )
 
     def _supervise(self, source: Source, work: threading.Event) -> None:
         """Run a source until ``work`` ends; an unexpected crash is logged, counted and restarted."""

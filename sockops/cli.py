@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="probe kernel features; exit 0 only where acceleration can run")
     d.add_argument("--json", action="store_true")
     d.add_argument("--cgroup", type=Path, default=None)
+    config.BPFFS.add_to(d)
 
     a = sub.add_parser("agent", help="load and attach the programs, reconcile pods until SIGTERM")
     _common(a)
@@ -89,9 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         _common(e)
         _target(e)
 
-    s = sub.add_parser("status", help="workloads and why, enabled namespaces, sockets in the map, counters")
+    s = sub.add_parser(
+        "status", help="workloads and why, enabled namespaces, sockets, counters, programs on the hooks"
+    )
     _common(s)
     config.STATE_FILE.add_to(s)
+    config.CGROUP.add_to(s)
     s.add_argument("--json", action="store_true")
 
     u = sub.add_parser("uninstall", help="stop accelerating, wait for accelerated connections, detach, unpin")
@@ -141,7 +145,7 @@ def _settings(args: argparse.Namespace, path: Path) -> layout.NetnsSettings:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from sockops import doctor
 
-    probes = doctor.probe_all(cgroup=args.cgroup)
+    probes = doctor.probe_all(cgroup=args.cgroup, bpffs_dir=args.bpffs)
     print(doctor.render(probes, args.json))
     return 0 if doctor.verdict(probes) else 1
 
@@ -175,7 +179,11 @@ def _netns_names() -> dict[int, str]:
     return names
 
 
-def status_report(bpffs: Path, state_file: Path | None = None) -> dict[str, object]:
+def status_report(
+    bpffs: Path, state_file: Path | None = None, cgroup: Path | None = None
+) -> dict[str, object]:
+    from sockops import links
+    from sockops.cgroups import find_cgroup2_root
     from sockops.reconciler import read_state
 
     workloads = read_state(state_file) if state_file else None
@@ -206,11 +214,13 @@ def status_report(bpffs: Path, state_file: Path | None = None) -> dict[str, obje
         "counters": counters,
         # What the agent decided for each pod and why (None: no agent has published a state file).
         "workloads": workloads,
+        # Every program on the hooks sockops uses, whose it is, and whether they can share it.
+        "hooks": [h.to_dict() for h in links.hooks(cgroup or find_cgroup2_root(), bpffs)],
     }
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    report = status_report(args.bpffs, args.state_file)
+    report = status_report(args.bpffs, args.state_file, args.cgroup)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -244,6 +254,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("counters:")
     for k, v in report["counters"].items():
         print(f"  {k:<28} {v}")
+    print("programs on the hooks:")
+    for hook in report["hooks"]:
+        progs = ", ".join(f"{p['name']} (id {p['id']}, {p['owner']})" for p in hook["programs"])
+        print(f"  {hook['kind']:<12} {hook['mode'] or '-':<9} {progs or '(none)'}")
+        print(f"  {'':<12} {'':<9} {'' if hook['ok'] else '! '}{hook['verdict']}")
     return 0
 
 

@@ -37,7 +37,10 @@ def kernel_version(release: str | None = None) -> tuple[int, int]:
     return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
 
 
-def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None) -> list[Probe]:
+def probe_all(
+    bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None, bpffs_dir: Path | None = None
+) -> list[Probe]:
+    """``bpffs_dir`` is the agent's pin directory, whose sockhash and links the hook probes read."""
     probes: list[Probe] = []
     release = os.uname().release
     kv = kernel_version(release)
@@ -67,6 +70,7 @@ def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None
             "run as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)",
         )
     )
+    cg: Path | None = None
     try:
         cg = cgroup or find_cgroup2_root()
         loader.check_cgroup_v2(cg)
@@ -93,6 +97,8 @@ def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None
 
     if all(p.ok for p in probes if p.required):
         probes.append(_probe_load(bpffs_root))
+        assert cg is not None  # the cgroup_v2 probe passed
+        probes += probe_hooks(cg, bpffs_dir or bpffs_root / "sockops")
     else:
         probes.append(Probe("programs_load", False, "skipped: fix the failures above first"))
     return probes
@@ -100,6 +106,35 @@ def probe_all(bpffs_root: Path = Path("/sys/fs/bpf"), cgroup: Path | None = None
 
 # Where the container image keeps its kernel headers (Dockerfile, `headers` stage).
 IMAGE_HEADERS = "/opt/sockops/kernel-headers"
+
+
+def probe_hooks(cgroup: Path, bpffs_dir: Path) -> list[Probe]:
+    """One probe per hook sockops uses: which other programs share it, and whether they can.
+
+    Programs on a multi-attach cgroup hook all run, so sharing is fine; a program attached
+    exclusively (without BPF_F_ALLOW_MULTI) leaves no room for sockops' link, and a second
+    sk_msg program cannot share sockops' sockhash. Those fail the probe.
+    """
+    from sockops import links
+
+    try:
+        hooks = links.hooks(cgroup, bpffs_dir)
+    except (SockopsError, OSError) as e:
+        # Not a verdict on the hooks: the attach itself will say what is wrong, if anything.
+        return [Probe("hooks", False, f"cannot list the programs on the hooks: {e}", "", required=False)]
+    probes = []
+    for hook in hooks:
+        ok, why = hook.verdict()
+        progs = ", ".join(f"{p['name']} (id {p['id']}, {p['owner']})" for p in hook.programs)
+        detail = f"{hook.target}: {progs or 'nothing attached'}; {why}" if hook.exists else why
+        if ok:
+            fix = ""
+        elif hook.kind == "sk_msg":
+            fix = "detach the other sk_msg program from sockops' sockhash (bpftool map show, prog show)"
+        else:
+            fix = "that tool must attach with BPF_F_ALLOW_MULTI or a BPF link (bpftool cgroup show)"
+        probes.append(Probe(f"hook_{hook.kind}", ok, detail, fix))
+    return probes
 
 
 def in_container() -> bool:

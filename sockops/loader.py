@@ -1,10 +1,12 @@
-"""The only module that touches bcc and the bpf() syscall: compile, load, attach, pin, re-open, detach.
+"""Compile and load with bcc, pin and re-open the maps, and attach: the data plane's lifecycle.
 
 Maps are pinned under a bpffs directory (default /sys/fs/bpf/sockops) by the programs' own map
 definitions, so a second load re-opens the same maps instead of creating new ones: that is what
-lets an agent restart or upgrade without breaking live connections. Programs are attached without
-BPF_F_ALLOW_MULTI, so a new attach atomically replaces the previous program (no window without a
-program, never two programs) and an attachment outlives the process that made it.
+lets an agent restart or upgrade without breaking live connections. Programs are attached through
+BPF links pinned beside the maps (sockops/links.py): multi-attach on the cgroup, so other tools'
+programs keep running; a new agent swaps the program on the pinned link atomically (no window
+without a program, never two of ours), and an attachment outlives the process that made it.
+bpf(2) itself is reached only through libbpf (sockops/libbpf.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sockops import layout
+from sockops import layout, libbpf, links
 from sockops.errors import (
     BpffsMissing,
     CgroupMissing,
@@ -29,21 +31,10 @@ from sockops.errors import (
 
 DEFAULT_BPFFS_DIR = Path("/sys/fs/bpf/sockops")
 
-# bpf(2) commands and attach types used directly (bcc 0.26 exposes no query or pin API).
-_NR_BPF = 321  # x86_64
-_BPF_PROG_DETACH = 9
-_BPF_PROG_GET_FD_BY_ID = 13
-_BPF_OBJ_GET_INFO_BY_FD = 15
-_BPF_PROG_QUERY = 16
-BPF_CGROUP_INET_EGRESS = 1
-BPF_CGROUP_SOCK_OPS = 3
-BPF_SK_MSG_VERDICT = 7
-
 UNINSTALL_MARK = 0  # netns_conf key that says "uninstall in progress" (no namespace has cookie 0)
 
 PROG_SOCK_OPS = "sockops_main"
 PROG_SK_MSG = "sockops_redirect"
-PROG_SYNACK = "sockops_synack"
 
 
 def bpf_source_dir() -> Path:
@@ -93,86 +84,24 @@ def cflags(bpffs_dir: Path, sizes: MapSizes, src_dir: Path | None = None) -> lis
     ]
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    ret = _libc().syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return ret
-
-
-def _attr() -> ctypes.Array:
-    return (ctypes.c_uint8 * 128)()
-
-
-def prog_query(target_fd: int, attach_type: int) -> list[int]:
-    """IDs of the programs attached to a cgroup or map for one attach type."""
-    attr = _attr()
-    ids = (ctypes.c_uint32 * 64)()
-    # union bpf_attr.query: target_fd u32, attach_type u32, query_flags u32, attach_flags u32,
-    # prog_ids u64, prog_cnt u32
-    ctypes.c_uint32.from_buffer(attr, 0).value = target_fd
-    ctypes.c_uint32.from_buffer(attr, 4).value = attach_type
-    ctypes.c_uint64.from_buffer(attr, 16).value = ctypes.addressof(ids)
-    ctypes.c_uint32.from_buffer(attr, 24).value = len(ids)
-    _bpf(_BPF_PROG_QUERY, attr)
-    count = ctypes.c_uint32.from_buffer(attr, 24).value
-    return [ids[i] for i in range(min(count, len(ids)))]
-
-
-def prog_fd_by_id(prog_id: int) -> int:
-    attr = _attr()
-    ctypes.c_uint32.from_buffer(attr, 0).value = prog_id
-    return _bpf(_BPF_PROG_GET_FD_BY_ID, attr)
-
-
-def _obj_info(fd: int, size: int) -> ctypes.Array:
-    """BPF_OBJ_GET_INFO_BY_FD into a zeroed buffer (struct bpf_prog_info or bpf_map_info)."""
-    info = (ctypes.c_uint8 * size)()
-    attr = _attr()
-    ctypes.c_uint32.from_buffer(attr, 0).value = fd
-    ctypes.c_uint32.from_buffer(attr, 4).value = len(info)
-    ctypes.c_uint64.from_buffer(attr, 8).value = ctypes.addressof(info)
-    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
-    return info
-
-
-def prog_info(fd: int) -> dict[str, object]:
-    """Name and tag (a hash of the instructions) of a loaded program."""
-    info = _obj_info(fd, 256)
-    # struct bpf_prog_info: type u32, id u32, tag[8], ... name[16] at offset 64
-    return {
-        "id": ctypes.c_uint32.from_buffer(info, 4).value,
-        "tag": bytes(info[8:16]).hex(),
-        "name": bytes(info[64:80]).split(b"\0", 1)[0].decode(),
-    }
-
-
-def map_info(fd: int) -> dict[str, int]:
-    """Type, key/value sizes and capacity of a map (struct bpf_map_info's first fields)."""
-    info = _obj_info(fd, 128)
-    fields = ("type", "id", "key_size", "value_size", "max_entries")
-    return {f: ctypes.c_uint32.from_buffer(info, 4 * i).value for i, f in enumerate(fields)}
+def _open_pin(path: Path) -> int:
+    """An fd for a pinned object; a missing permission says how to get it."""
+    try:
+        return libbpf.obj_get(path)
+    except libbpf.NotPermitted as e:
+        raise PermissionMissing(f"cannot open the pin {path}: run as root (CAP_BPF, CAP_SYS_ADMIN)") from e
 
 
 def pinned_map_info(bpffs_dir: Path) -> dict[str, dict[str, int]]:
     """map_info() of every sockops map pinned under the directory (empty when nothing is)."""
-    from bcc import libbcc
-
     out = {}
     for name in layout.ALL_MAPS:
         path = bpffs_dir / name
         if not path.exists():
             continue
-        fd = libbcc.lib.bpf_obj_get(str(path).encode())
-        if fd < 0:
-            raise PermissionMissing(f"cannot open pinned map {path}: run as root (CAP_BPF, CAP_SYS_ADMIN)")
+        fd = _open_pin(path)
         try:
-            out[name] = map_info(fd)
+            out[name] = libbpf.map_info(fd)
         finally:
             os.close(fd)
     return out
@@ -227,24 +156,6 @@ def adopt_sizes(bpffs_dir: Path, wanted: MapSizes) -> tuple[MapSizes, list[str]]
     return MapSizes(**effective), notes
 
 
-def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
-    attr = _attr()
-    # union bpf_attr (attach): target_fd u32, attach_bpf_fd u32, attach_type u32, attach_flags u32
-    ctypes.c_uint32.from_buffer(attr, 0).value = target_fd
-    ctypes.c_uint32.from_buffer(attr, 4).value = prog_fd
-    ctypes.c_uint32.from_buffer(attr, 8).value = attach_type
-    _bpf(_BPF_PROG_DETACH, attr)
-
-
-@contextlib.contextmanager
-def _dir_fd(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def check_cgroup_v2(cgroup: Path) -> None:
     if not (cgroup / "cgroup.procs").exists() or not (cgroup / "cgroup.controllers").exists():
         raise CgroupMissing(
@@ -291,13 +202,11 @@ class PinnedMaps:
                 f"start the agent first (sockops agent), or pass the agent's --bpffs"
             )
         for name in layout.ALL_MAPS:
-            fd = self._lib.bpf_obj_get(str(bpffs_dir / name).encode())
-            if fd < 0:
+            try:
+                self.fds[name] = _open_pin(bpffs_dir / name)
+            except SockopsError:
                 self.close()
-                raise PermissionMissing(
-                    f"cannot open pinned map {bpffs_dir / name}: run as root (CAP_BPF, CAP_SYS_ADMIN)"
-                )
-            self.fds[name] = fd
+                raise
         self.ncpus = _possible_cpus()
 
     def close(self) -> None:
@@ -480,15 +389,21 @@ def _possible_cpus() -> int:
 
 @dataclass
 class DataPlane:
-    """Compiled and loaded programs plus their pinned maps."""
+    """Compiled and loaded programs (by C function name) plus their pinned maps."""
 
     bpffs_dir: Path
     sizes: MapSizes
     bpf: object = field(repr=False)
-    sock_ops: object = field(repr=False)
-    sk_msg: object = field(repr=False)
-    synack: object = field(repr=False)
+    programs: dict[str, object] = field(repr=False)  # links.Attachment.program -> bcc function
     notes: list[str] = field(default_factory=list)  # what the load adapted to (pinned sizes)
+
+    @property
+    def sock_ops(self) -> object:
+        return self.programs[PROG_SOCK_OPS]
+
+    @property
+    def sk_msg(self) -> object:
+        return self.programs[PROG_SK_MSG]
 
     @classmethod
     def load(
@@ -514,42 +429,29 @@ class DataPlane:
         text = program_text()
         if debug_text:
             print(text)
+        programs: dict[str, object] = {}
         try:
             b = BPF(text=text, cflags=cflags(bpffs_dir, sizes))
-            ops = b.load_func(PROG_SOCK_OPS, BPF.SOCK_OPS)
-            msg = b.load_func(PROG_SK_MSG, BPF.SK_MSG)
-            synack = b.load_func(PROG_SYNACK, BPF.CGROUP_SKB)
+            for att in links.ATTACHMENTS:
+                programs[att.program] = b.load_func(att.program, getattr(BPF, att.prog_type))
         except Exception as e:  # bcc raises bare Exception with the verifier log on stderr
             raise SockopsError(f"loading the BPF programs failed: {e}") from e
-        return cls(
-            bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, sock_ops=ops, sk_msg=msg, synack=synack, notes=notes
-        )
+        return cls(bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, programs=programs, notes=notes)
 
-    def attach(self, cgroup: Path) -> None:
-        """Attach sock_ops and the SYN-ACK recorder to the cgroup and sk_msg to the sockhash,
-        replacing older versions.
+    def attach(self, cgroup: Path) -> dict[str, str]:
+        """Attach every loaded program through its pinned link; what was done, by hook kind.
 
-        sk_msg goes first: sockets inserted by a new sock_ops program must find the (new) verdict
-        program on the map; the SYN-ACK recorder before sock_ops, whose servers read its records.
-        Each attach swaps atomically, so there is no window without one.
+        A link pinned by an earlier agent gets the new program with BPF_LINK_UPDATE (atomic,
+        same link); a missing one is created and pinned, replacing an older sockops's
+        BPF_PROG_ATTACH attachment (links.attach). Programs of other tools on the cgroup stay.
         """
-        from bcc import BPF, BPFAttachType
-
         check_cgroup_v2(cgroup)
-        map_fd = self.bpf_map_fd(layout.MAP_SOCKHASH)
-        try:
-            BPF.attach_func(self.sk_msg, map_fd, BPFAttachType.SK_MSG_VERDICT)
-        except Exception as e:
-            raise SockopsError(f"attaching sk_msg to the sockhash failed: {e}") from e
-        with _dir_fd(cgroup) as cg_fd:
-            try:
-                BPF.attach_func(self.synack, cg_fd, BPFAttachType.CGROUP_INET_EGRESS)
-                BPF.attach_func(self.sock_ops, cg_fd, BPFAttachType.CGROUP_SOCK_OPS)
-            except Exception as e:
-                raise SockopsError(
-                    f"attaching sock_ops or cgroup_skb to {cgroup} failed: {e} (another program "
-                    f"attached with BPF_F_ALLOW_MULTI? see bpftool cgroup show {cgroup})"
-                ) from e
+        done = {}
+        for att in links.ATTACHMENTS:
+            prog = self.programs.get(att.program)
+            if prog is not None:
+                done[att.kind] = links.attach(att, prog.fd, cgroup, self.bpffs_dir)  # type: ignore[attr-defined]
+        return done
 
     def bpf_map_fd(self, name: str) -> int:
         from bcc import libbcc
@@ -564,80 +466,26 @@ class DataPlane:
 
 
 def attached_programs(cgroup: Path, bpffs_dir: Path) -> dict[str, list[dict[str, object]]]:
-    """What is attached now: sock_ops on the cgroup, sk_msg on the pinned sockhash."""
-    out: dict[str, list[dict[str, object]]] = {"sock_ops": [], "sk_msg": [], "cgroup_skb": []}
-    with contextlib.suppress(OSError), _dir_fd(cgroup) as cg_fd:
-        out["sock_ops"] = [_describe(i) for i in prog_query(cg_fd, BPF_CGROUP_SOCK_OPS)]
-        out["cgroup_skb"] = [_describe(i) for i in prog_query(cg_fd, BPF_CGROUP_INET_EGRESS)]
-    sockhash = bpffs_dir / layout.MAP_SOCKHASH
-    if sockhash.exists():
-        from bcc import libbcc
-
-        fd = libbcc.lib.bpf_obj_get(str(sockhash).encode())
-        if fd >= 0:
-            try:
-                out["sk_msg"] = [_describe(i) for i in prog_query(fd, BPF_SK_MSG_VERDICT)]
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    return out
+    """What is attached now on each of sockops' hooks (by kind), ours and others', with owner."""
+    return {h.kind: h.programs for h in links.hooks(cgroup, bpffs_dir)}
 
 
 def programs_attached(cgroup: Path, bpffs_dir: Path) -> dict[str, bool]:
     """Whether sockops' own programs (by name) are attached: the health a user alerts on."""
-    names = {"sock_ops": PROG_SOCK_OPS[:15], "sk_msg": PROG_SK_MSG[:15], "cgroup_skb": PROG_SYNACK[:15]}
     try:
         found = attached_programs(cgroup, bpffs_dir)
     except OSError:
-        return dict.fromkeys(names, False)
-    return {kind: any(p["name"] == name for p in found[kind]) for kind, name in names.items()}
-
-
-def _describe(prog_id: int) -> dict[str, object]:
-    fd = prog_fd_by_id(prog_id)
-    try:
-        return prog_info(fd)
-    finally:
-        os.close(fd)
+        return {a.kind: False for a in links.ATTACHMENTS}
+    return {a.kind: any(p["name"] == a.kernel_name for p in found[a.kind]) for a in links.ATTACHMENTS}
 
 
 def detach_all(cgroup: Path, bpffs_dir: Path) -> None:
-    """Detach sockops' programs (by name) from the cgroup and the sockhash. Idempotent.
-
-    Detaching sk_msg from the sockhash also breaks the map<->program reference cycle, so the map
-    is freed once unpinned and its last socket is gone.
-    """
-    with contextlib.suppress(FileNotFoundError), _dir_fd(cgroup) as cg_fd:
-        for prog_id in prog_query(cg_fd, BPF_CGROUP_SOCK_OPS):
-            _detach_if_ours(cg_fd, prog_id, BPF_CGROUP_SOCK_OPS, PROG_SOCK_OPS)
-        for prog_id in prog_query(cg_fd, BPF_CGROUP_INET_EGRESS):
-            _detach_if_ours(cg_fd, prog_id, BPF_CGROUP_INET_EGRESS, PROG_SYNACK)
-    sockhash = bpffs_dir / layout.MAP_SOCKHASH
-    if sockhash.exists():
-        from bcc import libbcc
-
-        fd = libbcc.lib.bpf_obj_get(str(sockhash).encode())
-        if fd >= 0:
-            try:
-                for prog_id in prog_query(fd, BPF_SK_MSG_VERDICT):
-                    _detach_if_ours(fd, prog_id, BPF_SK_MSG_VERDICT, PROG_SK_MSG)
-            finally:
-                os.close(fd)
-
-
-def _detach_if_ours(target_fd: int, prog_id: int, attach_type: int, name: str) -> None:
-    pfd = prog_fd_by_id(prog_id)
-    try:
-        # The kernel keeps 15 characters of the name.
-        if prog_info(pfd)["name"] == name[:15]:
-            with contextlib.suppress(OSError):
-                prog_detach(target_fd, pfd, attach_type)
-    finally:
-        os.close(pfd)
+    """Detach sockops' programs (its links, and old-style attachments by name). Idempotent."""
+    links.detach(cgroup, bpffs_dir)
 
 
 def unpin(bpffs_dir: Path) -> None:
+    links.unpin(bpffs_dir)
     for name in layout.ALL_MAPS:
         with contextlib.suppress(FileNotFoundError):
             (bpffs_dir / name).unlink()

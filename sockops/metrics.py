@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 ENFORCE_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # The programs sockops attaches; the label set of sockops_program_attached is exactly this.
-PROGRAMS = ("sock_ops", "sk_msg", "cgroup_skb")
+PROGRAMS = ("sock_ops", "sk_msg", "skb_egress")  # links.ATTACHMENTS kinds
 
 # Global counters (layout.COUNTERS) -> (family, label value or None). Families with a label are
 # emitted once with every label value, so a reason that never happened still shows as 0.

@@ -90,11 +90,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _root_sock_ops() -> list[int]:
-    from sockops.loader import BPF_CGROUP_SOCK_OPS, prog_query
+    from sockops.libbpf import BPF_CGROUP_SOCK_OPS, prog_query
 
     fd = os.open(find_cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return prog_query(fd, BPF_CGROUP_SOCK_OPS)
+        return prog_query(fd, BPF_CGROUP_SOCK_OPS)[0]
     finally:
         os.close(fd)
 
@@ -168,13 +168,15 @@ class Plane:
 
 
 def _teardown_plane(plane: Plane) -> None:
+    from sockops.links import FOREIGN
     from sockops.loader import attached_programs, detach_all, unpin
 
     try:
         detach_all(plane.cgroup, plane.bpffs_dir)
-        left = attached_programs(plane.cgroup, plane.bpffs_dir)
-        nothing: dict[str, list[Any]] = {"sock_ops": [], "sk_msg": [], "cgroup_skb": []}
-        assert left == nothing, f"still attached after detach_all: {left}"
+        # Another tool's programs (a test's) are not sockops' to remove: they stay.
+        found = attached_programs(plane.cgroup, plane.bpffs_dir).items()
+        left = {k: [p for p in v if p["owner"] != FOREIGN] for k, v in found}
+        assert not any(left.values()), f"still attached after detach_all: {left}"
     finally:
         with contextlib.suppress(Exception):
             plane.maps.close()
@@ -187,8 +189,8 @@ def _teardown_plane(plane: Plane) -> None:
 @pytest.fixture
 def make_dataplane(cgroup: Cgroup) -> Iterator[Callable[..., Plane]]:
     """Factory: ``make_dataplane(sizes=MapSizes(...))`` loads, pins under a fresh bpffs directory
-    and attaches to the test cgroup. A second call replaces the first's sock_ops attachment
-    (no BPF_F_ALLOW_MULTI); use one per test."""
+    and attaches to the test cgroup through its own links. A second call attaches a second set
+    beside the first (links are multi-attach, both would see every socket); use one per test."""
     from sockops.loader import DataPlane, MapSizes
 
     planes: list[Plane] = []

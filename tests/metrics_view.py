@@ -24,7 +24,7 @@ from conftest import Plane
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sockops import loader
+from sockops import libbpf, links
 from sockops.loader import MapSizes, PinnedMaps, programs_attached
 from sockops.podlab import APP_UID, Pod
 
@@ -73,16 +73,12 @@ def plane_view(plane: Plane, sizes: MapSizes, labels: dict[int, tuple[str, str]]
     return PlaneView(bpffs_dir=plane.bpffs_dir, cgroup=plane.cgroup, sizes=sizes, labels=dict(labels))
 
 
-def detach_sock_ops(cgroup: Path) -> None:
-    """Detach sockops' sock_ops program from the test cgroup only (sk_msg stays on the map)."""
-    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+def detach_sock_ops(bpffs_dir: Path) -> None:
+    """Detach sockops' sock_ops link (as another admin could); sk_msg stays on the map."""
+    (att,) = [a for a in links.ATTACHMENTS if a.kind == "sock_ops"]
+    fd = libbpf.obj_get(links.link_pin(bpffs_dir, att))
     try:
-        for prog_id in loader.prog_query(fd, loader.BPF_CGROUP_SOCK_OPS):
-            pfd = loader.prog_fd_by_id(prog_id)
-            try:
-                loader.prog_detach(fd, pfd, loader.BPF_CGROUP_SOCK_OPS)
-            finally:
-                os.close(pfd)
+        libbpf.link_detach(fd)
     finally:
         os.close(fd)
 

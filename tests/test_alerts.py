@@ -220,7 +220,7 @@ def test_full_sockhash_and_detached_program_fire_alerts(
     assert value(full, "sockops_sockets_active") == 4
     assert value(full, "sockops_sockmap_capacity") == 4
     assert value(full, "sockops_program_attached", program="sock_ops") == 1
-    detach_sock_ops(plane.cgroup)
+    detach_sock_ops(plane.bpffs_dir)
     detached = scrape(registry)
     assert value(detached, "sockops_program_attached", program="sock_ops") == 0
     assert value(detached, "sockops_program_attached", program="sk_msg") == 1

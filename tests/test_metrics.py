@@ -239,7 +239,7 @@ def test_label_sets_are_bounded() -> None:
     assert set(s["sockops_program_attached"]) == {
         (("program", "sk_msg"),),
         (("program", "sock_ops"),),
-        (("program", "cgroup_skb"),),
+        (("program", "skb_egress"),),
     }
     assert value(s, "sockops_program_attached", program="sk_msg") == 0
     assert {dict(k)["reason"] for k in s["sockops_socket_insert_failures_total"]} == {

@@ -552,8 +552,8 @@ BPF_F_ALLOW_MULTI = 2
 def test_other_sk_msg_owner_means_not_accelerated(cgroup: Cgroup, logs: Path, relpeer_bin: Path) -> None:
     """Another program's sockmap (with its own sk_msg program) takes the sockets first: our
     insert fails with EBUSY, the connection is not accelerated, and its traffic is fine
-    (docs/DATAPLANE.md F11). Both sock_ops programs are attached with BPF_F_ALLOW_MULTI, the other
-    one on a child cgroup so that it runs first."""
+    (docs/DATAPLANE.md F11). Ours is attached through its links (multi-attach), the other one with
+    BPF_F_ALLOW_MULTI on a child cgroup so that it runs first."""
     import secrets
 
     from bcc import BPF, BPFAttachType, libbcc
@@ -580,8 +580,7 @@ def test_other_sk_msg_owner_means_not_accelerated(cgroup: Cgroup, logs: Path, re
 
     try:
         dp = DataPlane.load(bpffs, MapSizes())
-        attach(dp.sk_msg, dp.bpf_map_fd(layout.MAP_SOCKHASH), BPFAttachType.SK_MSG_VERDICT)
-        attach(dp.sock_ops, cgroup.path, BPFAttachType.CGROUP_SOCK_OPS, BPF_F_ALLOW_MULTI)
+        dp.attach(cgroup.path)  # links: multi-attach, so the child's program may attach below
         maps = dp.maps()
         child = Cgroup(f"{TEST_PREFIX}-", root=cgroup.path)
         other = BPF(text=OTHER_OWNER)
