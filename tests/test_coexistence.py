@@ -203,10 +203,11 @@ def test_agent_restart_and_upgrade_keep_the_other_tool_and_swap_on_the_same_link
     args = ("--source", "static", "--netns", pod.netns)
     first = env.agent(*args).wait_ready()
     links_v1 = our_links(env)
-    assert set(links_v1) == {"sock_ops", "sk_msg"}, links_v1
+    assert set(links_v1) == {"sock_ops", "sk_msg", "skb_egress"}, links_v1
     assert ours_and_others(env) == {
         "sock_ops": sorted([NAME, "sockops_main"]),
         "sk_msg": [SK_MSG_NAME],
+        "skb_egress": ["sockops_synack"],
     }
     counted_by_other(env, pod, tool)
 
@@ -245,8 +246,8 @@ def test_agent_restart_and_upgrade_keep_the_other_tool_and_swap_on_the_same_link
 def test_old_style_attachment_is_moved_to_links(
     agent_env: Env, other_tool: Callable[[str], OtherTool]
 ) -> None:
-    """A node as an older sockops left it: the maps pinned, sock_ops attached exclusively and
-    sk_msg with BPF_PROG_ATTACH, an accelerated stream running. The new agent moves both to
+    """A node as an older sockops left it: the maps pinned, sock_ops (and the SYN-ACK recorder)
+    attached exclusively and sk_msg with BPF_PROG_ATTACH, an accelerated stream running. The new agent moves both to
     pinned links, the stream stays intact, and the cgroup hook is multi-attach again, so another
     tool can now attach beside it."""
     env = agent_env
@@ -260,6 +261,7 @@ def test_old_style_attachment_is_moved_to_links(
         BPF.attach_func(old.sk_msg, old.bpf_map_fd(layout.MAP_SOCKHASH), BPFAttachType.SK_MSG_VERDICT)
         fd = os.open(env.cgroup.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
+            BPF.attach_func(old.programs["sockops_synack"], fd, BPFAttachType.CGROUP_INET_EGRESS)
             BPF.attach_func(old.sock_ops, fd, BPFAttachType.CGROUP_SOCK_OPS)
         finally:
             os.close(fd)
@@ -272,10 +274,14 @@ def test_old_style_attachment_is_moved_to_links(
     accelerated_during(env, pod, env.netns_stats(pod))
 
     env.agent("--source", "static", "--netns", pod.netns).wait_ready()
-    assert set(our_links(env)) == {"sock_ops", "sk_msg"}
-    assert ours_and_others(env) == {"sock_ops": ["sockops_main"], "sk_msg": [SK_MSG_NAME]}
+    assert set(our_links(env)) == {"sock_ops", "sk_msg", "skb_egress"}
+    assert ours_and_others(env) == {
+        "sock_ops": ["sockops_main"],
+        "sk_msg": [SK_MSG_NAME],
+        "skb_egress": ["sockops_synack"],
+    }
     owners = {k: [p["owner"] for p in v] for k, v in env.attached().items()}
-    assert owners == {"sock_ops": [links.OURS], "sk_msg": [links.OURS]}, owners
+    assert owners == {"sock_ops": [links.OURS], "sk_msg": [links.OURS], "skb_egress": [links.OURS]}, owners
     before = env.netns_stats(pod)
     Transfer(pod, seconds=0.5).assert_intact()
     assert env.netns_stats(pod)["redirected_bytes"] > before["redirected_bytes"], (
