@@ -247,9 +247,9 @@ def test_old_style_attachment_is_moved_to_links(
     agent_env: Env, other_tool: Callable[[str], OtherTool]
 ) -> None:
     """A node as an older sockops left it: the maps pinned, sock_ops (and the SYN-ACK recorder)
-    attached exclusively and sk_msg with BPF_PROG_ATTACH, an accelerated stream running. The new agent moves both to
-    pinned links, the stream stays intact, and the cgroup hook is multi-attach again, so another
-    tool can now attach beside it."""
+    attached exclusively and sk_msg with BPF_PROG_ATTACH, an accelerated stream running. The new
+    agent moves them to pinned links, the stream stays intact, and the cgroup hook is
+    multi-attach again, so another tool can now attach beside it."""
     env = agent_env
     from bcc import BPF, BPFAttachType
 
