@@ -22,7 +22,7 @@ from agentproc import AgentProcess, agents, sockops, wait_for
 from conftest import TEST_PREFIX
 from podtraffic import APP_UID, last_json, start_echo_server
 
-from sockops import loader
+from sockops import layout, loader
 from sockops.cgroups import Cgroup
 from sockops.podlab import Lab, Pod
 
@@ -207,12 +207,14 @@ def test_restart_after_kill9_keeps_connections_and_attaches_once(env: Env) -> No
 def test_disable_midstream_keeps_live_connections_and_stops_new_ones(env: Env) -> None:
     pod = plain_pod(env)
     agent = env.agent("--source", "static", "--netns", pod.netns).wait_ready()
-    t = Transfer(pod, seconds=4.0)
+    # Long enough to outlive an agent restart on a loaded 2-CPU machine (bcc compiles for seconds)
+    t = Transfer(pod, seconds=12.0)
     accelerated_during(env, pod, env.netns_stats(pod))
     assert agent.stop() == 0
     # the new desired state no longer has the pod: its entry goes, live sockets stay
     env.agent("--source", "static").wait_ready()
     wait_for(lambda: not env.maps().enabled(), 10, "the namespace to be disabled")
+    assert t.proc.poll() is None, "the stream ended before the disable: lengthen it"
     mid = env.netns_stats(pod)["redirected_bytes"]
     wait_for(
         lambda: env.netns_stats(pod)["redirected_bytes"] > mid + 100_000,
@@ -229,8 +231,12 @@ def test_disable_midstream_keeps_live_connections_and_stops_new_ones(env: Env) -
         assert m.counters()["sockets_inserted"] == inserted, "a new connection was accelerated after disable"
 
 
+# The counters array has room past the last CNT_* index: its last slot is never used by sockops.
+SPARE_COUNTER = layout.CNT_MAX - 1
+
+
 def _changed_programs(tmp_path: Path) -> Path:
-    """A copy of bpf/ whose sk_msg program also counts every message in spare counter slot 15."""
+    """A copy of bpf/ whose sk_msg program also counts every message in the spare counter slot."""
     src = loader.bpf_source_dir()
     dst = tmp_path / "bpf-v2"
     shutil.copytree(src, dst)
@@ -238,16 +244,16 @@ def _changed_programs(tmp_path: Path) -> Path:
     marker = "int sockops_redirect(struct sk_msg_md *msg)\n{"
     assert marker in text, "sk_msg entry point renamed: update this test"
     (dst / "redirect.bpf.c").write_text(
-        text.replace(marker, marker + "\n\tcount(15, 1); /* test upgrade */", 1)
+        text.replace(marker, marker + f"\n\tcount({SPARE_COUNTER}, 1); /* test upgrade */", 1)
     )
     return dst
 
 
-def _counter15(e: Env) -> int:
+def _spare_counter(e: Env) -> int:
     import ctypes
 
     with e.maps() as m:
-        per_cpu = m._percpu("counters", ctypes.c_uint32(15), ctypes.c_uint64)
+        per_cpu = m._percpu("counters", ctypes.c_uint32(SPARE_COUNTER), ctypes.c_uint64)
     return sum(v.value for v in per_cpu or [])
 
 
@@ -274,7 +280,7 @@ def test_upgrade_to_changed_programs_is_atomic(env: Env, tmp_path: Path) -> None
     # the old stream keeps its program and its peer; new connections run the new program
     t.assert_intact()
     Transfer(pod, seconds=0.5).assert_intact()
-    assert _counter15(env) > 0
+    assert _spare_counter(env) > 0
 
 
 def _uninstall(e: Env, drain_timeout: float) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,7 @@ from agentproc import agents, sockops, wait_for
 from conftest import TEST_PREFIX, Plane
 from othertool import NAME, OtherTool
 from podtraffic import assert_intact, run_client, start_echo_server
-from test_agent import Env, Transfer, _changed_programs, _counter15, accelerated_during, plain_pod
+from test_agent import Env, Transfer, _changed_programs, _spare_counter, accelerated_during, plain_pod
 
 from sockops import libbpf, links, netns
 from sockops.cgroups import Cgroup
@@ -239,7 +239,7 @@ def test_agent_restart_and_upgrade_keep_the_other_tool_and_swap_on_the_same_link
 
     stream.assert_intact()
     counted_by_other(env, pod, tool)
-    assert _counter15(env) > 0, "new connections do not run the upgraded sk_msg program"
+    assert _spare_counter(env) > 0, "new connections do not run the upgraded sk_msg program"
 
 
 @pytest.mark.timeout(180)
