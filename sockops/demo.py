@@ -109,6 +109,6 @@ def _print_table(off: dict, on: dict, delta: dict) -> None:
         )
     print(
         f"\nconnections paired: {delta['paired_origdst']} through Istio's REDIRECT "
-        f"(original-destination map), {delta['paired_mirror']} mirrored (127.0.0.6 -> app); "
+        f"(client found from the un-NATed SYN-ACK), {delta['paired_mirror']} mirrored (127.0.0.6 -> app); "
         f"messages redirected {delta['redirected_messages']}, misses {delta['redirect_misses']}"
     )
