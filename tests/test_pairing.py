@@ -486,17 +486,20 @@ def test_shared_port_chosen_by_the_kernel(dataplane: Plane, lab: Lab) -> None:
             what="app (kernel-chosen port) -> Service",
         ),
     ]
+    # With one port, every socket of one local address has the same origin: the unambiguous
+    # ones here each have an address of their own (127.0.0.1, 127.0.0.2; port 0 = the one port).
     local = [
         m.conn(
             uid=APP_UID,
+            bind=(src, 0),
             dest=("127.0.0.1", port),
             server=label,
             req=512 * KIB,
             resp=512 * KIB,
             legs=1,
-            what=f"app -> 127.0.0.1:{port} (unambiguous)",
+            what=f"app {src} -> 127.0.0.1:{port} (unambiguous)",
         )
-        for port, label in ((9000, "lo"), (9003, "lo-2"))
+        for src, port, label in (("127.0.0.1", 9000, "lo"), ("127.0.0.2", 9003, "lo-2"))
     ]
     before = redirected(m.plane, m.cookie)
     conns, results = m.run([pair + local])
