@@ -104,6 +104,8 @@ def serve_one(conn_sock: socket.socket, spec: dict[str, Any], out: threading.Loc
             rec["head"] = raw[:32].hex()
             return
         magic, conn, req, resp, named = HEADER.unpack(raw)
+        if magic == MAGIC:
+            rec["claimed"] = conn  # whose header it is, even when it arrived at the wrong server
         if magic != MAGIC or named.rstrip(b"\0").decode(errors="replace") != label:
             rec["errors"].append("wrong_delivery")  # another connection's or server's bytes
             rec["head"] = raw.hex()
@@ -124,7 +126,7 @@ def serve_one(conn_sock: socket.socket, spec: dict[str, Any], out: threading.Loc
             rec["errors"].append("extra_bytes")
             rec["extra"] = extra
     except OSError as e:
-        rec["errors"].append(type(e).__name__ if isinstance(e, TimeoutError) else f"{e.__class__.__name__}")
+        rec["errors"].append(e.__class__.__name__)
     finally:
         conn_sock.close()
         with out:
