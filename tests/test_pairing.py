@@ -280,6 +280,8 @@ def redirected(plane: Plane, cookie: int) -> int:
 
 
 def assert_accelerated(before: int, after: int, conns: list[Conn]) -> None:
+    """A lower bound: the pod's counter also holds whatever a data plane redirected for the
+    shared-origin connections (and their unambiguous later hops through Envoy)."""
     want = unambiguous_bytes(conns)
     assert want > 0
     assert after - before >= ACCELERATED_SHARE * want, (

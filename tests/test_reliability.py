@@ -185,11 +185,11 @@ class KnownKernelGap(Exception):
 
 # EAGAIN from a blocking recv() after the socket's own FIN when bytes had been redirected to it
 # first (KERNEL-NOTES §1): the highest share of connections measured, per path, with headroom.
-# Source: docs/RELIABILITY.md, "Open": plain 0.35 % on a quiet machine, 1.6-2.8 % with the
-# machine loaded (load average 5-7 on 2 vCPUs); through Envoy 9.3 % quiet and 67-96 % loaded,
+# Source: docs/RELIABILITY.md, "Open": plain 0.35 % on a quiet machine, 1.6-3.1 % with the
+# machine loaded (load average 3-7 on 2 vCPUs); through Envoy 9.3 % quiet and 67-96 % loaded,
 # so there the rate measures the machine's load more than the code and only "EAGAIN and nothing
 # else" is bounded. Change a bound only with a measurement written down there.
-HALFCLOSE_EAGAIN_MAX = {"plain": 0.05, "sidecar": 1.0}
+HALFCLOSE_EAGAIN_MAX = {"plain": 0.06, "sidecar": 1.0}
 # Connections per run: enough that a gap of the measured rate shows in (nearly) every run, so a
 # run without any EAGAIN means the gap closed rather than chance.
 HALFCLOSE_CONNS = {"plain": 3000, "sidecar": 600}
