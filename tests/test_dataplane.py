@@ -72,7 +72,12 @@ def wait_drained(plane: Plane, timeout: float = 10.0) -> None:
 
 
 def assert_all_hops_accounted(c: dict[str, int], hops: int) -> None:
-    assert c["paired_origdst"] + c["paired_mirror"] + c["connections_passed"] == hops, c
+    """Each hop paired or left on TCP at its first message; a hop whose origin another live
+    socket shared (the kernel picks one ephemeral port for two destinations now and then) is
+    never paired and has its own counter (issue 11; read with .get: older data planes counted
+    it as pending_full, which must stay 0 here)."""
+    ambiguous = c.get("pending_ambiguous", 0)
+    assert c["paired_origdst"] + c["paired_mirror"] + c["connections_passed"] + ambiguous == hops, c
     for name in ("insert_failures_map_full", "insert_failures_busy", "insert_failures_other", "pending_full"):
         assert c[name] == 0, c
 
@@ -477,27 +482,39 @@ def test_both_sidecars_across_pods_every_hop_paired(dataplane: Plane, lab: Lab, 
     wait_drained(dataplane)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.envoy
+@pytest.mark.timeout(90)
 def test_pods_sharing_an_ip_are_never_paired_across(
     dataplane: Plane, make_lab: Callable[[], Lab], logs: Path
 ) -> None:
     """Two enabled namespaces claiming one address (two Labs here): node_pods marks it ambiguous,
-    so a third pod's connection to that address is not paired with either; bytes arrive intact."""
+    so a third pod's connection to that address is not paired with either; bytes arrive intact.
+
+    The client pod has a sidecar, so its Envoy's upstream to the twin *is* inserted and waits for
+    a server end (a client pod without one would never insert it, and the server side would
+    never be asked); the twin has a sidecar too, so that upstream is accepted on its 15006
+    capture port in an enabled namespace, the branch that pairs by original destination. Neither
+    end pairs across: every upstream is left on TCP at its first message."""
     lab_a, lab_b = make_lab(), make_lab()
-    twin_a = lab_a.add_pod("twin", ip="10.244.1.10", sidecar=False)
+    twin_a = lab_a.add_pod("twin", ip="10.244.1.10")
     twin_b = lab_b.add_pod("twin", ip="10.244.1.10", sidecar=False)
-    client = lab_a.add_pod("client", ip="10.244.1.20", sidecar=False)
+    client = lab_a.add_pod("client", ip="10.244.1.20", services=[Service(APP_PORT, twin_a.ip)])
     for pod in (twin_a, twin_b, client):
         dataplane.enable(pod)
     assert dataplane.maps.node_pods()["10.244.1.10"] == 0
-    start_echo_server(twin_a, logs)
+    server = start_echo_server(twin_a, logs)
     conns, reqs = 4, 3
 
-    res = run_client(client, twin_a.ip, connections=conns, requests=reqs, sizes=SMALL_SIZES)
+    res = run_client(client, client.service_ip, connections=conns, requests=reqs, sizes=SMALL_SIZES)
 
     assert_intact(res, conns, reqs, SMALL_SIZES)
+    assert server.errors() == []
     c = dataplane.counters()
-    assert c["paired_cross_pod"] == 0 and c["sockets_inserted"] == 0, c
+    assert c["paired_cross_pod"] == 0, c
+    # Three hops per connection: app -> Envoy (client pod), Envoy -> twin (inserted, never
+    # paired, left on TCP), twin's Envoy 127.0.0.6 -> app. The twin's 15006 end counts nowhere.
+    assert_all_hops_accounted(c, 3 * conns)
+    assert c["connections_passed"] >= conns, c  # each upstream to the twin was in the map and waited
 
 
 @pytest.mark.timeout(90)

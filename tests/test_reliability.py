@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -127,16 +127,73 @@ def wait_drained(plane: Plane, timeout: float = 10.0) -> None:
 
 def assert_accounted(c: dict[str, int], hops: int) -> None:
     """Each hop paired (through a capture port or by mirrored tuple), was left on TCP at its
-    first message, or was not inserted at all (pending entry or socket refused: under heavy load
-    a BPF hash update can fail with EBUSY when a softirq program interrupts another on the same
-    CPU, and "not accelerated" is then the right outcome). Nothing else may happen."""
+    first message, shared its origin with another live socket (``pending_ambiguous``: never
+    paired, both go over TCP), or was refused a map entry (under heavy load a BPF hash update can
+    fail with EBUSY when a softirq program interrupts another on the same CPU, and "not
+    accelerated" is then the right outcome). Nothing else may happen.
+
+    Collisions have their own term, outside the 2 % allowed for refused entries: a data plane
+    that counts a collision as a full map (``pending_full``, before issue 11) hides it there.
+    Read with ``.get`` so that this runs on a data plane without the counter too."""
     nonzero = {k: v for k, v in c.items() if v}
-    not_inserted = c["pending_full"] + c["insert_failures_map_full"] + c["insert_failures_other"]
-    assert c["paired_origdst"] + c["paired_mirror"] + c["connections_passed"] + not_inserted == hops, (
+    ambiguous = c.get("pending_ambiguous", 0)
+    refused = c["pending_full"] + c["insert_failures_map_full"] + c["insert_failures_other"]
+    assert c["paired_origdst"] + c["paired_mirror"] + c["connections_passed"] + refused + ambiguous == hops, (
         hops,
         nonzero,
     )
-    assert c["insert_failures_busy"] == 0 and not_inserted <= hops // 50, nonzero
+    assert c["insert_failures_busy"] == 0 and refused <= hops // 50, nonzero
+
+
+def tally(
+    res: dict[str, Any], summary: dict[str, Any] | None = None, injected: tuple[str, ...] = ()
+) -> dict[str, int]:
+    """The Lost, Hangs and Wrong columns of docs/RELIABILITY.md, measured from what both ends
+    reported (a test that fails never reaches its report line, so a literal 0 there would only
+    repeat the assertions; these are the counts themselves):
+
+    * hangs: client runs that did not finish within their bound (relpeer killed);
+    * wrong: connections whose bytes differed where they landed (client mismatches) plus
+      requests that reached a server with another pod's header or other bytes (server
+      ``wrong_delivery``, ``request_mismatch``);
+    * lost: the other connections that ended before every byte arrived (short reads, early EOF,
+      an errno), except the error kinds the case provokes on purpose (``injected``)."""
+    if res.get("hung"):
+        return {"lost": 0, "hangs": 1, "wrong": 0}
+    server = (summary or {}).get("errors", {})
+    mismatches = res.get("mismatches", 0)
+    failed = sum(n for kind, n in res.get("errors", {}).items() if kind not in injected)
+    return {
+        "lost": max(0, failed - mismatches),
+        "hangs": 0,
+        "wrong": mismatches + server.get("wrong_delivery", 0) + server.get("request_mismatch", 0),
+    }
+
+
+def total(*tallies: dict[str, int]) -> dict[str, int]:
+    return {k: sum(t[k] for t in tallies) for k in ("lost", "hangs", "wrong")}
+
+
+class KnownKernelGap(Exception):
+    """A still-open kernel gap (docs/RELIABILITY.md, "Open") showed up within its measured bound.
+
+    The only failure a strict xfail of this module expects (``raises=KnownKernelGap``): a result
+    worse than the bound, or any other error, is an assertion and fails the test; a run where the
+    gap does not show at all passes, which fails a strict xfail too (XPASS): the gap closed or the
+    case stopped reaching it, and the mark and the bound must be revisited."""
+
+
+# EAGAIN from a blocking recv() after the socket's own FIN when bytes had been redirected to it
+# first (KERNEL-NOTES §1): the highest share of connections measured, per path, with headroom.
+# Source: docs/RELIABILITY.md, "Open": plain 0.35 % on a quiet machine, 1.6-3.1 % with the
+# machine loaded (load average 3-7 on 2 vCPUs); through Envoy 9.3 % quiet and 67-96 % loaded,
+# so there the rate measures the machine's load more than the code and only "EAGAIN and nothing
+# else" is bounded. Change a bound only with a measurement written down there.
+HALFCLOSE_EAGAIN_MAX = {"plain": 0.06, "sidecar": 1.0}
+# Connections per run: enough that a gap of the measured rate shows in (nearly) every run, so a
+# run without any EAGAIN means the gap closed rather than chance.
+HALFCLOSE_CONNS = {"plain": 3000, "sidecar": 600}
+KNOWN_GAP = pytest.mark.xfail(strict=True, raises=KnownKernelGap, reason="open kernel gap on 6.18")
 
 
 def accelerated(c: dict[str, int]) -> None:
@@ -179,9 +236,8 @@ def test_volume(dataplane: Plane, lab: Lab, logs: Path, relpeer_bin: Path, path:
         bytes=res["bytes"],
         wall_s=round(wall, 1),
         faults=0,
-        lost=0,
-        hangs=0,
-        wrong=0,
+        **tally(res, s.server.summary),
+        ambiguous=c.get("pending_ambiguous", 0),
         paired=c["paired_origdst"] + c["paired_mirror"],
         passed=c["connections_passed"],
         redirected_bytes=c["redirected_bytes"],
@@ -189,6 +245,21 @@ def test_volume(dataplane: Plane, lab: Lab, logs: Path, relpeer_bin: Path, path:
 
 
 # -- the first-send race -------------------------------------------------------------------------
+
+
+def spread_loopback_softirqs(pod: Pod) -> None:
+    """RPS on the pod's lo over every CPU, as a multi-queue host spreads its receive work.
+
+    Why: on loopback the handshake's last ACK is otherwise processed in the softirq pass that
+    runs inside the client's own connect(), so the server end has always joined before connect()
+    returns and the first-send race cannot happen at all (measured: 0 races in 1,000 connections
+    of every variant below). With RPS the ACK is processed on another CPU while connect()
+    returns, and the client's first write really races the server end's insert.
+    (``ip netns exec`` mounts a sysfs of the pod's namespace, where its lo is.)"""
+    mask = format((1 << (os.cpu_count() or 1)) - 1, "x")
+    cmd = f"echo {mask} > /sys/class/net/lo/queues/rx-0/rps_cpus"
+    res = subprocess.run(["ip", "netns", "exec", pod.netns, "sh", "-c", cmd], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
 
 
 @pytest.mark.timeout(120)
@@ -201,22 +272,41 @@ def test_first_send_race(
     the connection either redirects from its first byte or stays on TCP for good (never starts
     mid-stream), with plain writes, TCP_NODELAY, MSG_MORE, TCP_CORK and writev."""
     s = Setup(dataplane, lab, relpeer_bin, path)
-    conns = 1000 if FULL else 200
+    spread_loopback_softirqs(s.pod)
+    per_run = 1000 if FULL else 200
     opts: dict[str, Any] = {"send": "write" if send == "nodelay" else send, "nodelay": send == "nodelay"}
-    res = s.client(connections=conns, parallel=16, sizes="1,1000,65536", **opts)
+    # The race has to happen for the case to mean anything: a client that lost it is left on TCP
+    # (connections_passed) or its server end withdrew (pair_race_lost). Runs repeat (at most
+    # five) until one of them did; a run of only winners would pass without testing the race.
+    res: dict[str, Any] = {"ok": 0, "mismatches": 0, "bytes": 0, "errors": {}}
+    conns = 0
+    for _ in range(5):
+        r = s.client(connections=per_run, parallel=16, sizes="1,1000,65536", **opts)
+        conns += per_run
+        res = {
+            "ok": res["ok"] + r["ok"],
+            "mismatches": res["mismatches"] + r["mismatches"],
+            "bytes": res["bytes"] + r["bytes"],
+            "errors": dict(Counter(res["errors"]) + Counter(r["errors"])),
+        }
+        c = dataplane.counters()
+        if c["connections_passed"] + c["pair_race_lost"] > 0:
+            break
     assert_clean(res, s.server, conns)
     c = dataplane.counters()
     accelerated(c)
     assert_accounted(c, s.legs * conns)
+    assert c["connections_passed"] + c["pair_race_lost"] > 0, (
+        f"the first-send race never happened in {conns} connections: nothing was tested",
+        c,
+    )
     wait_drained(dataplane)
     report(
         f"first-send-{send}-{path}",
         connections=conns,
         bytes=res["bytes"],
         faults=c["connections_passed"],
-        lost=0,
-        hangs=0,
-        wrong=0,
+        **tally(res, s.server.summary),
         passed=c["connections_passed"],
         pair_race_lost=c["pair_race_lost"],
     )
@@ -244,14 +334,13 @@ def test_halfclose(dataplane: Plane, lab: Lab, logs: Path, relpeer_bin: Path, pa
         connections=conns,
         bytes=res["bytes"],
         faults=conns,
-        lost=0,
-        hangs=0,
-        wrong=0,
+        **tally(res, s.server.summary),
         eagain=res["errors"].get("EAGAIN", 0),
         halfclose_left=c["halfclose_left"],
     )
 
 
+@KNOWN_GAP
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("path", PATHS)
 def test_halfclose_after_peer_spoke(
@@ -260,10 +349,11 @@ def test_halfclose_after_peer_spoke(
     """The server sends a banner first, the client reads it, sends its request, half-closes and
     blocks for the response. Bytes were redirected to the client before its FIN, so it keeps its
     psock (leaving would purge unread bytes) and a bare ACK of its FIN can still wake its blocking
-    recv() with EAGAIN on 6.18 (docs/KERNEL-NOTES.md §1, still open). Measured: any other
-    error, a mismatch or a hang fails; EAGAIN alone is reported as an xfail with its count."""
+    recv() with EAGAIN on 6.18 (docs/KERNEL-NOTES.md §1, still open). Strict xfail: EAGAIN
+    within HALFCLOSE_EAGAIN_MAX is the expected failure; more of it, any other error, a mismatch
+    or a hang fails, and so does a run without EAGAIN (the gap closed: drop the mark)."""
     s = Setup(dataplane, lab, relpeer_bin, path, banner=True)
-    conns = 2000 if FULL else 400
+    conns = HALFCLOSE_CONNS[path] * (2 if FULL else 1)
     res = s.client(connections=conns, parallel=8, sizes="1,1000", halfclose=True, banner=True)
     summary = s.stop_server()
     c = dataplane.counters()
@@ -279,13 +369,15 @@ def test_halfclose_after_peer_spoke(
         connections=conns,
         bytes=res["bytes"],
         faults=conns,
-        lost=0,
-        hangs=0,
-        wrong=0,
+        **tally(res, summary, injected=("EAGAIN",)),
         eagain=eagain,
     )
+    assert eagain <= HALFCLOSE_EAGAIN_MAX[path] * conns, (
+        f"worse than measured: {eagain} of {conns} got EAGAIN "
+        f"(bound {HALFCLOSE_EAGAIN_MAX[path]:.0%}, docs/RELIABILITY.md)"
+    )
     if eagain:
-        pytest.xfail(
+        raise KnownKernelGap(
             f"kernel 6.18, still open (KERNEL-NOTES §1): {eagain} of {conns} half-closing "
             f"connections that had received bytes got EAGAIN from a blocking recv()"
         )
@@ -324,9 +416,7 @@ def test_close_with_unread_data(
         connections=conns + 50,
         bytes=res["bytes"] + res2["bytes"],
         faults=faults,
-        lost=0,
-        hangs=0,
-        wrong=0,
+        **total(tally(res, summary, injected=("ECONNRESET", "EPIPE")), tally(res2, s.server.summary)),
         resets=sum(res["errors"].values()),
     )
 
@@ -354,9 +444,7 @@ def test_peer_close_while_blocked(
         connections=conns,
         bytes=res["bytes"],
         faults=conns,
-        lost=0,
-        hangs=0,
-        wrong=0,
+        **tally(res, s.server.summary),
         wall_s=round(wall, 2),
     )
 
@@ -367,7 +455,14 @@ def test_peer_close_while_blocked(
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
-    "combo", ["sendfile-recv", "write-splice", "sendfile-splice", "writev-readv", "write-peek"]
+    "combo",
+    [
+        "sendfile-recv",
+        pytest.param("write-splice", marks=KNOWN_GAP),
+        pytest.param("sendfile-splice", marks=KNOWN_GAP),
+        "writev-readv",
+        "write-peek",
+    ],
 )
 def test_syscall_paths(
     dataplane: Plane, lab: Lab, logs: Path, relpeer_bin: Path, path: str, combo: str
@@ -376,7 +471,9 @@ def test_syscall_paths(
     that MSG_PEEKs the header. splice() readers are a known kernel gap on 6.18 (docs/DATAPLANE.md
     F2, docs/KERNEL-NOTES.md §3): tcp_splice_read() reads only the TCP receive queue, never
     the psock queue, so it waits forever for bytes that sit there. Measured here: with the pod
-    off the same run must pass; with it on, a hang is reported as an xfail (bounded at 10 s)."""
+    off the same run must pass; with it on, the client hung (bounded at 10 s) in every measured
+    run, so the hang is the strict xfail's expected failure; errors or mismatches instead fail,
+    and so does a run that finishes (the gap closed: drop the mark)."""
     send, recv = combo.split("-")
     s = Setup(dataplane, lab, relpeer_bin, path, recv=recv, enable=False)
     conns = 1000 if FULL else 150
@@ -391,13 +488,11 @@ def test_syscall_paths(
             connections=40,
             bytes=off["bytes"],
             faults=0,
-            lost=0,
-            hangs=1 if on.get("hung") else 0,
-            wrong=0,
+            **total(tally(off), tally(on)),
             known_kernel_gap="splice reader",
         )
         if on.get("hung"):
-            pytest.xfail(
+            raise KnownKernelGap(
                 "kernel 6.18: splice() does not read the psock queue; an accelerated splice "
                 "reader waits forever (KERNEL-NOTES §3)"
             )
@@ -411,7 +506,11 @@ def test_syscall_paths(
     assert_accounted(c, s.legs * conns)
     wait_drained(dataplane)
     report(
-        f"syscalls-{combo}-{path}", connections=conns, bytes=res["bytes"], faults=0, lost=0, hangs=0, wrong=0
+        f"syscalls-{combo}-{path}",
+        connections=conns,
+        bytes=res["bytes"],
+        faults=0,
+        **tally(res, s.server.summary),
     )
 
 
@@ -476,9 +575,7 @@ def test_slow_reader_fast_writer(
         connections=1,
         bytes=res["bytes"],
         faults=0,
-        lost=0,
-        hangs=0,
-        wrong=0,
+        **tally(res, s.server.summary),
         writer_cpu_s=res["cpu"],
         wall_s=res["wall"],
         tcp_mem_peak_mib=round(held_mib, 1),
@@ -512,9 +609,7 @@ def test_small_maps_and_pending_churn(
         connections=conns,
         bytes=res["bytes"],
         faults=c["insert_failures_map_full"] + c["pending_full"],
-        lost=0,
-        hangs=0,
-        wrong=0,
+        **tally(res, s.server.summary),
         map_full=c["insert_failures_map_full"],
         pending_full=c["pending_full"],
     )
@@ -603,9 +698,7 @@ def test_other_sk_msg_owner_means_not_accelerated(cgroup: Cgroup, logs: Path, re
             connections=conns,
             bytes=res["bytes"],
             faults=c["insert_failures_busy"],
-            lost=0,
-            hangs=0,
-            wrong=0,
+            **tally(res, s.server.summary),
         )
     finally:
         if lab is not None:
@@ -712,9 +805,7 @@ def test_capture_shows_handshake_but_no_payload(
         connections=2 * conns,
         bytes=res_off["bytes"] + res_on["bytes"],
         faults=0,
-        lost=0,
-        hangs=0,
-        wrong=0,
+        **total(tally(res_off), tally(res_on, summary)),
         payload_on_wire_off=sum(i["payload_bytes"] for i in off.values()),
         payload_on_wire_on=0,
         syn_on=on["lo"]["syn"],
@@ -788,9 +879,7 @@ def test_many_pods_identical_tuples(
         connections=npods * conns * rounds,
         bytes=total_bytes,
         faults=0,
-        lost=0,
-        hangs=0,
-        wrong=0,
+        **total(*(tally(results[tag], servers[tag].summary) for tag in pods)),
         pods=npods,
         max_pods_sharing_a_tuple=shared,
     )
@@ -819,6 +908,55 @@ for i in range(n):
 print(done)
 """
 
+# The same-pod attacker's far end, in the other pod: accepts and never speaks, so its clients wait
+# for a first byte that never comes (the longest an origin can stay taken and undecided).
+SILENT_LISTENER = """
+import socket, sys
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", int(sys.argv[1])))
+ls.listen(256)
+print("ready", flush=True)
+held = []
+while True:
+    held.append(ls.accept()[0])
+"""
+
+# Inside the victim pod, as UID 1337: a container running as the proxy's UID, or Envoy itself.
+# Only UID/GID 1337 sockets leave a sidecar pod uncaptured, so only they can stay undecided while
+# an app connection from the same origin is accepted by Envoy (an app socket's own capture pairs
+# it at once). One socket per victim source port, bound there with SO_REUSEADDR and connected to
+# the silent listener; prints how many it holds, then on "stop" how many bytes arrived on them:
+# the silent listener sends none, so every such byte is the victim's.
+SAME_POD_ATTACK = """
+import json, selectors, socket, sys
+ip, base, n, host, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+sel = selectors.DefaultSelector()
+for i in range(n):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((ip, base + i))
+    s.connect((host, port))
+    s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ)
+sel.register(sys.stdin, selectors.EVENT_READ)
+print(json.dumps({"held": n}), flush=True)
+stolen = 0
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is sys.stdin:
+            print(json.dumps({"stolen": stolen}), flush=True)
+            sys.exit(0)
+        try:
+            data = key.fileobj.recv(65536)
+        except OSError:
+            data = b""
+        stolen += len(data)
+        if not data:
+            sel.unregister(key.fileobj)
+"""
+SILENT_PORT = 9100
+
 
 @pytest.mark.envoy
 @pytest.mark.timeout(180)
@@ -826,9 +964,14 @@ def test_crafted_traffic_from_another_pod(dataplane: Plane, lab: Lab, logs: Path
     """While the victim pod's app connects from fixed source ports 40000+i, another pod
     (not enabled) (1) really connects to the victim's capture path from the same source ports,
     (2) sends scapy-crafted SYNs to 15001/15006/8080 and RSTs spoofing the victim's own address
-    and those ports, and SYNs from an address nobody owns. No foreign socket is ever paired
-    through the pending map: every victim hop is accounted exactly, every byte is checked, and
-    no socket of the attacker's namespace enters the sockhash."""
+    and those ports, and SYNs from an address nobody owns. That attacker can never match the
+    victim's keys (the netns cookie is in every key), so (3) a same-pod attacker too: a UID-1337
+    process in the victim pod holds one socket on each of the victim's source ports (the victim's
+    pod IP, SO_REUSEADDR), connected to a listener in the other pod that never speaks, and reads
+    whatever arrives. No foreign socket is ever paired: the same-pod attacker receives nothing,
+    no server end in the sockhash ever names its destination, every victim hop is accounted
+    exactly, every byte is checked, and no socket of the other pod's namespace enters the
+    sockhash."""
     victim = lab.add_pod("victim", ip="10.244.1.10", sidecar=True)
     attacker = lab.add_pod("attacker", ip="10.244.1.20", sidecar=False)
     cookie = dataplane.enable(victim)
@@ -838,6 +981,24 @@ def test_crafted_traffic_from_another_pod(dataplane: Plane, lab: Lab, logs: Path
     server = start_server(relpeer_bin, victim, "0.0.0.0", PORT, 1)
     conns, rounds = 32, (10 if FULL else 3)
     base = 40000
+    silent = attacker.popen(
+        [sys.executable, "-c", SILENT_LISTENER, str(SILENT_PORT)], uid=1000, stdout=subprocess.PIPE, text=True
+    )
+    assert silent.stdout is not None and silent.stdout.readline().strip() == "ready"
+    attack_argv = [SAME_POD_ATTACK, victim.ip, str(base), str(conns), attacker.ip, str(SILENT_PORT)]
+    inside = victim.popen(
+        [sys.executable, "-c", *attack_argv],
+        uid=1337,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert inside.stdout is not None and inside.stdin is not None
+    held = inside.stdout.readline()
+    assert held and json.loads(held) == {"held": conns}, (held, inside.stderr.read() if not held else "")
+    attacker_dest = attacker.ip
+    foreign_servers: set[str] = set()
     stop = threading.Event()
     attack_stats = {"connects": 0, "crafted": 0}
 
@@ -886,9 +1047,24 @@ def test_crafted_traffic_from_another_pod(dataplane: Plane, lab: Lab, logs: Path
                 attack_stats["crafted"] += json.loads(r.stdout.strip().splitlines()[-1])["sent"]
 
     seen_netns: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        """Server ends in the sockhash that name the same-pod attacker's destination: a victim
+        connection's server end paired with an attacker socket (polled: it lives as long as the
+        victim's connection)."""
+        while not done.is_set():
+            for k in dataplane.maps.sockets():
+                seen_netns.add(k.netns)
+                if k.role == layout.ROLE_SERVER and layout.words_to_ip(k.dest_ip) == attacker_dest:
+                    foreign_servers.add(f"{layout.words_to_ip(k.client_ip)}:{k.client_port}")
+            time.sleep(0.01)
+
     t = threading.Thread(target=attack)
     t.start()
-    total_ok, total_bytes = 0, 0
+    w = threading.Thread(target=watch)
+    w.start()
+    total_ok, total_bytes, tallies, hung = 0, 0, [], False
     try:
         for _ in range(rounds):
             res = run_client(
@@ -901,20 +1077,39 @@ def test_crafted_traffic_from_another_pod(dataplane: Plane, lab: Lab, logs: Path
                 parallel=conns,
                 sizes="1000,65536",
                 bind_port_base=base,
+                timeout=30,
+                hang_ok=True,
             )
-            assert res["errors"] == {} and res["mismatches"] == 0 and res["ok"] == conns, res
+            tallies.append(tally(res))
+            if res.get("hung"):
+                hung = True
+                break
             total_ok += res["ok"]
             total_bytes += res["bytes"]
-            seen_netns |= {k.netns for k in dataplane.maps.sockets()}
+            if res["errors"] or res["mismatches"] or res["ok"] != conns:
+                break
     finally:
         stop.set()
+        done.set()
         t.join(120)
+        w.join(10)
+        inside.stdin.write("stop\n")
+        inside.stdin.flush()
+        stolen_line = inside.stdout.readline()
+    stolen = json.loads(stolen_line)["stolen"] if stolen_line else -1
+    assert stolen == 0, f"the same-pod attacker read {stolen} bytes of the victim's connections"
+    assert not foreign_servers, f"victim connections {sorted(foreign_servers)} paired with attacker sockets"
+    assert not hung, "the victim's client hung (its bytes went elsewhere)"
+    assert res["errors"] == {} and res["mismatches"] == 0 and res["ok"] == conns, res
     summary = server.stop()
     assert summary["errors"] == {} and summary["ok"] == total_ok, (summary, server.error_lines[:3])
     assert attack_stats["connects"] > 0 and attack_stats["crafted"] > 0, attack_stats
     c = dataplane.counters()
-    # Exactly three hops per victim connection paired or passed: no attacker socket paired.
-    assert c["paired_origdst"] + c["paired_mirror"] + c["connections_passed"] == 3 * total_ok, c
+    # Exactly three hops per victim connection paired, passed, or refused because the attacker
+    # holds its origin (pending_full before issue 11, pending_ambiguous after): no attacker
+    # socket paired, and an attacker socket never sends, so it is counted in none of these.
+    refused = c["pending_full"] + c.get("pending_ambiguous", 0)
+    assert c["paired_origdst"] + c["paired_mirror"] + c["connections_passed"] + refused == 3 * total_ok, c
     assert c["paired_mirror"] + c["connections_passed"] >= total_ok, c
     assert attacker_cookie not in seen_netns and dataplane.stats(attacker_cookie) is None
     assert all(k.netns == cookie for k in dataplane.maps.sockets())
@@ -923,10 +1118,10 @@ def test_crafted_traffic_from_another_pod(dataplane: Plane, lab: Lab, logs: Path
         "isolation-crafted-traffic",
         connections=total_ok,
         bytes=total_bytes,
-        faults=attack_stats["connects"] + attack_stats["crafted"],
-        lost=0,
-        hangs=0,
-        wrong=0,
+        faults=attack_stats["connects"] + attack_stats["crafted"] + conns,
+        **total(*tallies),
         attacker_connects=attack_stats["connects"],
         crafted_packets=attack_stats["crafted"],
+        same_pod_attacker_sockets=conns,
+        same_pod_attacker_bytes=stolen,
     )
