@@ -255,10 +255,8 @@ static __always_inline int server_identity(struct bpf_sock_ops *skops, const str
 	*key = rec->conn;
 	ambiguous = rec->ambiguous;
 	synacks.delete(&k);
-	if (ambiguous) {
-		count(CNT_PENDING_AMBIGUOUS, 1);
-		return 0;
-	}
+	if (ambiguous)
+		return 0;	/* counted once, where the collision was seen (synack.bpf.c) */
 	if (is_loopback(key->client_ip) || is_pod_ip(conf, key->client_ip))
 		key->netns = netns;
 	else
