@@ -53,8 +53,11 @@ int sockops_redirect(struct sk_msg_md *msg)
 	st = sock_state.sk_storage_get(msg->sk, 0, 0);
 	if (!st)
 		return SK_PASS;
-	if (st->decision == DECIDE_UNDECIDED)
+	if (st->decision == DECIDE_UNDECIDED) {
 		decide_client(st);	/* sockops.bpf.c: the first message decides */
+		if (st->decision == DECIDE_PASS)
+			count(CNT_PASSED, 1);
+	}
 	if (st->decision != DECIDE_REDIRECT || st->peer_fin)
 		return SK_PASS;
 

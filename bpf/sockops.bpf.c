@@ -341,6 +341,7 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
  * nothing (on_own_fin): redirect if its server end has joined the sockhash (tag PAIRED), else
  * stay on TCP and mark the tag PASS so a server that joins a moment later withdraws. The
  * compare-and-swap against our own tag is what makes that race safe: exactly one end wins.
+ * The caller counts a PASS (connections_passed at a first message, undecided_fin_left at a FIN).
  */
 static __always_inline void decide_client(struct sock_state *st)
 {
@@ -348,19 +349,13 @@ static __always_inline void decide_client(struct sock_state *st)
 	struct pending *p;
 	__u64 old;
 
+	st->decision = DECIDE_PASS;
 	p = pending.lookup(&st->key);
-	if (!p) {
-		st->decision = DECIDE_PASS;
-		count(CNT_PASSED, 1);
+	if (!p)
 		return;
-	}
 	old = __sync_val_compare_and_swap(&p->tag, mine | PEND_WAITING, mine | PEND_PASS);
-	if (old == (mine | PEND_PAIRED)) {
+	if (old == (mine | PEND_PAIRED))
 		st->decision = DECIDE_REDIRECT;
-	} else {
-		st->decision = DECIDE_PASS;
-		count(CNT_PASSED, 1);
-	}
 	if ((old >> 2) == st->cookie)
 		pending.delete(&st->key);	/* decided: the entry has done its job */
 }

@@ -68,8 +68,17 @@ class NotSupported(BpfCallFailed):
     """EINVAL/EOPNOTSUPP on a link call: the kernel has no link for this hook."""
 
 
+def _check(ret: int, what: str, fix: str = "", attach: bool = False) -> int:
+    """``ret`` itself when the call succeeded; libbpf 1.x returns -errno, which becomes the
+    exception a caller can act on."""
+    if ret >= 0:
+        return ret
+    _raise(ret, what, fix, attach)
+    raise AssertionError("unreachable")
+
+
 def _raise(ret: int, what: str, fix: str, attach: bool = False) -> None:
-    """libbpf 1.x returns -errno; map it to the exception a caller can act on."""
+    """Map a failed call's errno to the exception a caller can act on."""
     err = -ret if ret < 0 else (ctypes.get_errno() or errno.EIO)
     message = f"{what} failed" + (f"; {fix}" if fix else "")
     if err == errno.ENOENT:
@@ -120,33 +129,38 @@ def lib() -> ctypes.CDLL:
 
 def obj_get(path: Path) -> int:
     """An fd for a pinned map, program or link."""
-    ret = lib().bpf_obj_get(str(path).encode())
-    if ret < 0:
-        _raise(ret, f"opening the pin {path}", "is bpffs mounted and the agent started? (run as root)")
-    return ret
+    return _check(
+        lib().bpf_obj_get(str(path).encode()),
+        f"opening the pin {path}",
+        "is bpffs mounted and the agent started? (run as root)",
+    )
 
 
 def obj_pin(fd: int, path: Path) -> None:
-    ret = lib().bpf_obj_pin(fd, str(path).encode())
-    if ret < 0:
-        _raise(ret, f"pinning at {path}", "the directory must be on a bpf filesystem and the name free")
+    _check(
+        lib().bpf_obj_pin(fd, str(path).encode()),
+        f"pinning at {path}",
+        "the directory must be on a bpf filesystem and the name free",
+    )
 
 
 # -- ids and info -------------------------------------------------------------------------------------
 
 
 def prog_fd_by_id(prog_id: int) -> int:
-    ret = lib().bpf_prog_get_fd_by_id(prog_id)
-    if ret < 0:
-        _raise(ret, f"opening program id {prog_id}", "it may have been unloaded meanwhile")
-    return ret
+    return _check(
+        lib().bpf_prog_get_fd_by_id(prog_id),
+        f"opening program id {prog_id}",
+        "it may have been unloaded meanwhile",
+    )
 
 
 def link_fd_by_id(link_id: int) -> int:
-    ret = lib().bpf_link_get_fd_by_id(link_id)
-    if ret < 0:
-        _raise(ret, f"opening link id {link_id}", "it may have been released meanwhile")
-    return ret
+    return _check(
+        lib().bpf_link_get_fd_by_id(link_id),
+        f"opening link id {link_id}",
+        "it may have been released meanwhile",
+    )
 
 
 class _ProgInfo(ctypes.Structure):
@@ -200,9 +214,11 @@ class _LinkInfo(ctypes.Structure):
 
 def _info(fd: int, info: ctypes.Structure, what: str) -> None:
     size = ctypes.c_uint32(ctypes.sizeof(info))
-    ret = lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
-    if ret < 0:
-        _raise(ret, f"reading the info of {what} fd {fd}", "")
+    _check(
+        lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)),
+        f"reading the info of {what} fd {fd}",
+        "",
+    )
 
 
 def prog_info(fd: int) -> dict[str, object]:
@@ -236,24 +252,31 @@ def prog_query(target_fd: int, attach_type: int) -> tuple[list[int], int]:
     ids = (ctypes.c_uint32 * _MAX_PROGS)()
     count = ctypes.c_uint32(len(ids))
     flags = ctypes.c_uint32(0)
-    ret = lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count))
-    if ret < 0:
-        _raise(ret, f"querying attach type {attach_type} on fd {target_fd}", "")
+    _check(
+        lib().bpf_prog_query(target_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count)),
+        f"querying attach type {attach_type} on fd {target_fd}",
+        "",
+    )
     return [ids[i] for i in range(min(count.value, len(ids)))], flags.value
 
 
 def prog_attach(target_fd: int, prog_fd: int, attach_type: int) -> None:
     """BPF_PROG_ATTACH without flags: replaces the hook's program atomically (a map's sk_msg)."""
-    ret = lib().bpf_prog_attach(prog_fd, target_fd, attach_type, 0)
-    if ret < 0:
-        _raise(ret, f"attaching program fd {prog_fd} (attach type {attach_type})", "", attach=True)
+    _check(
+        lib().bpf_prog_attach(prog_fd, target_fd, attach_type, 0),
+        f"attaching program fd {prog_fd} (attach type {attach_type})",
+        "",
+        attach=True,
+    )
 
 
 def prog_detach(target_fd: int, prog_fd: int, attach_type: int) -> None:
     """Detach a program attached with BPF_PROG_ATTACH (not one held by a link)."""
-    ret = lib().bpf_prog_detach2(prog_fd, target_fd, attach_type)
-    if ret < 0:
-        _raise(ret, f"detaching program fd {prog_fd} (attach type {attach_type})", "")
+    _check(
+        lib().bpf_prog_detach2(prog_fd, target_fd, attach_type),
+        f"detaching program fd {prog_fd} (attach type {attach_type})",
+        "",
+    )
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str, busy_fix: str) -> int:
@@ -269,16 +292,12 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str, busy_
 
 def link_update(link_fd: int, prog_fd: int) -> None:
     """Swap the link's program atomically: the hook is never without one, the link stays."""
-    ret = lib().bpf_link_update(link_fd, prog_fd, None)
-    if ret < 0:
-        _raise(ret, f"replacing the program of link fd {link_fd}", "")
+    _check(lib().bpf_link_update(link_fd, prog_fd, None), f"replacing the program of link fd {link_fd}", "")
 
 
 def link_detach(link_fd: int) -> None:
     """Detach a link's program now, even while other fds or a pin still hold the link."""
-    ret = lib().bpf_link_detach(link_fd)
-    if ret < 0:
-        _raise(ret, f"detaching link fd {link_fd}", "")
+    _check(lib().bpf_link_detach(link_fd), f"detaching link fd {link_fd}", "")
 
 
 __all__ = [

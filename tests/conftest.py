@@ -21,6 +21,7 @@ import contextlib
 import functools
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,34 @@ class Plane:
     def stats(self, cookie: int) -> dict[str, int] | None:
         """Per-netns counters for one cookie, None if the netns has no entry."""
         return self.maps.netns_stats().get(cookie)
+
+
+def conn_entries(plane: Plane) -> list[int]:
+    """Client cookies with half-close hand-off bits (the conns map, one per paired connection)."""
+    import ctypes
+
+    from sockops import layout
+
+    return [k.value for k in plane.maps._keys(layout.MAP_CONNS, ctypes.c_uint64)]
+
+
+def wait_drained(plane: Plane, timeout: float = 15.0, open_handshakes: bool = False) -> None:
+    """Once every connection is closed, no socket, pending, conns or SYN-ACK entry may be left in
+    the maps (a leak would fill them under churn). ``open_handshakes``: SYN-ACK records of
+    handshakes that never completed may stay (crafted SYNs); they age out of the LRU map."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = {
+            "sockets": len(plane.maps.sockets()),
+            "pending": len(plane.maps.pending()),
+            "conns": len(conn_entries(plane)),
+            "SYN-ACK records": 0 if open_handshakes else len(plane.maps.synacks()),
+        }
+        if not any(left.values()):
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"maps not drained after {timeout}s: {left}")
+        time.sleep(0.05)
 
 
 def _teardown_plane(plane: Plane) -> None:

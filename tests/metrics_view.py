@@ -13,7 +13,6 @@ import os
 import selectors
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,14 +141,6 @@ class PairTraffic:
 def run_pairs(pod: Pod, connections: int, size: int, rounds: int) -> dict[str, Any]:
     t = PairTraffic(pod, connections, size, rounds, hold=False)
     return t.finish()
-
-
-def wait_drained(plane: Plane, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while plane.maps.sockets() or plane.maps.pending():
-        if time.monotonic() > deadline:
-            pytest.fail("maps not drained")
-        time.sleep(0.05)
 
 
 def real_scrape(plane: Plane, pod: Pod) -> Samples:

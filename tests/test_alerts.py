@@ -32,7 +32,7 @@ from alerting import (
     load_rules,
     metric_names,
 )
-from conftest import Plane
+from conftest import Plane, wait_drained
 from metrics_view import (
     PairTraffic,
     Samples,
@@ -41,7 +41,6 @@ from metrics_view import (
     real_scrape,
     scrape,
     value,
-    wait_drained,
 )
 
 from sockops.cgroups import Cgroup

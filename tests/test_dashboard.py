@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 from alerting import REPO, assert_generated_files_fresh, metric_names
-from conftest import Plane
-from metrics_view import real_scrape, wait_drained
+from conftest import Plane, wait_drained
+from metrics_view import real_scrape
 
 from sockops.podlab import Lab
 

@@ -16,7 +16,6 @@ joined race); nothing else happens with maps that are large enough.
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Plane
+from conftest import Plane, wait_drained
 from podtraffic import (
     APP_PORT,
     HEADER_BYTES,
@@ -39,7 +38,7 @@ from podtraffic import (
     wire_bytes,
 )
 
-from sockops import layout, netns
+from sockops import netns
 from sockops.loader import MapSizes
 from sockops.podlab import Lab, Service
 
@@ -47,28 +46,6 @@ pytestmark = [pytest.mark.kernel]
 
 SIZES = (1, 1000, 65536, 1 << 20, 8 << 20)  # 1 byte to 8 MiB
 SMALL_SIZES = (1, 65536, 1 << 20)
-
-
-def conn_entries(plane: Plane) -> list[int]:
-    """Client cookies with half-close hand-off bits (the conns map, one per paired connection)."""
-    return [k.value for k in plane.maps._keys(layout.MAP_CONNS, ctypes.c_uint64)]
-
-
-def wait_drained(plane: Plane, timeout: float = 10.0) -> None:
-    """Once every connection is closed, no socket, pending, conns or SYN-ACK entry may be left in
-    the maps."""
-    deadline = time.monotonic() + timeout
-    while True:
-        socks, pend, conns = plane.maps.sockets(), plane.maps.pending(), conn_entries(plane)
-        synacks = plane.maps.synacks()
-        if not socks and not pend and not conns and not synacks:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"maps not drained after {timeout}s: {len(socks)} sockets, {len(pend)} pending, "
-                f"{len(conns)} conns, {len(synacks)} SYN-ACK records"
-            )
-        time.sleep(0.05)
 
 
 def assert_all_hops_accounted(c: dict[str, int], hops: int) -> None:
@@ -484,23 +461,22 @@ def test_both_sidecars_across_pods_every_hop_paired(dataplane: Plane, lab: Lab, 
 
 @pytest.mark.envoy
 @pytest.mark.timeout(90)
-def test_pods_sharing_an_ip_are_never_paired_across(
+def test_pods_sharing_an_ip_get_only_their_own_connections(
     dataplane: Plane, make_lab: Callable[[], Lab], logs: Path
 ) -> None:
-    """Two enabled namespaces claiming one address (two Labs here): node_pods marks it ambiguous,
-    so a third pod's connection to that address is not paired with either; bytes arrive intact.
+    """Two enabled namespaces claiming one address (two Labs here; node_pods marks it ambiguous).
+    A third pod's connections to that address reach the twin that really accepted them, and a
+    cross-pod pairing, if any, is with that twin: its SYN-ACK named the client's exact 4-tuple
+    (docs/DATAPLANE.md, "Exact pairing"), so the other twin can never be given those bytes.
 
-    The client pod has a sidecar, so its Envoy's upstream to the twin *is* inserted and waits for
-    a server end (a client pod without one would never insert it, and the server side would
-    never be asked); the twin has a sidecar too, so that upstream is accepted on its 15006
-    capture port in an enabled namespace, the branch that pairs by original destination. Neither
-    end pairs across: every upstream is left on TCP at its first message."""
+    The client pod has a sidecar, so its Envoy's upstream to the twin is inserted and waits for a
+    server end; the twin has a sidecar too, so that upstream is accepted on its 15006 capture
+    port in an enabled namespace: the server-side path is reached."""
     lab_a, lab_b = make_lab(), make_lab()
     twin_a = lab_a.add_pod("twin", ip="10.244.1.10")
     twin_b = lab_b.add_pod("twin", ip="10.244.1.10", sidecar=False)
     client = lab_a.add_pod("client", ip="10.244.1.20", services=[Service(APP_PORT, twin_a.ip)])
-    for pod in (twin_a, twin_b, client):
-        dataplane.enable(pod)
+    cookie_a, cookie_b, _ = (dataplane.enable(pod) for pod in (twin_a, twin_b, client))
     assert dataplane.maps.node_pods()["10.244.1.10"] == 0
     server = start_echo_server(twin_a, logs)
     conns, reqs = 4, 3
@@ -510,11 +486,15 @@ def test_pods_sharing_an_ip_are_never_paired_across(
     assert_intact(res, conns, reqs, SMALL_SIZES)
     assert server.errors() == []
     c = dataplane.counters()
-    assert c["paired_cross_pod"] == 0, c
-    # Three hops per connection: app -> Envoy (client pod), Envoy -> twin (inserted, never
-    # paired, left on TCP), twin's Envoy 127.0.0.6 -> app. The twin's 15006 end counts nowhere.
+    # Three hops per connection: app -> Envoy (client pod), Envoy -> twin_a's 15006 (across the
+    # pods), twin_a's Envoy 127.0.0.6 -> app.
     assert_all_hops_accounted(c, 3 * conns)
-    assert c["connections_passed"] >= conns, c  # each upstream to the twin was in the map and waited
+    assert c["paired_cross_pod"] > 0, c  # the upstream hop is proven by its SYN-ACK
+    twin_b_stats = dataplane.stats(cookie_b)
+    assert twin_b_stats["sockets_inserted"] == 0 and twin_b_stats["redirected_bytes"] == 0, twin_b_stats
+    assert all(k.netns != cookie_b for k in dataplane.maps.sockets())
+    assert dataplane.stats(cookie_a)["sockets_inserted"] > 0
+    wait_drained(dataplane)
 
 
 @pytest.mark.timeout(90)

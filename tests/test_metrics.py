@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 from agentproc import AgentProcess, agents, wait_for
-from conftest import Plane
-from metrics_view import PairTraffic, plane_view, run_pairs, scrape, value, wait_drained
+from conftest import Plane, wait_drained
+from metrics_view import PairTraffic, plane_view, run_pairs, scrape, value
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -24,7 +24,6 @@ written down in docs/RELIABILITY.md (exact pairing), so a fix can be checked aga
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import itertools
 import json
@@ -40,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Plane
+from conftest import Plane, wait_drained
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from pairing_peer import DIGEST, HEADER, greeting, header, stream
 
-from sockops import layout
 from sockops.podlab import APP_UID, PROXY_UID, Lab, Pod, Service
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
@@ -288,21 +286,6 @@ def assert_accelerated(before: int, after: int, conns: list[Conn]) -> None:
         f"unambiguous connections: {after - before} bytes redirected of {want} "
         f"({(after - before) / want:.0%}, at least {ACCELERATED_SHARE:.0%} expected)"
     )
-
-
-def conn_entries(plane: Plane) -> list[int]:
-    return [k.value for k in plane.maps._keys(layout.MAP_CONNS, ctypes.c_uint64)]
-
-
-def wait_drained(plane: Plane, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = (len(plane.maps.sockets()), len(plane.maps.pending()), len(conn_entries(plane)))
-        if left == (0, 0, 0):
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"maps not drained after {timeout}s: sockets, pending, conns = {left}")
-        time.sleep(0.05)
 
 
 # -- the pods ------------------------------------------------------------------------------------
