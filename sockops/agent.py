@@ -7,11 +7,17 @@ Lifecycle, and why it is safe for traffic:
   changed programs never leaves a moment without a program nor attaches twice. Sockets already
   in the sockhash keep the sk_msg program they were inserted with until they close.
 * run: sources report, the reconciler enforces; a source that crashes is restarted with backoff.
-* SIGTERM/SIGINT: one stop event ends everything; programs stay attached and maps pinned, so
-  accelerated connections keep running and new connections of enabled pods are still accelerated
-  while no agent runs (nothing changes until the next agent reconciles).
+* SIGTERM/SIGINT: one stop event ends everything within ``STOP_SECONDS`` whatever the agent is
+  doing (loading, running, idle, waiting for the API server, resyncing): a DaemonSet rollout
+  replaces one node's agent after the other, so every second here is multiplied by the fleet.
+  The work runs in a thread; the main thread only waits for signals and, should the work not
+  end in time (a bcc compile cannot be interrupted), exits anyway: programs stay attached and
+  maps pinned, so accelerated connections keep running and new connections of enabled pods are
+  still accelerated while no agent runs (nothing changes until the next agent reconciles).
 * a kernel that cannot run the programs: exit non-zero with the reason, or (``--if-unsupported
-  idle``) keep serving health and metrics (``sockops_kernel_supported 0``) and touch nothing.
+  idle``) keep serving health and metrics (``sockops_kernel_supported 0``), report ready (an
+  idle node must not block a rollout), and leave nothing behind: maps a failed load pinned into
+  an empty bpffs directory are unpinned again.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +39,10 @@ from sockops.reconciler import ACCELERATED, PENDING, Reconciler, Resolver
 from sockops.sources import Backoff, Source
 
 log = logging.getLogger("sockops.agent")
+
+# SIGTERM to exit, at most (tests/test_agent_lifecycle.py). The pod's
+# terminationGracePeriodSeconds in daemonset/ is derived from it.
+STOP_SECONDS = 1.5
 
 
 def build_sources(args: Any) -> list[Source]:
@@ -59,8 +70,9 @@ def build_sources(args: Any) -> list[Source]:
 class _MetricsObserver:
     """Reconciler events -> the agent's own Prometheus metrics."""
 
-    def __init__(self, metrics: Any) -> None:
+    def __init__(self, metrics: Any, sources: list[str]) -> None:
         self.m = metrics
+        self.sources = sources
 
     def reconcile_error(self, source: str) -> None:
         self.m.reconcile_errors.labels(source=source).inc()
@@ -72,6 +84,9 @@ class _MetricsObserver:
         self.m.enforce_latency.observe(seconds)
 
     def reconciled(self) -> None:
+        # A pass enforces the union of every source's view, so it counts for each of them.
+        for source in self.sources:
+            self.m.reconciles.labels(source=source).inc()
         self.m.last_reconcile.set_to_current_time()
 
 
@@ -150,10 +165,12 @@ class Agent:
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
+        # Idle is a decided, reported state (sockops_kernel_supported 0, this text), not a
+        # failure: a not-ready pod counts unavailable and one old node would block every rollout.
         if self.uninstalled:
-            return False, "uninstalled: the pinned maps were removed; restart the agent to install again"
+            return True, "idle: uninstalled (the pinned maps were removed); restart the agent to reinstall"
         if self.unsupported is not None:
-            return False, f"not accelerating: {self.unsupported}"
+            return True, f"idle: {self.unsupported}"
         attached = self.programs_attached()
         if not all(attached.values()):
             return False, f"programs not attached: {attached}"
@@ -162,12 +179,24 @@ class Agent:
             return False, "waiting for the first list of every source"
         return True, "ok"
 
+    def stop_budget(self) -> float:
+        """Seconds the work may take after SIGTERM before the process exits anyway."""
+        return STOP_SECONDS
+
     # -- run --------------------------------------------------------------------------------------------
     def load(self) -> None:
+        log.info("loading the programs", extra={"fields": {"bpffs": str(self.bpffs)}})
+        fresh = not any((self.bpffs / name).exists() for name in layout.ALL_MAPS)
+        plane: loader.DataPlane | None = None
         try:
-            self.plane = loader.DataPlane.load(self.bpffs, self.sizes)
-            self.plane.attach(self.cgroup)
+            # Checked before the compile: attaching is what needs it, and a load that fails only
+            # at attach has already pinned the maps.
+            loader.check_cgroup_v2(self.cgroup)
+            plane = loader.DataPlane.load(self.bpffs, self.sizes)
+            plane.attach(self.cgroup)
+            self.plane = plane
         except SockopsError as e:
+            self._abandon(plane, fresh)
             if self.args.if_unsupported != "idle":
                 raise
             self.plane = None
@@ -189,6 +218,16 @@ class Agent:
                 }
             },
         )
+
+    def _abandon(self, plane: loader.DataPlane | None, fresh: bool) -> None:
+        """Undo a load that cannot be used: close its programs and, if the maps were pinned by
+        this load into an empty directory, unpin them (pins an earlier agent made stay: their
+        connections may still run)."""
+        if plane is not None:
+            with contextlib.suppress(Exception):
+                plane.bpf.cleanup()  # type: ignore[attr-defined]
+        if fresh:
+            loader.unpin(self.bpffs)
 
     def _supervise(self, source: Source, work: threading.Event) -> None:
         """Run a source until ``work`` ends; an unexpected crash is logged, counted and restarted."""
@@ -213,6 +252,8 @@ class Agent:
 
         sources = build_sources(self.args)
         self.load()
+        if self.stop.is_set():
+            return 0
         registry, metrics = build_registry(self)
         for s in sources:
             metrics.init_source(s.name)  # a first error then shows as an increase from 0
@@ -237,7 +278,7 @@ class Agent:
                     maps,
                     Resolver(find_pod=podresolve.find_pod_netns, index_pods=podresolve.index_pods),
                     [s.name for s in sources],
-                    observer=_MetricsObserver(metrics),
+                    observer=_MetricsObserver(metrics, [s.name for s in sources]),
                     state_file=self.args.state_file,
                 )
                 work = threading.Event()  # ends sources and reconciler: SIGTERM or an uninstall
@@ -254,8 +295,11 @@ class Agent:
                     t.start()
                 self.reconciler.run(work, self.args.resync)
                 work.set()
+                # Sources return within about a second of ``work`` (sockops.sources); one that does
+                # not is a daemon thread and does not hold the exit.
+                deadline = time.monotonic() + 1.0
                 for t in threads:
-                    t.join(timeout=5)
+                    t.join(timeout=max(0.0, deadline - time.monotonic()))
             if not self.stop.is_set():
                 # `sockops uninstall` removed the pins: stay up (a DaemonSet would restart an exited
                 # agent and load everything again) but accelerate nothing until restarted.
@@ -287,10 +331,47 @@ class Agent:
                 )
                 break
         work.set()
+        if self.reconciler is not None:
+            self.reconciler.wake()  # it may be waiting for the next resync
 
 
 def run(args: Any) -> int:
+    """Run the agent in a worker thread; the main thread turns SIGTERM/SIGINT into a bounded stop.
+
+    Python runs signal handlers only in the main thread and only between bytecodes, so a main
+    thread inside a bcc compile would hear SIGTERM seconds late: it therefore does nothing but wait.
+    Once the work has ended the process leaves with ``os._exit``: the interpreter's own shutdown
+    spent 1-2 s garbage-collecting (the bcc module, the API client) after the agent had already
+    stopped (measured with faulthandler on this VM), and nothing in-process needs finalising: the
+    programs and pins are meant to outlive the process, and every log line is flushed first.
+    Errors before the work has started (bad settings, no kernel support with ``exit``) are raised
+    for the command line to report.
+    """
     stop = threading.Event()
+    agent = Agent(args, stop)
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["rc"] = agent.run()
+        except BaseException as e:
+            outcome["error"] = e
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    return Agent(args, stop).run()
+    worker = threading.Thread(target=work, name="agent", daemon=True)
+    worker.start()
+    while worker.is_alive() and not stop.wait(0.5):
+        pass
+    signalled = time.monotonic()
+    worker.join(agent.stop_budget())
+    if worker.is_alive():
+        log.warning(
+            "exiting before the work ended; programs stay attached and maps pinned",
+            extra={"fields": {"waited_s": round(time.monotonic() - signalled, 2)}},
+        )
+    elif "error" in outcome:
+        raise outcome["error"]
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(int(outcome.get("rc", 0)))

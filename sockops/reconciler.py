@@ -198,7 +198,7 @@ class Resolver:
 
 @dataclass
 class _Event:
-    kind: str  # replace | upsert | delete | error | restarted
+    kind: str  # replace | upsert | delete | error | restarted | wake
     source: str
     seen: float
     workloads: tuple[Workload, ...] = ()
@@ -254,6 +254,10 @@ class Reconciler:
 
     def restarted(self, source: str, reason: str) -> None:
         self._events.put(_Event("restarted", source, self.clock(), message=reason))
+
+    def wake(self) -> None:
+        """End the wait for the next event or resync now (the agent is stopping)."""
+        self._events.put(_Event("wake", "", self.clock()))
 
     # -- views (any thread) -----------------------------------------------------------------------------
     @property
