@@ -42,7 +42,7 @@ log = logging.getLogger("sockops.agent")
 
 # SIGTERM to exit, at most (tests/test_agent_lifecycle.py). The pod's
 # terminationGracePeriodSeconds in daemonset/ is derived from it.
-STOP_SECONDS = 1.5
+STOP_SECONDS = 1.2
 
 
 def build_sources(args: Any) -> list[Source]:
@@ -70,9 +70,10 @@ def build_sources(args: Any) -> list[Source]:
 class _MetricsObserver:
     """Reconciler events -> the agent's own Prometheus metrics."""
 
-    def __init__(self, metrics: Any, sources: list[str]) -> None:
+    def __init__(self, metrics: Any, sources: list[str], counts: Any = None) -> None:
         self.m = metrics
         self.sources = sources
+        self.counts = counts  # () -> {state: workloads}
 
     def reconcile_error(self, source: str) -> None:
         self.m.reconcile_errors.labels(source=source).inc()
@@ -87,6 +88,9 @@ class _MetricsObserver:
         # A pass enforces the union of every source's view, so it counts for each of them.
         for source in self.sources:
             self.m.reconciles.labels(source=source).inc()
+        if self.counts is not None:
+            for state, n in self.counts().items():
+                self.m.workloads.labels(state=state).set(n)
         self.m.last_reconcile.set_to_current_time()
 
 
@@ -106,6 +110,9 @@ class Agent:
         self.uninstalled = False
         self.reconciler: Reconciler | None = None
         self.started = time.monotonic()
+        self.removal: Any = None  # sockops.removal.OwnerWatch with --source kubernetes in a pod
+        self.draining = False  # SIGTERM came while the DaemonSet is being deleted: uninstall
+        self._decided = threading.Event()  # on_stop() has chosen between stopping and draining
         self._attached_cache: tuple[float, dict[str, bool]] = (0.0, {})
 
     # -- AgentView (read by the metrics collector at scrape time) ---------------------------------------
@@ -149,6 +156,16 @@ class Agent:
     def map_sizes(self) -> loader.MapSizes:
         return self.plane.sizes if self.plane else self.sizes
 
+    def status(self) -> dict[str, object]:
+        """/status: the agent's own state and every workload's, for `kubectl sockops status`."""
+        ready, why = self.ready()
+        return {
+            "node": getattr(self.args, "node_name", None) or os.environ.get("NODE_NAME"),
+            "ready": ready,
+            "agent": why,
+            "workloads": [s.to_json() for s in self.reconciler.snapshot()] if self.reconciler else [],
+        }
+
     # -- health ---------------------------------------------------------------------------------------
     def healthy(self) -> tuple[bool, str]:
         rec = self.reconciler
@@ -180,8 +197,50 @@ class Agent:
         return True, "ok"
 
     def stop_budget(self) -> float:
-        """Seconds the work may take after SIGTERM before the process exits anyway."""
-        return STOP_SECONDS
+        """Seconds the work may take after SIGTERM before the process exits anyway: a plain stop,
+        or the drain of a removal (its drain timeout, the detach and unpin)."""
+        return STOP_SECONDS + (self.args.drain_timeout + 5.0 if self.draining else 0.0)
+
+    def on_stop(self) -> None:
+        """Called once SIGTERM/SIGINT came: an upgrade stops, a removal drains (sockops.removal)."""
+        try:
+            if self.removal is not None and self.plane is not None:
+                self.draining = self.removal.confirm()
+        finally:
+            self._decided.set()
+
+    def _start_removal_watch(self) -> None:
+        args = self.args
+        if "kubernetes" not in (args.source or []) or not (args.pod_name and args.pod_namespace):
+            return
+        from sockops.removal import OwnerWatch
+        from sockops.sources.kubernetes import load_config
+
+        self.removal = OwnerWatch(load_config(args.kubeconfig), args.pod_namespace, args.pod_name)
+        threading.Thread(target=self.removal.run, args=(self.stop,), name="daemonset", daemon=True).start()
+
+    def _event_recorder(self) -> Any:
+        """Pod Events (sockops.events) with the kubernetes source; None (no Events) otherwise."""
+        if "kubernetes" not in (self.args.source or []):
+            return None
+        from sockops.events import EventRecorder
+        from sockops.sources.kubernetes import load_config, node_name_from_env
+
+        node = self.args.node_name or node_name_from_env()
+        recorder = EventRecorder(load_config(self.args.kubeconfig), node)
+        threading.Thread(target=recorder.run, args=(self.stop,), name="events", daemon=True).start()
+        return recorder
+
+    def _drain(self) -> None:
+        """What `sockops uninstall` does, without its pause for other agents: this one has stopped."""
+        from sockops.cli import uninstall
+
+        log.warning(
+            "the DaemonSet is being deleted: draining accelerated connections, then detaching and unpinning",
+            extra={"fields": {"bpffs": str(self.bpffs), "drain_timeout_s": self.args.drain_timeout}},
+        )
+        result = uninstall(self.bpffs, self.cgroup, self.args.drain_timeout, pause=0.0)
+        log.info("uninstalled", extra={"fields": result})
 
     # -- run --------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -251,6 +310,7 @@ class Agent:
         from sockops.metrics import build_registry
 
         sources = build_sources(self.args)
+        self._start_removal_watch()
         self.load()
         if self.stop.is_set():
             return 0
@@ -259,7 +319,7 @@ class Agent:
             metrics.init_source(s.name)  # a first error then shows as an increase from 0
         with contextlib.suppress(Exception):
             metrics.build_info.labels(version=__version__, kernel=os.uname().release).set(1)
-        server = HealthServer(self.args.metrics_addr, registry, self.healthy, self.ready).start()
+        server = HealthServer(self.args.metrics_addr, registry, self.healthy, self.ready, self.status).start()
         log.info(
             "serving /metrics /healthz /readyz",
             extra={"fields": {"addr": f"{server.address[0]}:{server.address[1]}"}},
@@ -274,13 +334,16 @@ class Agent:
                     # was interrupted (or races with us) loses its mark; a running one still
                     # detaches and unpins at its end.
                     log.warning("cleared the mark of an unfinished `sockops uninstall`")
+                observer = _MetricsObserver(metrics, [s.name for s in sources])
                 self.reconciler = Reconciler(
                     maps,
                     Resolver(find_pod=podresolve.find_pod_netns, index_pods=podresolve.index_pods),
                     [s.name for s in sources],
-                    observer=_MetricsObserver(metrics, [s.name for s in sources]),
+                    observer=observer,
                     state_file=self.args.state_file,
+                    notifier=self._event_recorder(),
                 )
+                observer.counts = self.reconciler.counts
                 work = threading.Event()  # ends sources and reconciler: SIGTERM or an uninstall
                 threads = [
                     threading.Thread(
@@ -300,6 +363,11 @@ class Agent:
                 deadline = time.monotonic() + 1.0
                 for t in threads:
                     t.join(timeout=max(0.0, deadline - time.monotonic()))
+            if self.stop.is_set() and self.removal is not None:
+                self._decided.wait(2.0)
+                if self.draining:
+                    self._drain()
+                    return 0
             if not self.stop.is_set():
                 # `sockops uninstall` removed the pins: stay up (a DaemonSet would restart an exited
                 # agent and load everything again) but accelerate nothing until restarted.
@@ -364,7 +432,9 @@ def run(args: Any) -> int:
     while worker.is_alive() and not stop.wait(0.5):
         pass
     signalled = time.monotonic()
-    worker.join(agent.stop_budget())
+    agent.on_stop()
+    while worker.is_alive() and time.monotonic() - signalled < agent.stop_budget():
+        worker.join(0.1)
     if worker.is_alive():
         log.warning(
             "exiting before the work ended; programs stay attached and maps pinned",

@@ -200,6 +200,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for w in workloads:
             who = f"{w['namespace']}/{w['name']}" if w["namespace"] else w["name"]
             print(f"  {who:<36} {w['state']:<12} {w['reason']}")
+            if w.get("capture"):
+                print(f"  {'':<36} {'':<12} Istio capture: {w['capture']}")
             for err in w["errors"]:
                 print(f"  {'':<36} {'':<12} ! {err}")
         if not workloads:
@@ -228,7 +230,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return agent.run(args)
 
 
-def uninstall(bpffs: Path, cgroup: Path, drain_timeout: float) -> dict[str, object]:
+def uninstall(
+    bpffs: Path, cgroup: Path, drain_timeout: float, pause: float = AGENT_POLL_SECONDS
+) -> dict[str, object]:
     """Stop new acceleration, wait for accelerated connections to close, then detach and unpin.
 
     Removing a socket from its last map purges unread data, so the maps are only unpinned once
@@ -241,7 +245,7 @@ def uninstall(bpffs: Path, cgroup: Path, drain_timeout: float) -> dict[str, obje
         with loader.PinnedMaps(bpffs) as maps:
             # Running agents poll for the mark every second and stop writing before we disable.
             maps.mark_uninstalling()
-            time.sleep(AGENT_POLL_SECONDS)
+            time.sleep(pause)
             for cookie in list(maps.enabled()):
                 maps.disable(cookie)
             deadline = time.monotonic() + drain_timeout

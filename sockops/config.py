@@ -161,14 +161,14 @@ def _address(v: str) -> str:
     return v
 
 
-# RFC 1123 subdomain: what the API server accepts as a node name.
+# RFC 1123 subdomain: what the API server accepts as a node, pod or namespace name.
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
-def _node_name(v: str) -> str:
+def _dns_name(v: str) -> str:
     if v and (len(v) > 253 or not _DNS_SUBDOMAIN.fullmatch(v)):
         raise argparse.ArgumentTypeError(
-            f"{v[:64]!r} is not a Kubernetes node name (lowercase letters, digits, '-' and '.')"
+            f"{v[:64]!r} is not a Kubernetes name (RFC 1123: lowercase letters, digits, '-' and '.')"
         )
     return v
 
@@ -230,7 +230,22 @@ AGENT = (
         "NODE_NAME",
         "",
         "kubernetes source: this node's name (downward API spec.nodeName)",
-        _node_name,
+        _dns_name,
+    ),
+    Setting(
+        "--pod-name",
+        "POD_NAME",
+        "",
+        "kubernetes source: the agent's own pod (downward API metadata.name); with --pod-namespace "
+        "the agent watches its DaemonSet and uninstalls when that is deleted",
+        _dns_name,
+    ),
+    Setting(
+        "--pod-namespace",
+        "POD_NAMESPACE",
+        "",
+        "kubernetes source: the agent's own namespace (downward API metadata.namespace)",
+        _dns_name,
     ),
     Setting("--kubeconfig", "KUBECONFIG", "", "kubernetes source: kubeconfig outside a cluster", _path),
     Setting(

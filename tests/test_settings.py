@@ -28,6 +28,8 @@ BAD = {
     "SOCKOPS_NETNS_SIZE": "-5",
     "SOCKOPS_SOURCE": "kubernetes,Docker",
     "NODE_NAME": "Node_A",
+    "POD_NAME": "Agent_1",
+    "POD_NAMESPACE": "Sockops System",
     "SOCKOPS_RESYNC_SECONDS": "thirty",
     "SOCKOPS_METRICS_ADDR": "9876",
     "SOCKOPS_IF_UNSUPPORTED": "Idle",
