@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 @dataclass
@@ -559,7 +559,7 @@ class _Handler(BaseHTTPRequestHandler):
         import urllib.error
         import urllib.request
 
-        pod, _, port = target.partition(":")
+        pod, _, port = unquote(target).partition(":")
         upstream = self.fake.proxies.get((namespace, pod, int(port or 80)))
         if upstream is None:
             req.status = 503

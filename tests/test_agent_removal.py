@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,8 +54,8 @@ def start_agent(kube: KubeEnv) -> AgentProcess:
         kube.bpffs,
         kube.tmp,
         ["--source", "kubernetes", "--node-name", "node-a", "--kubeconfig", str(kube.kubeconfig()),
-         "--resync", "30", "--drain-timeout", "30"],
-        env={"POD_NAME": AGENT_POD, "POD_NAMESPACE": AGENT_NS},
+         "--resync", "30"],
+        env={"POD_NAME": AGENT_POD, "POD_NAMESPACE": AGENT_NS, "SOCKOPS_DRAIN_TIMEOUT": "30"},
     )  # fmt: skip
     kube.started.append(a)
     return a.wait_ready()
@@ -63,6 +63,14 @@ def start_agent(kube: KubeEnv) -> AgentProcess:
 
 def watching(kube: KubeEnv) -> bool:
     return any(r.watch for r in kube.api.requests_of("daemonsets"))
+
+
+def soon(cond: Callable[[], object], timeout: float) -> bool:
+    """Wait for ``cond`` up to ``timeout``; the test goes on either way and checks the outcome."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(cond())
 
 
 def accelerated_stream(kube: KubeEnv, seconds: float) -> tuple[Transfer, object]:
@@ -82,7 +90,7 @@ def kube_stats(kube: KubeEnv, pod: object) -> int:
 
 def test_upgrade_keeps_everything_attached(kenv: KubeEnv) -> None:
     agent = start_agent(kenv)
-    wait_for(lambda: watching(kenv), 10, "the agent to watch its DaemonSet")
+    soon(lambda: watching(kenv), 10)  # the agent watches its DaemonSet
     t, pod = accelerated_stream(kenv, seconds=4.0)
     assert stop_seconds(agent) < 2.0  # the pod is replaced, the DaemonSet stays
     attached = loader.attached_programs(kenv.cgroup.path, kenv.bpffs)
@@ -96,15 +104,11 @@ def test_upgrade_keeps_everything_attached(kenv: KubeEnv) -> None:
 @pytest.mark.parametrize("foreground", [False, True], ids=["kubectl-delete", "foreground"])
 def test_deleting_the_daemonset_drains_and_uninstalls(kenv: KubeEnv, foreground: bool) -> None:
     agent = start_agent(kenv)
-    wait_for(lambda: watching(kenv), 10, "the agent to watch its DaemonSet")
+    soon(lambda: watching(kenv), 10)  # the agent watches its DaemonSet
     t, _ = accelerated_stream(kenv, seconds=5.0)
     started = time.monotonic()
     kenv.api.delete_daemonset(DS, AGENT_NS, foreground=foreground)
-    wait_for(
-        lambda: any("DaemonSet is being deleted" in str(line.get("msg")) for line in agent.log_lines()),
-        10,
-        "the agent to see the deletion",
-    )
+    soon(lambda: any("DaemonSet is being deleted" in str(line.get("msg")) for line in agent.log_lines()), 10)
     took = stop_seconds(agent)  # the kubelet's SIGTERM once the pod is deleted
     res = t.assert_intact()  # the live connection was never broken
     assert time.monotonic() - started >= 4.0 and took >= 1.0, "exited before the stream ended"
