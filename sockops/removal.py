@@ -118,6 +118,7 @@ class OwnerWatch:
                     field_selector=f"metadata.name={self.daemonset}",
                     resource_version=rv,
                     timeout_seconds=300,
+                    _request_timeout=330,  # a silent, half-open connection ends too
                 ):
                     obj = event.get("raw_object") or {}  # plain JSON: no model validation
                     if event.get("type") == "DELETED":
