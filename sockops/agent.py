@@ -9,11 +9,17 @@ Lifecycle, and why it is safe for traffic:
   inserted with until they close. Other tools' programs on the same cgroup hooks keep running
   (links are multi-attach); the start logs them.
 * run: sources report, the reconciler enforces; a source that crashes is restarted with backoff.
-* SIGTERM/SIGINT: one stop event ends everything; programs stay attached and maps pinned, so
-  accelerated connections keep running and new connections of enabled pods are still accelerated
-  while no agent runs (nothing changes until the next agent reconciles).
+* SIGTERM/SIGINT: one stop event ends everything within ``STOP_SECONDS`` whatever the agent is
+  doing (loading, running, idle, waiting for the API server, resyncing): a DaemonSet rollout
+  replaces one node's agent after the other, so every second here is multiplied by the fleet.
+  The work runs in a thread; the main thread only waits for signals and, should the work not
+  end in time (a bcc compile cannot be interrupted), exits anyway: programs stay attached and
+  maps pinned, so accelerated connections keep running and new connections of enabled pods are
+  still accelerated while no agent runs (nothing changes until the next agent reconciles).
 * a kernel that cannot run the programs: exit non-zero with the reason, or (``--if-unsupported
-  idle``) keep serving health and metrics (``sockops_kernel_supported 0``) and touch nothing.
+  idle``) keep serving health and metrics (``sockops_kernel_supported 0``), report ready (an
+  idle node must not block a rollout), and leave nothing behind: maps a failed load pinned into
+  an empty bpffs directory are unpinned again.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +41,10 @@ from sockops.reconciler import ACCELERATED, PENDING, Reconciler, Resolver
 from sockops.sources import Backoff, Source
 
 log = logging.getLogger("sockops.agent")
+
+# SIGTERM to exit, at most (tests/test_agent_lifecycle.py). The pod's
+# terminationGracePeriodSeconds in daemonset/ is derived from it.
+STOP_SECONDS = 1.2
 
 
 def build_sources(args: Any) -> list[Source]:
@@ -61,8 +72,10 @@ def build_sources(args: Any) -> list[Source]:
 class _MetricsObserver:
     """Reconciler events -> the agent's own Prometheus metrics."""
 
-    def __init__(self, metrics: Any) -> None:
+    def __init__(self, metrics: Any, sources: list[str], counts: Any = None) -> None:
         self.m = metrics
+        self.sources = sources
+        self.counts = counts  # () -> {state: workloads}
 
     def reconcile_error(self, source: str) -> None:
         self.m.reconcile_errors.labels(source=source).inc()
@@ -74,6 +87,12 @@ class _MetricsObserver:
         self.m.enforce_latency.observe(seconds)
 
     def reconciled(self) -> None:
+        # A pass enforces the union of every source's view, so it counts for each of them.
+        for source in self.sources:
+            self.m.reconciles.labels(source=source).inc()
+        if self.counts is not None:
+            for state, n in self.counts().items():
+                self.m.workloads.labels(state=state).set(n)
         self.m.last_reconcile.set_to_current_time()
 
 
@@ -93,6 +112,9 @@ class Agent:
         self.uninstalled = False
         self.reconciler: Reconciler | None = None
         self.started = time.monotonic()
+        self.removal: Any = None  # sockops.removal.OwnerWatch with --source kubernetes in a pod
+        self.draining = False  # SIGTERM came while the DaemonSet is being deleted: uninstall
+        self._decided = threading.Event()  # on_stop() has chosen between stopping and draining
         self._attached_cache: tuple[float, dict[str, bool]] = (0.0, {})
 
     # -- AgentView (read by the metrics collector at scrape time) ---------------------------------------
@@ -136,6 +158,16 @@ class Agent:
     def map_sizes(self) -> loader.MapSizes:
         return self.plane.sizes if self.plane else self.sizes
 
+    def status(self) -> dict[str, object]:
+        """/status: the agent's own state and every workload's, for `kubectl sockops status`."""
+        ready, why = self.ready()
+        return {
+            "node": getattr(self.args, "node_name", None) or os.environ.get("NODE_NAME"),
+            "ready": ready,
+            "agent": why,
+            "workloads": [s.to_json() for s in self.reconciler.snapshot()] if self.reconciler else [],
+        }
+
     # -- health ---------------------------------------------------------------------------------------
     def healthy(self) -> tuple[bool, str]:
         rec = self.reconciler
@@ -152,10 +184,12 @@ class Agent:
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
+        # Idle is a decided, reported state (sockops_kernel_supported 0, this text), not a
+        # failure: a not-ready pod counts unavailable and one old node would block every rollout.
         if self.uninstalled:
-            return False, "uninstalled: the pinned maps were removed; restart the agent to install again"
+            return True, "idle: uninstalled (the pinned maps were removed); restart the agent to reinstall"
         if self.unsupported is not None:
-            return False, f"not accelerating: {self.unsupported}"
+            return True, f"idle: {self.unsupported}"
         attached = self.programs_attached()
         if not all(attached.values()):
             return False, f"programs not attached: {attached}"
@@ -164,12 +198,66 @@ class Agent:
             return False, "waiting for the first list of every source"
         return True, "ok"
 
+    def stop_budget(self) -> float:
+        """Seconds the work may take after SIGTERM before the process exits anyway: a plain stop,
+        or the drain of a removal (its drain timeout, the detach and unpin)."""
+        return STOP_SECONDS + (self.args.drain_timeout + 5.0 if self.draining else 0.0)
+
+    def on_stop(self) -> None:
+        """Called once SIGTERM/SIGINT came: an upgrade stops, a removal drains (sockops.removal)."""
+        try:
+            if self.removal is not None and self.plane is not None:
+                self.draining = self.removal.confirm()
+        finally:
+            self._decided.set()
+
+    def _start_removal_watch(self) -> None:
+        args = self.args
+        if "kubernetes" not in (args.source or []) or not (args.pod_name and args.pod_namespace):
+            return
+        from sockops.removal import OwnerWatch
+        from sockops.sources.kubernetes import load_config
+
+        self.removal = OwnerWatch(load_config(args.kubeconfig), args.pod_namespace, args.pod_name)
+        threading.Thread(target=self.removal.run, args=(self.stop,), name="daemonset", daemon=True).start()
+
+    def _event_recorder(self) -> Any:
+        """Pod Events (sockops.events) with the kubernetes source; None (no Events) otherwise."""
+        if "kubernetes" not in (self.args.source or []):
+            return None
+        from sockops.events import EventRecorder
+        from sockops.sources.kubernetes import load_config, node_name_from_env
+
+        node = self.args.node_name or node_name_from_env()
+        recorder = EventRecorder(load_config(self.args.kubeconfig), node)
+        threading.Thread(target=recorder.run, args=(self.stop,), name="events", daemon=True).start()
+        return recorder
+
+    def _drain(self) -> None:
+        """What `sockops uninstall` does, without its pause for other agents: this one has stopped."""
+        from sockops.cli import uninstall
+
+        log.warning(
+            "the DaemonSet is being deleted: draining accelerated connections, then detaching and unpinning",
+            extra={"fields": {"bpffs": str(self.bpffs), "drain_timeout_s": self.args.drain_timeout}},
+        )
+        result = uninstall(self.bpffs, self.cgroup, self.args.drain_timeout, pause=0.0)
+        log.info("uninstalled", extra={"fields": result})
+
     # -- run --------------------------------------------------------------------------------------------
     def load(self) -> None:
+        log.info("loading the programs", extra={"fields": {"bpffs": str(self.bpffs)}})
+        fresh = not any((self.bpffs / name).exists() for name in layout.ALL_MAPS)
+        plane: loader.DataPlane | None = None
         try:
-            self.plane = loader.DataPlane.load(self.bpffs, self.sizes)
-            done = self.plane.attach(self.cgroup)
+            # Checked before the compile: attaching is what needs it, and a load that fails only
+            # at attach has already pinned the maps.
+            loader.check_cgroup_v2(self.cgroup)
+            plane = loader.DataPlane.load(self.bpffs, self.sizes)
+            done = plane.attach(self.cgroup)
+            self.plane = plane
         except SockopsError as e:
+            self._abandon(plane, fresh)
             if self.args.if_unsupported != "idle":
                 raise
             self.plane = None
@@ -211,6 +299,16 @@ class Agent:
                     extra={"fields": {"hook": hook.kind, "target": hook.target, "verdict": why}},
                 )
 
+    def _abandon(self, plane: loader.DataPlane | None, fresh: bool) -> None:
+        """Undo a load that cannot be used: close its programs and, if the maps were pinned by
+        this load into an empty directory, unpin them (pins an earlier agent made stay: their
+        connections may still run)."""
+        if plane is not None:
+            with contextlib.suppress(Exception):
+                plane.bpf.cleanup()  # type: ignore[attr-defined]
+        if fresh:
+            loader.unpin(self.bpffs)
+
     def _supervise(self, source: Source, work: threading.Event) -> None:
         """Run a source until ``work`` ends; an unexpected crash is logged, counted and restarted."""
         backoff = Backoff(base=1.0)
@@ -233,13 +331,16 @@ class Agent:
         from sockops.metrics import build_registry
 
         sources = build_sources(self.args)
+        self._start_removal_watch()
         self.load()
+        if self.stop.is_set():
+            return 0
         registry, metrics = build_registry(self, self.args.pod_metric_labels)
         for s in sources:
             metrics.init_source(s.name)  # a first error then shows as an increase from 0
         with contextlib.suppress(Exception):
             metrics.build_info.labels(version=__version__, kernel=os.uname().release).set(1)
-        server = HealthServer(self.args.metrics_addr, registry, self.healthy, self.ready).start()
+        server = HealthServer(self.args.metrics_addr, registry, self.healthy, self.ready, self.status).start()
         log.info(
             "serving /metrics /healthz /readyz",
             extra={"fields": {"addr": f"{server.address[0]}:{server.address[1]}"}},
@@ -254,13 +355,16 @@ class Agent:
                     # was interrupted (or races with us) loses its mark; a running one still
                     # detaches and unpins at its end.
                     log.warning("cleared the mark of an unfinished `sockops uninstall`")
+                observer = _MetricsObserver(metrics, [s.name for s in sources])
                 self.reconciler = Reconciler(
                     maps,
                     Resolver(find_pod=podresolve.find_pod_netns, index_pods=podresolve.index_pods),
                     [s.name for s in sources],
-                    observer=_MetricsObserver(metrics),
+                    observer=observer,
                     state_file=self.args.state_file,
+                    notifier=self._event_recorder(),
                 )
+                observer.counts = self.reconciler.counts
                 work = threading.Event()  # ends sources and reconciler: SIGTERM or an uninstall
                 threads = [
                     threading.Thread(
@@ -275,8 +379,16 @@ class Agent:
                     t.start()
                 self.reconciler.run(work, self.args.resync)
                 work.set()
+                # Sources return within about a second of ``work`` (sockops.sources); one that does
+                # not is a daemon thread and does not hold the exit.
+                deadline = time.monotonic() + 1.0
                 for t in threads:
-                    t.join(timeout=5)
+                    t.join(timeout=max(0.0, deadline - time.monotonic()))
+            if self.stop.is_set() and self.removal is not None:
+                self._decided.wait(2.0)
+                if self.draining:
+                    self._drain()
+                    return 0
             if not self.stop.is_set():
                 # `sockops uninstall` removed the pins: stay up (a DaemonSet would restart an exited
                 # agent and load everything again) but accelerate nothing until restarted.
@@ -308,10 +420,49 @@ class Agent:
                 )
                 break
         work.set()
+        if self.reconciler is not None:
+            self.reconciler.wake()  # it may be waiting for the next resync
 
 
 def run(args: Any) -> int:
+    """Run the agent in a worker thread; the main thread turns SIGTERM/SIGINT into a bounded stop.
+
+    Python runs signal handlers only in the main thread and only between bytecodes, so a main
+    thread inside a bcc compile would hear SIGTERM seconds late: it therefore does nothing but wait.
+    Once the work has ended the process leaves with ``os._exit``: the interpreter's own shutdown
+    spent 1-2 s garbage-collecting (the bcc module, the API client) after the agent had already
+    stopped (measured with faulthandler on this VM), and nothing in-process needs finalising: the
+    programs and pins are meant to outlive the process, and every log line is flushed first.
+    Errors before the work has started (bad settings, no kernel support with ``exit``) are raised
+    for the command line to report.
+    """
     stop = threading.Event()
+    agent = Agent(args, stop)
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["rc"] = agent.run()
+        except BaseException as e:
+            outcome["error"] = e
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    return Agent(args, stop).run()
+    worker = threading.Thread(target=work, name="agent", daemon=True)
+    worker.start()
+    while worker.is_alive() and not stop.wait(0.5):
+        pass
+    signalled = time.monotonic()
+    agent.on_stop()
+    while worker.is_alive() and time.monotonic() - signalled < agent.stop_budget():
+        worker.join(0.1)
+    if worker.is_alive():
+        log.warning(
+            "exiting before the work ended; programs stay attached and maps pinned",
+            extra={"fields": {"waited_s": round(time.monotonic() - signalled, 2)}},
+        )
+    elif "error" in outcome:
+        raise outcome["error"]
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(int(outcome.get("rc", 0)))

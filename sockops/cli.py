@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-from sockops import __version__, config, layout, loader
+from sockops import __version__, config, layout, loader, logs
 from sockops import netns as netns_mod
 from sockops.errors import SockopsError
 
@@ -33,13 +32,10 @@ EPILOG = """examples:
 """
 
 
-def env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     config.BPFFS.add_to(p)
     config.LOG_FORMAT.add_to(p)
+    config.LOG_LEVEL.add_to(p)
 
 
 def _sizes(p: argparse.ArgumentParser) -> None:
@@ -60,7 +56,7 @@ def _target(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = config.SettingsParser(
         prog="sockops",
         description="eBPF sockmap acceleration for service-mesh sidecars.",
         epilog=EPILOG,
@@ -80,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     for setting in config.AGENT:
         setting.add_to(a)
     config.STATE_FILE.add_to(a)
+    config.DRAIN_TIMEOUT.add_to(a)
     a.add_argument("--print-program", action="store_true", help="print the generated BPF C and exit")
 
     for name, helptext in (
@@ -101,12 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("uninstall", help="stop accelerating, wait for accelerated connections, detach, unpin")
     _common(u)
     config.CGROUP.add_to(u)
-    u.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=float(env("SOCKOPS_DRAIN_TIMEOUT", "60")),
-        help="seconds to wait for accelerated connections to close (default %(default)s)",
-    )
+    config.DRAIN_TIMEOUT.add_to(u)
 
     m = sub.add_parser("demo", help="Istio-style pod with Envoy: traffic with acceleration off, then on")
     m.add_argument("--connections", type=int, default=4)
@@ -115,26 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed here for --help only: main() hands everything after "bench" to bench's own parser.
     sub.add_parser("bench", add_help=False, help="Envoy mesh benchmark, sockops off vs on (bench --help)")
     return p
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": record.getMessage()}
-        out.update(getattr(record, "fields", {}))
-        return json.dumps(out)
-
-
-class _TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
-        level = record.levelname.lower()
-        return f"{time.strftime('%H:%M:%S')} {level:5} {record.getMessage()} {fields}".rstrip()
-
-
-def setup_logging(fmt: str) -> None:
-    h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[h], force=True)
 
 
 def _settings(args: argparse.Namespace, path: Path) -> layout.NetnsSettings:
@@ -238,6 +210,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for w in workloads:
             who = f"{w['namespace']}/{w['name']}" if w["namespace"] else w["name"]
             print(f"  {who:<36} {w['state']:<12} {w['reason']}")
+            if w.get("capture"):
+                print(f"  {'':<36} {'':<12} Istio capture: {w['capture']}")
             for err in w["errors"]:
                 print(f"  {'':<36} {'':<12} ! {err}")
         if not workloads:
@@ -268,13 +242,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.print_program:
         print(loader.program_text())
         return 0
-    unknown = set(args.source or []) - set(config.SOURCES)
-    if unknown:
-        raise SockopsError(f"unknown --source {', '.join(sorted(unknown))}: use {', '.join(config.SOURCES)}")
     return agent.run(args)
 
 
-def uninstall(bpffs: Path, cgroup: Path, drain_timeout: float) -> dict[str, object]:
+def uninstall(
+    bpffs: Path, cgroup: Path, drain_timeout: float, pause: float = AGENT_POLL_SECONDS
+) -> dict[str, object]:
     """Stop new acceleration, wait for accelerated connections to close, then detach and unpin.
 
     Removing a socket from its last map purges unread data, so the maps are only unpinned once
@@ -287,7 +260,7 @@ def uninstall(bpffs: Path, cgroup: Path, drain_timeout: float) -> dict[str, obje
         with loader.PinnedMaps(bpffs) as maps:
             # Running agents poll for the mark every second and stop writing before we disable.
             maps.mark_uninstalling()
-            time.sleep(AGENT_POLL_SECONDS)
+            time.sleep(pause)
             for cookie in list(maps.enabled()):
                 maps.disable(cookie)
             deadline = time.monotonic() + drain_timeout
@@ -320,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:], prog="sockops bench")
     args = build_parser().parse_args(argv)
-    setup_logging(getattr(args, "log_format", "text"))
+    logs.setup(getattr(args, "log_format", None) or "text", getattr(args, "log_level", None) or "info")
     try:
         if args.cmd == "doctor":
             return cmd_doctor(args)

@@ -3,16 +3,88 @@
 Defined once so the command line, the DaemonSet's env and the tests that check the manifests
 against the code all read the same names: renaming a setting here and not in daemonset/ fails a
 test.
+
+An environment value is checked exactly like the flag's value (same type, same choices), but only
+when a command that has the setting is parsed: a bad ``SOCKOPS_SOCKHASH_SIZE`` must not break
+``sockops doctor --help``, and must not crash ``sockops agent`` with a traceback either. It is a
+usage error (exit 2) that names the variable, because the operator who wrote it into a ConfigMap
+looks for that name, not for the flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class EnvDefault:
+    """A setting's raw environment (or built-in) value, converted when its command is parsed."""
+
+    setting: Setting
+    raw: str
+    from_env: bool
+
+    def convert(self) -> Any:
+        s = self.setting
+        if s.repeatable:
+            values = [self._one(v.strip()) for v in self.raw.split(",") if v.strip()]
+            return values
+        return self._one(self.raw) if self.raw != "" else None
+
+    def _one(self, raw: str) -> Any:
+        value = self.setting.type(raw)
+        if self.setting.choices and value not in self.setting.choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {raw!r} (choose from {', '.join(self.setting.choices)})"
+            )
+        return value
+
+
+class _AppendOverEnv(argparse.Action):
+    """``append``, but the first flag replaces the environment's list instead of extending it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, None)
+        items = list(current) if isinstance(current, list) else []
+        items.append(values)
+        setattr(namespace, self.dest, items)
+
+
+class SettingsParser(argparse.ArgumentParser):
+    """An ArgumentParser that turns the environment defaults of the parsed command into values.
+
+    Subcommand parsers made with ``add_subparsers().add_parser`` are of this class too, so each
+    checks its own settings and reports an error with its own usage line.
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns, extras = super().parse_known_args(args, namespace)
+        for dest, value in list(vars(ns).items()):
+            if not isinstance(value, EnvDefault):
+                continue
+            try:
+                setattr(ns, dest, value.convert())
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+                where = f"environment variable {value.setting.env}" if value.from_env else "built-in default"
+                self.error(
+                    f"{where}={value.raw!r} is not valid for {value.setting.flag}: {e}; "
+                    f"fix or unset {value.setting.env}"
+                )
+        return ns, extras
 
 
 @dataclass(frozen=True)
@@ -29,25 +101,29 @@ class Setting:
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
+    def env_default(self) -> EnvDefault:
+        raw = os.environ.get(self.env)
+        return EnvDefault(self, self.default if raw is None else raw, raw is not None)
+
     def add_to(self, p: argparse.ArgumentParser) -> None:
-        raw = os.environ.get(self.env, self.default)
+        default = self.env_default()
+        shown = default.raw or "none"
         if self.repeatable:
-            default: Any = [self.type(v) for v in raw.split(",") if v.strip()]
             p.add_argument(
                 self.flag,
-                action="append",
+                action=_AppendOverEnv,
                 type=self.type,
-                default=None,
-                help=f"{self.help} (repeatable; env {self.env}, comma-separated; default {raw or 'none'})",
+                choices=self.choices,
+                default=default,
+                help=f"{self.help} (repeatable; env {self.env}, comma-separated; default {shown})",
             )
-            p.set_defaults(**{self.dest: default})
             return
         p.add_argument(
             self.flag,
             type=self.type,
             choices=self.choices,
-            default=self.type(raw) if raw != "" else None,
-            help=f"{self.help} (env {self.env}; default {raw or 'none'})",
+            default=default,
+            help=f"{self.help} (env {self.env}; default {shown})",
         )
 
 
@@ -56,17 +132,45 @@ def _path(v: str) -> Path:
 
 
 def _positive_int(v: str) -> int:
-    n = int(v)
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
     if n <= 0:
         raise argparse.ArgumentTypeError(f"{v} must be a positive integer")
     return n
 
 
 def _positive_float(v: str) -> float:
-    n = float(v)
-    if not n > 0:
+    try:
+        n = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
+    if not n > 0 or n == float("inf"):
         raise argparse.ArgumentTypeError(f"{v} must be a positive number of seconds")
     return n
+
+
+def _address(v: str) -> str:
+    from sockops.health import parse_addr
+
+    try:
+        parse_addr(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return v
+
+
+# RFC 1123 subdomain: what the API server accepts as a node, pod or namespace name.
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _dns_name(v: str) -> str:
+    if v and (len(v) > 253 or not _DNS_SUBDOMAIN.fullmatch(v)):
+        raise argparse.ArgumentTypeError(
+            f"{v[:64]!r} is not a Kubernetes name (RFC 1123: lowercase letters, digits, '-' and '.')"
+        )
+    return v
 
 
 BPFFS = Setting(
@@ -74,6 +178,13 @@ BPFFS = Setting(
 )
 LOG_FORMAT = Setting(
     "--log-format", "SOCKOPS_LOG_FORMAT", "text", "log line format", choices=("text", "json")
+)
+LOG_LEVEL = Setting(
+    "--log-level",
+    "SOCKOPS_LOG_LEVEL",
+    "info",
+    "lowest level logged",
+    choices=("debug", "info", "warning", "error"),
 )
 STATE_FILE = Setting(
     "--state-file",
@@ -108,14 +219,33 @@ AGENT = (
         "static",
         "where desired state comes from: kubernetes, docker, static",
         repeatable=True,
-        type=str,
+        choices=("kubernetes", "docker", "static"),
     ),
     CGROUP,
     Setting(
         "--netns", "SOCKOPS_STATIC_NETNS", "", "static source: a namespace to accelerate", repeatable=True
     ),
     Setting(
-        "--node-name", "NODE_NAME", "", "kubernetes source: this node's name (downward API spec.nodeName)"
+        "--node-name",
+        "NODE_NAME",
+        "",
+        "kubernetes source: this node's name (downward API spec.nodeName)",
+        _dns_name,
+    ),
+    Setting(
+        "--pod-name",
+        "POD_NAME",
+        "",
+        "kubernetes source: the agent's own pod (downward API metadata.name); with --pod-namespace "
+        "the agent watches its DaemonSet and uninstalls when that is deleted",
+        _dns_name,
+    ),
+    Setting(
+        "--pod-namespace",
+        "POD_NAMESPACE",
+        "",
+        "kubernetes source: the agent's own namespace (downward API metadata.namespace)",
+        _dns_name,
     ),
     Setting("--kubeconfig", "KUBECONFIG", "", "kubernetes source: kubeconfig outside a cluster", _path),
     Setting(
@@ -132,7 +262,11 @@ AGENT = (
         _positive_float,
     ),
     Setting(
-        "--metrics-addr", "SOCKOPS_METRICS_ADDR", "0.0.0.0:9876", "address of /metrics, /healthz, /readyz"
+        "--metrics-addr",
+        "SOCKOPS_METRICS_ADDR",
+        "0.0.0.0:9876",
+        "address of /metrics, /healthz, /readyz",
+        _address,
     ),
     Setting(
         "--if-unsupported",
@@ -150,6 +284,14 @@ AGENT = (
         "namespace) or off (one node total); docs/OBSERVABILITY.md has the series counts",
         choices=("pod", "namespace", "off"),
     ),
+)
+
+DRAIN_TIMEOUT = Setting(
+    "--drain-timeout",
+    "SOCKOPS_DRAIN_TIMEOUT",
+    "60",
+    "seconds to wait for accelerated connections to close before unpinning",
+    _positive_float,
 )
 
 SOURCES = ("kubernetes", "docker", "static")

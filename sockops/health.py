@@ -1,16 +1,21 @@
-"""The agent's HTTP surface: /metrics, /healthz and /readyz, and nothing else.
+"""The agent's HTTP surface: /metrics, /healthz, /readyz and /status, and nothing else.
 
-Kept to three read-only GET paths on purpose: the port is reachable from the node (hostNetwork),
+Kept to four read-only GET paths on purpose: the port is reachable from the node (hostNetwork),
 so anything else answers 404 and no request can change state.
 
 * ``/healthz`` (liveness): the control loop is turning. A loop stuck for several resync periods is
   a reason to restart the container; a lost API connection is not (sources retry on their own).
 * ``/readyz`` (readiness): the programs are attached and every source's first list has been
   enforced, so the node's opted-in pods are accelerated.
+* ``/status``: what ``sockops status`` shows about workloads, as JSON (each workload's state and
+  reason, the agent's own state): read by the ``kubectl sockops`` plugin through the API server's
+  pod proxy, so an app team learns why its pod is (not) accelerated without exec into the agent.
+  It tells no more than ``/metrics`` already does (pod names, per node).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -21,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 log = logging.getLogger("sockops.health")
 
 Check = Callable[[], tuple[bool, str]]
+Status = Callable[[], dict[str, object]]
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -34,7 +40,14 @@ def parse_addr(addr: str) -> tuple[str, int]:
 class HealthServer:
     """Serves the registry and the two checks on a background thread until ``close()``."""
 
-    def __init__(self, addr: str, registry: CollectorRegistry, healthy: Check, ready: Check) -> None:
+    def __init__(
+        self,
+        addr: str,
+        registry: CollectorRegistry,
+        healthy: Check,
+        ready: Check,
+        status: Status | None = None,
+    ) -> None:
         host, port = parse_addr(addr)
         server_self = self
         self.registry = registry
@@ -55,11 +68,14 @@ class HealthServer:
                         self._send(500, b"scrape failed\n", "text/plain")
                         return
                     self._send(200, body, CONTENT_TYPE_LATEST)
+                elif path == "/status" and status is not None:
+                    body = json.dumps(status(), indent=1).encode()
+                    self._send(200, body, "application/json")
                 elif path in ("/healthz", "/readyz"):
                     ok, why = (server_self.healthy if path == "/healthz" else server_self.ready)()
                     self._send(200 if ok else 503, (why + "\n").encode(), "text/plain; charset=utf-8")
                 else:
-                    self._send(404, b"not found: /metrics /healthz /readyz\n", "text/plain")
+                    self._send(404, b"not found: /metrics /healthz /readyz /status\n", "text/plain")
 
             def do_HEAD(self) -> None:
                 self.do_GET()

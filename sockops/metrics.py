@@ -151,6 +151,13 @@ class AgentMetrics:
             buckets=ENFORCE_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.workloads = Gauge(
+            "sockops_workloads",
+            "Workloads the sources report, by what the agent did with them "
+            "(accelerated, pending, off, error), as of the last reconcile.",
+            ["state"],
+            registry=registry,
+        )
         self.last_reconcile = Gauge(
             "sockops_last_reconcile_success_timestamp_seconds",
             "Unix time of the last reconcile or resync that completed without error.",

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from sockops.errors import NetnsNotFound, SockopsError
@@ -84,27 +85,88 @@ def local_addresses(path: Path) -> tuple[str, ...]:
     return tuple(out)
 
 
-def istio_capture_ports(path: Path) -> tuple[int, int] | None:
-    """Istio's capture ports from the namespace's nat table, or None without a sidecar.
+@dataclass(frozen=True)
+class Capture:
+    """Istio's REDIRECT capture as a pod's nat table has it, and which iptables backend holds it."""
 
-    Reading the rules the pod really has (rather than assuming 15001/15006) keeps pairing right
-    for pods whose istio-iptables ran with other -p / -z values.
-    """
+    out_port: int
+    in_port: int
+    backend: str  # "iptables-nft" | "iptables-legacy"
+
+
+# Both backends Debian's iptables package ships, the one the image's ``iptables-save`` uses first.
+BACKENDS = (("iptables-nft", "iptables-nft-save"), ("iptables-legacy", "iptables-legacy-save"))
+
+
+def _save_nat(path: Path, tool: str) -> str:
     try:
-        rules = subprocess.run(
-            ["nsenter", f"--net={path}", "iptables-save", "-t", "nat"],
+        return subprocess.run(
+            ["nsenter", f"--net={path}", tool, "-t", "nat"],
             capture_output=True,
             text=True,
             timeout=10,
             check=False,
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return None
+        return ""
+
+
+def _legacy_nat_exists(path: Path) -> bool:
+    """Whether the namespace has a legacy (x_tables) nat table, without creating one.
+
+    ``iptables-legacy-save -t nat`` would instantiate the table (and load the module) in every
+    pod it looks at, adding legacy nat hooks to pods that had none; /proc/net/ip_tables_names
+    lists the tables that exist, as seen from the namespace of the reading thread.
+    """
+    try:
+        with entered(path):
+            names = Path("/proc/thread-self/net/ip_tables_names").read_text()
+    except (OSError, SockopsError):
+        return False
+    return "nat" in names.split()
+
+
+def parse_capture(rules: str, backend: str) -> Capture | None:
     out = re.search(r"-A ISTIO_REDIRECT .*--to-ports (\d+)", rules)
     inb = re.search(r"-A ISTIO_IN_REDIRECT .*--to-ports (\d+)", rules)
     if not out:
         return None
-    return int(out.group(1)), int(inb.group(1)) if inb else 15006
+    return Capture(int(out.group(1)), int(inb.group(1)) if inb else 15006, backend)
+
+
+def istio_capture(path: Path) -> Capture | None:
+    """Istio's capture from the namespace's nat table, whichever backend wrote it, or None.
+
+    istio-iptables picks the backend per node (nft where it can, legacy on older images), and
+    neither backend's save tool shows the other's rules; reading the rules the pod really has
+    (rather than assuming 15001/15006) keeps pairing right for pods whose istio-iptables ran
+    with other -p / -z values.
+    """
+    for backend, tool in BACKENDS:
+        if backend == "iptables-legacy" and not _legacy_nat_exists(path):
+            continue
+        found = parse_capture(_save_nat(path, tool), backend)
+        if found is not None:
+            return found
+    return None
+
+
+def istio_capture_ports(path: Path) -> tuple[int, int] | None:
+    """Istio's capture ports (outbound, inbound), or None without a sidecar."""
+    c = istio_capture(path)
+    return (c.out_port, c.in_port) if c else None
+
+
+def settings_from(path: Path, sidecar: bool | None, capture: Capture | None) -> NetnsSettings:
+    """What to enable a namespace with, given the capture read from it.
+
+    sidecar=None means "a sidecar if the capture is there"; True/False overrides (ports then default).
+    """
+    has_sidecar = capture is not None if sidecar is None else sidecar
+    out_port, in_port = (capture.out_port, capture.in_port) if capture else (15001, 15006)
+    return NetnsSettings(
+        sidecar=has_sidecar, capture_out=out_port, capture_in=in_port, local_ips=local_addresses(path)
+    )
 
 
 def settings_for(path: Path, sidecar: bool | None = None) -> NetnsSettings:
@@ -112,9 +174,4 @@ def settings_for(path: Path, sidecar: bool | None = None) -> NetnsSettings:
 
     sidecar=None detects Istio's capture rules; True/False overrides (ports then default).
     """
-    capture = istio_capture_ports(path)
-    has_sidecar = capture is not None if sidecar is None else sidecar
-    out_port, in_port = capture or (15001, 15006)
-    return NetnsSettings(
-        sidecar=has_sidecar, capture_out=out_port, capture_in=in_port, local_ips=local_addresses(path)
-    )
+    return settings_from(path, sidecar, istio_capture(path))

@@ -41,6 +41,7 @@ ACCELERATED = "accelerated"
 PENDING = "pending"  # opted in, namespace not resolved yet (retried)
 OFF = "off"
 ERROR = "error"  # opted in, but the map write failed (retried)
+STATES = (ACCELERATED, PENDING, OFF, ERROR)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class WorkloadStatus:
     reason: str
     cookie: int | None = None
     netns: str | None = None
+    capture: str | None = None  # Istio's capture found in the pod: "iptables-legacy 15001/15006"
 
     def to_json(self) -> dict[str, object]:
         w = self.workload
@@ -64,6 +66,7 @@ class WorkloadStatus:
             "reason": self.reason,
             "cookie": self.cookie,
             "netns": self.netns,
+            "capture": self.capture,
             "errors": list(w.errors),
         }
 
@@ -100,6 +103,27 @@ class Observer(Protocol):
     def reconciled(self) -> None: ...
 
 
+class Notifier(Protocol):
+    """Where the reconciler tells a workload's owner what happened (sockops.events: pod Events)."""
+
+    def started(self, w: Workload, cookie: int) -> None: ...
+
+    def stopped(self, w: Workload) -> None: ...
+
+    def invalid(self, w: Workload) -> None: ...
+
+
+class _NullNotifier:
+    def started(self, w: Workload, cookie: int) -> None:
+        pass
+
+    def stopped(self, w: Workload) -> None:
+        pass
+
+    def invalid(self, w: Workload) -> None:
+        pass
+
+
 class _NullObserver:
     def reconcile_error(self, source: str) -> None:
         pass
@@ -122,6 +146,22 @@ class Resolved:
     path: Path
     cookie: int
     settings: NetnsSettings
+    capture: str | None = None  # "<backend> <out>/<in>" when Istio's capture rules were found
+
+
+# A namespace read (nsenter iptables-save, addresses) is trusted without re-reading once it found
+# everything it looks for, or once the namespace is this old: istio-init writes the nat rules and
+# the CNI the addresses within seconds of the sandbox, and never again for its life.
+SETTLE_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class _Read:
+    inputs: tuple[object, ...]  # what the workload said that the read depends on
+    settings: NetnsSettings
+    capture: str | None
+    first_seen: float
+    complete: bool
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -137,20 +177,35 @@ class Resolver:
 
     The host's own namespace is refused whatever a source says: enabling it would put the node's
     own sockets (and every host-network pod's) in the sockhash.
+
+    What is read from inside a namespace (Istio's capture with ``nsenter iptables-save``, the pod's
+    addresses) is cached per netns cookie: a full resync used to fork two programs per pod every
+    30 s, most of the agent's steady-state CPU (bench/steady.py, README "Resources"). An entry
+    is read again when the workload's own inputs change (its sidecar hint or Istio annotations),
+    until it has settled (:data:`SETTLE_SECONDS`), and is dropped when its namespace is no longer
+    wanted (:meth:`retain`; a cookie is never reused while the system runs).
     """
 
     def __init__(
         self,
         find_pod: Callable[[str], Path | None] | None = None,
         index_pods: Callable[[Iterable[str]], dict[str, Path]] | None = None,
-        settings_for: Callable[[Path, bool | None], NetnsSettings] = netns_mod.settings_for,
+        settings_for: Callable[[Path, bool | None], NetnsSettings] | None = None,
         host_netns: Path = Path("/proc/self/ns/net"),
+        read_capture: Callable[[Path], netns_mod.Capture | None] = netns_mod.istio_capture,
+        clock: Callable[[], float] = time.monotonic,
+        settle: float = SETTLE_SECONDS,
     ) -> None:
         self._find_pod = find_pod
         self._index_pods = index_pods
         self._index: dict[str, Path] = {}
         self._settings_for = settings_for
+        self._read_capture = read_capture
         self.host_netns = host_netns
+        self.clock = clock
+        self.settle = settle
+        self._cache: dict[int, _Read] = {}
+        self.reads = 0  # namespaces read from inside (tests, benchmark)
 
     def path(self, loc: Locator) -> Path:
         if loc.pid is not None:
@@ -182,15 +237,44 @@ class Resolver:
         uids = list(pod_uids)
         self._index = self._index_pods(uids) if self._index_pods and uids else {}
 
+    def _read(self, path: Path, cookie: int, w: Workload) -> _Read:
+        inputs = (w.sidecar, w.capture)
+        now = self.clock()
+        hit = self._cache.get(cookie)
+        if hit is not None and hit.inputs == inputs and (hit.complete or now - hit.first_seen >= self.settle):
+            return hit
+        self.reads += 1
+        if self._settings_for is not None:
+            settings, capture = self._settings_for(path, w.sidecar), None
+        else:
+            found = self._read_capture(path)
+            settings = netns_mod.settings_from(path, w.sidecar, found)
+            capture = f"{found.backend} {found.out_port}/{found.in_port}" if found else None
+        read = _Read(
+            inputs,
+            settings,
+            capture,
+            first_seen=hit.first_seen if hit is not None else now,
+            complete=capture is not None and bool(settings.local_ips),
+        )
+        self._cache[cookie] = read
+        return read
+
+    def retain(self, cookies: Set[int]) -> None:
+        """Forget what was read from namespaces other than ``cookies`` (gone or not wanted)."""
+        for cookie in [c for c in self._cache if c not in cookies]:
+            del self._cache[cookie]
+
     def resolve(self, w: Workload) -> Resolved:
         path = self.path(w.locator)
         cookie = netns_mod.cookie(path)
-        settings = self._settings_for(path, w.sidecar)
+        read = self._read(path, cookie, w)
+        settings = read.settings
         if settings.sidecar and not w.capture.outbound_captured:
             # The pod's annotations switch outbound capture off: no app connection ever reaches
             # the sidecar's outbound port, so only plain same-pod pairing is worth doing.
             settings = replace(settings, sidecar=False)
-        return Resolved(path, cookie, replace(settings, managed=True))
+        return Resolved(path, cookie, replace(settings, managed=True), read.capture)
 
 
 # -- the reconciler ----------------------------------------------------------------------------------
@@ -198,7 +282,7 @@ class Resolver:
 
 @dataclass
 class _Event:
-    kind: str  # replace | upsert | delete | error | restarted
+    kind: str  # replace | upsert | delete | error | restarted | wake
     source: str
     seen: float
     workloads: tuple[Workload, ...] = ()
@@ -219,8 +303,10 @@ class Reconciler:
         state_file: Path | None = None,
         retry: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        notifier: Notifier | None = None,
     ) -> None:
         self.maps = maps
+        self.notifier: Notifier = notifier or _NullNotifier()
         self.resolver = resolver
         self.expected_sources = set(sources)
         self.observer: Observer = observer or _NullObserver()
@@ -255,6 +341,10 @@ class Reconciler:
     def restarted(self, source: str, reason: str) -> None:
         self._events.put(_Event("restarted", source, self.clock(), message=reason))
 
+    def wake(self) -> None:
+        """End the wait for the next event or resync now (the agent is stopping)."""
+        self._events.put(_Event("wake", "", self.clock()))
+
     # -- views (any thread) -----------------------------------------------------------------------------
     @property
     def synced(self) -> bool:
@@ -265,6 +355,13 @@ class Reconciler:
     def snapshot(self) -> list[WorkloadStatus]:
         with self._lock:
             return sorted(self._status.values(), key=lambda s: (s.workload.namespace, s.workload.name))
+
+    def counts(self) -> dict[str, int]:
+        """Workloads per state, every state present (the sockops_workloads gauge)."""
+        out = dict.fromkeys(STATES, 0)
+        for s in self.snapshot():
+            out[s.state] = out.get(s.state, 0) + 1
+        return out
 
     def pod_labels(self) -> dict[int, tuple[str, str]]:
         """netns cookie -> (namespace, pod) of accelerated workloads, for per-pod metrics."""
@@ -350,6 +447,8 @@ class Reconciler:
                 for err in w.errors:
                     self.observer.reconcile_error(w.source)
                     log.warning(err, extra={"fields": w.log_fields()})
+                if w.errors:
+                    self.notifier.invalid(w)
         elif ev.kind == "error":
             self.observer.reconcile_error(ev.source)
             log.warning(ev.message, extra={"fields": {"source": ev.source, **ev.fields}})
@@ -393,9 +492,11 @@ class Reconciler:
             # sandbox) enable it once; the first one's settings win, in a stable order.
             target.setdefault(res.cookie, res.settings)
             owners.setdefault(res.cookie, []).append(key)
-            statuses[key] = WorkloadStatus(w, ACCELERATED, w.reason, res.cookie, str(res.path))
+            statuses[key] = WorkloadStatus(w, ACCELERATED, w.reason, res.cookie, str(res.path), res.capture)
         for key in [k for k in self._resolved if k not in desired]:
             del self._resolved[key]
+        if full:
+            self.resolver.retain({r.cookie for r in self._resolved.values()})
 
         # The map is read back on every full resync (drift repair); between resyncs the
         # reconciler trusts what it wrote, so an event costs map writes only, not a map walk.
@@ -419,6 +520,7 @@ class Reconciler:
                     statuses[key] = WorkloadStatus(w, ERROR, f"writing the map failed: {e}", cookie)
                 continue
             for key in owners[cookie]:
+                self.notifier.started(desired[key], cookie)
                 log.info(
                     "accelerated",
                     extra={
@@ -440,6 +542,7 @@ class Reconciler:
             for key, st in statuses.items():
                 prev = self._status.get(key)
                 if prev and prev.state == ACCELERATED and st.state == OFF:
+                    self.notifier.stopped(st.workload)
                     log.info(
                         "acceleration off for new connections; live ones keep running",
                         extra={"fields": {**st.workload.log_fields(), "cookie": prev.cookie}},

