@@ -34,6 +34,7 @@ BAD = {
     "SOCKOPS_METRICS_ADDR": "9876",
     "SOCKOPS_IF_UNSUPPORTED": "Idle",
     "SOCKOPS_DRAIN_TIMEOUT": "inf",
+    "SOCKOPS_POD_METRIC_LABELS": "Pod",
 }
 # env -> why any string is a value the flag takes too (then env and flag must give the same)
 FREE = {
