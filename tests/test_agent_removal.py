@@ -94,7 +94,8 @@ def test_upgrade_keeps_everything_attached(kenv: KubeEnv) -> None:
     t, pod = accelerated_stream(kenv, seconds=4.0)
     assert stop_seconds(agent) < 2.0  # the pod is replaced, the DaemonSet stays
     attached = loader.attached_programs(kenv.cgroup.path, kenv.bpffs)
-    assert len(attached["sock_ops"]) == 1 and len(attached["sk_msg"]) == 1
+    counts = {kind: len(progs) for kind, progs in attached.items()}
+    assert counts == {"sock_ops": 1, "sk_msg": 1, "skb_egress": 1}, attached
     mid = kube_stats(kenv, pod)
     wait_for(lambda: kube_stats(kenv, pod) > mid + 100_000, 10, "acceleration without an agent")
     t.assert_intact()
@@ -113,7 +114,8 @@ def test_deleting_the_daemonset_drains_and_uninstalls(kenv: KubeEnv, foreground:
     res = t.assert_intact()  # the live connection was never broken
     assert time.monotonic() - started >= 4.0 and took >= 1.0, "exited before the stream ended"
     assert not kenv.bpffs.exists(), "pins left after the DaemonSet was deleted"
-    assert loader.attached_programs(kenv.cgroup.path, kenv.bpffs) == {"sock_ops": [], "sk_msg": []}
+    left = loader.attached_programs(kenv.cgroup.path, kenv.bpffs)
+    assert not any(left.values()), left
     done = [line for line in agent.log_lines() if line.get("msg") == "uninstalled"]
     assert done and done[0]["drained"] is True and done[0]["sockets_left"] == 0, agent.log_text()
     assert res["requests"] > 10
