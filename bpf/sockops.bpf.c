@@ -235,19 +235,19 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
  * Which client this accepted socket serves: the record its SYN-ACK left (synack.bpf.c), taken
  * (deleted) here. The client is in this namespace when its address is loopback or one of the
  * pod's own, else in the enabled pod of this node that owns its IP (node_pods; an IP claimed by
- * two namespaces is 0 there and never paired). Returns the client's pending key, or 0.
+ * two namespaces is 0 there and never paired). Fills the client's pending key; 0 if none.
  */
 static __always_inline int server_identity(struct bpf_sock_ops *skops, const struct netns_conf *conf,
-					   __u64 netns, struct sock_key *key)
+					   __u64 netns, const __u32 *remote_ip, __u32 local_port,
+					   struct sock_key *key)
 {
 	struct synack_key k = {};
 	struct synack *rec;
-	__u32 local_ip[4], remote_port;
 	int ambiguous;
 
 	k.netns = netns;
-	if (load_addrs(skops, local_ip, &k.local_port, k.client_ip, &remote_port))
-		return 0;
+	__builtin_memcpy(k.client_ip, remote_ip, sizeof(k.client_ip));
+	k.local_port = local_port;
 	k.isn = skops->snd_una - 1;	/* nothing sent yet: snd_una is the ISN plus the SYN */
 	rec = synacks.lookup(&k);
 	if (!rec)
@@ -280,7 +280,10 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 
 	if (!conf || !sk)
 		return;
-	found = server_identity(skops, conf, netns, &key);	/* takes its SYN-ACK record in any case */
+	if (load_addrs(skops, local_ip, &local_port, remote_ip, &remote_port))
+		return;
+	/* takes its SYN-ACK record in any case, eligible or not */
+	found = server_identity(skops, conf, netns, remote_ip, local_port, &key);
 	if (!eligible(skops, sk) || !found)
 		return;
 	p = pending.lookup(&key);
@@ -289,8 +292,6 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	tag = p->tag;
 	if ((tag & PEND_MASK) != PEND_WAITING)
 		return;	/* already paired, or the client already chose TCP */
-	if (load_addrs(skops, local_ip, &local_port, remote_ip, &remote_port))
-		return;
 	mirror = ip_eq(local_ip, key.dest_ip) && local_port == key.dest_port &&
 		 ip_eq(remote_ip, key.client_ip) && remote_port == key.client_port;
 	key.role = ROLE_SERVER;
