@@ -311,6 +311,23 @@ class Mesh:
     def conn(self, **kw: Any) -> Conn:
         return Conn(id=next(self.ids), **kw)
 
+    def envoy_upstream(self, port: int, server: str, what: str, **kw: Any) -> Conn:
+        """Envoy's upstream (UID 1337, never captured) to a service in another pod, from an origin
+        another socket shares: it waits for the 64-byte greeting (a server-first one), then sends
+        19 bytes of credentials."""
+        return self.conn(
+            uid=PROXY_UID,
+            dest=(UPSTREAM_IP, port),
+            server=server,
+            greet=64,
+            pre_send_ms=0,
+            req=19,
+            resp=64,
+            shared=True,
+            what=what,
+            **kw,
+        )
+
     def run(self, groups: list[list[Conn]], **kw: Any) -> tuple[list[Conn], list[dict[str, Any]]]:
         conns = [c for g in groups for c in g]
         return conns, run_plan(self.pod, groups, **kw)
@@ -389,17 +406,11 @@ def issue_pair(m: Mesh, port: int, app_first: bool) -> list[Conn]:
     upstream's greeting), else it sends after the upstream's credentials went out."""
     src = (POD_IP, port)
     return [
-        m.conn(
-            uid=PROXY_UID,
+        m.envoy_upstream(
+            7000,
+            "q-first",
+            f"Envoy upstream {POD_IP}:{port} -> server-first {UPSTREAM_IP}:7000",
             bind=src,
-            dest=(UPSTREAM_IP, 7000),
-            server="q-first",
-            greet=64,
-            pre_send_ms=0,
-            req=19,
-            resp=64,
-            what=f"Envoy upstream {POD_IP}:{port} -> server-first {UPSTREAM_IP}:7000",
-            shared=True,
         ),
         m.conn(
             uid=APP_UID,
@@ -457,16 +468,10 @@ def test_shared_port_chosen_by_the_kernel(dataplane: Plane, lab: Lab) -> None:
     connections here are on loopback (127.0.0.1 is another origin than the pod IP)."""
     m = make_mesh(dataplane, lab, sysctls={"net.ipv4.ip_local_port_range": "40200 40200"})
     pair = [
-        m.conn(
-            uid=PROXY_UID,
-            dest=(UPSTREAM_IP, 7000),
-            server="q-first",
-            greet=64,
-            pre_send_ms=0,
-            req=19,
-            resp=64,
-            shared=True,
-            what="Envoy upstream (kernel-chosen port) -> server-first upstream",
+        m.envoy_upstream(
+            7000,
+            "q-first",
+            "Envoy upstream (kernel-chosen port) -> server-first upstream",
         ),
         m.conn(
             uid=APP_UID,
@@ -515,17 +520,11 @@ def test_upstream_undecided_for_seconds(mesh: Mesh) -> None:
     paired and accelerated once it speaks."""
     m = mesh
     src = (POD_IP, BOUND_BASE + 100)
-    waiting = m.conn(
-        uid=PROXY_UID,
+    waiting = m.envoy_upstream(
+        7002,
+        "q-slow",
+        "Envoy upstream waiting 2.5 s for its greeting",
         bind=src,
-        dest=(UPSTREAM_IP, 7002),
-        server="q-slow",
-        greet=64,
-        pre_send_ms=0,
-        req=19,
-        resp=64,
-        shared=True,
-        what="Envoy upstream waiting 2.5 s for its greeting",
     )
     meanwhile = [
         m.conn(
@@ -589,17 +588,11 @@ def test_envoy_inbound_to_self(mesh: Mesh) -> None:
     groups = []
     for r in range(3):
         src = (POD_IP, BOUND_BASE + 200 + r)
-        upstream = m.conn(
-            uid=PROXY_UID,
+        upstream = m.envoy_upstream(
+            7000,
+            "q-first",
+            "Envoy upstream -> server-first, waiting",
             bind=src,
-            dest=(UPSTREAM_IP, 7000),
-            server="q-first",
-            greet=64,
-            pre_send_ms=0,
-            req=19,
-            resp=64,
-            shared=True,
-            what="Envoy upstream -> server-first, waiting",
         )
         to_self = m.conn(
             uid=PROXY_UID,
