@@ -3,7 +3,7 @@
 ``python -m bench.churn [--pods 500] [--changes 1000] [--rate 50]``
 
 What runs is the agent's real path, in one process: the official Kubernetes client (the
-agent's KubernetesSource) watching a local fake API server (tests/kubeapi.py: no API server can
+agent's KubernetesSource) watching a local fake API server (lab/kubeapi.py: no API server can
 be installed here), the Reconciler, the /proc scan that finds each pod by its UID, and real
 pinned BPF maps. Each "pod" is a process in a network namespace of its own, in a cgroup named
 like the kubelet's (``pod<UID>``). The programs are loaded but not attached: only map writes are
@@ -38,13 +38,11 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from lab.kubeapi import FakeKubeAPI
 from sockops import loader, netns
 from sockops.cgroups import find_cgroup2_root
 from sockops.podresolve import find_pod_netns, index_pods
 from sockops.reconciler import ACCELERATED, Reconciler, Resolver
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from kubeapi import FakeKubeAPI
 
 CLONE_NEWNET = 0x40000000
 ON = {"sockops.io/accelerate": "true"}

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lab.cgroups import Cgroup
+from lab.podlab import APP_UID, SERVICE_IP, Lab, Pod, Service
 from sockops import loader, netns
-from sockops.cgroups import Cgroup
-from sockops.podlab import APP_UID, SERVICE_IP, Lab, Pod, Service
 
 PREFIX = "sockops-bench"
 BPFFS_ROOT = Path("/sys/fs/bpf")

@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "uninstall":
             return cmd_uninstall(args)
         if args.cmd == "demo":
-            from sockops import demo
+            from lab import demo
 
             return demo.run(args)
     except SockopsError as e:

@@ -29,8 +29,9 @@ from typing import Any
 
 import pytest
 
-from sockops.cgroups import Cgroup, find_cgroup2_root
-from sockops.podlab import NETNS_DIR, Lab, Pod, envoy_binary
+from lab.cgroups import Cgroup
+from lab.podlab import NETNS_DIR, Lab, Pod, envoy_binary
+from sockops.cgroups import find_cgroup2_root
 
 # docker_engine, busybox_image, base_image (tests/dockerd.py)
 pytest_plugins = ["dockerd"]

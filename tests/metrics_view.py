@@ -23,9 +23,9 @@ from conftest import Plane
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lab.podlab import APP_UID, Pod
 from sockops import libbpf, links
 from sockops.loader import MapSizes, PinnedMaps, programs_attached
-from sockops.podlab import APP_UID, Pod
 
 PAIR_TRAFFIC = Path(__file__).resolve().parent / "pair_traffic.py"
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from podtraffic import APP_UID, last_json
 
-from sockops.podlab import Pod
+from lab.podlab import Pod
 
 SOURCE = Path(__file__).resolve().parent / "relpeer.c"
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 from agentproc import AgentProcess, agents, wait_for
 from conftest import TEST_PREFIX
-from kubeapi import FakeKubeAPI
 from test_agent import Transfer
 from test_agent_kubernetes import ON, KubeEnv, cookie
 from test_agent_lifecycle import stop_seconds
 
+from lab.cgroups import Cgroup
+from lab.kubeapi import FakeKubeAPI
+from lab.podlab import Lab
 from sockops import loader
-from sockops.cgroups import Cgroup
-from sockops.podlab import Lab
 
 pytestmark = pytest.mark.kernel
 

@@ -43,10 +43,10 @@ from metrics_view import (
     value,
 )
 
-from sockops.cgroups import Cgroup
+from lab.cgroups import Cgroup
+from lab.podlab import Lab
 from sockops.loader import MapSizes
 from sockops.metrics import build_registry
-from sockops.podlab import Lab
 
 # The target labels the shipped scrape configs give every series (docs/OBSERVABILITY.md).
 INSTANCE = {"job": "sockops", "instance": "10.0.0.1:9876", "node": "node-a"}

@@ -22,10 +22,10 @@ from othertool import NAME, OtherTool
 from podtraffic import assert_intact, run_client, start_echo_server
 from test_agent import Env, Transfer, _changed_programs, _spare_counter, accelerated_during, plain_pod
 
+from lab.cgroups import Cgroup
+from lab.podlab import Lab, Pod
 from sockops import libbpf, links, netns
-from sockops.cgroups import Cgroup
 from sockops.errors import SockopsError
-from sockops.podlab import Lab, Pod
 
 pytestmark = pytest.mark.kernel
 

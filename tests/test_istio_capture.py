@@ -20,9 +20,9 @@ from agentproc import agents, sockops, wait_for
 from conftest import TEST_PREFIX
 from test_agent import Env, plain_pod
 
+from lab.cgroups import Cgroup
+from lab.podlab import Lab, Pod
 from sockops import netns
-from sockops.cgroups import Cgroup
-from sockops.podlab import Lab, Pod
 
 pytestmark = pytest.mark.kernel
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TREES = ["sockops", "tests", "bench", "scripts"]
+TREES = ["sockops", "lab", "tests", "bench", "scripts"]
 
 
 def ruff(*args: str) -> subprocess.CompletedProcess[str]:

@@ -25,11 +25,11 @@ from metrics_view import PairTraffic, plane_view, run_pairs, scrape, value
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lab.cgroups import Cgroup
+from lab.podlab import Lab
 from sockops import layout
-from sockops.cgroups import Cgroup
 from sockops.loader import MapSizes
 from sockops.metrics import ENFORCE_LATENCY_BUCKETS, AgentMetrics, MapCollector, build_registry
-from sockops.podlab import Lab
 
 CONTRACT = {
     "sockops_redirected_bytes_total",

@@ -44,7 +44,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from pairing_peer import DIGEST, HEADER, greeting, header, stream
 
-from sockops.podlab import APP_UID, PROXY_UID, Lab, Pod, Service
+from lab.podlab import APP_UID, PROXY_UID, Lab, Pod, Service
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 

@@ -34,10 +34,10 @@ import pytest
 from conftest import BPFFS_ROOT, TEST_PREFIX, Plane, wait_drained
 from relpeer import Server, build_relpeer, run_client, start_server
 
+from lab.cgroups import Cgroup
+from lab.podlab import Lab, Pod
 from sockops import layout
-from sockops.cgroups import Cgroup
 from sockops.loader import MapSizes
-from sockops.podlab import Lab, Pod
 
 pytestmark = [pytest.mark.kernel]
 

@@ -79,7 +79,7 @@ from typing import Any
 
 from pyroute2 import IPRoute, netns
 
-from sockops.cgroups import Cgroup, join_cgroup
+from lab.cgroups import Cgroup, join_cgroup
 
 __all__ = [
     "ADMIN_PORT",
