@@ -168,6 +168,26 @@ def test_image_is_smaller_and_still_has_what_the_agent_imports(
     assert "copyright" in licences.stdout  # licences stay
 
 
+def test_image_carries_the_agent_only(docker_engine: DockerEngine, image: str) -> None:
+    """No lab, benchmark or test code in the agent's image (README "Layout"); the commands that
+    need them say so instead of failing with a traceback."""
+    code = (
+        "import importlib.util as u, pathlib, sockops; "
+        "print(sorted(p.name for p in pathlib.Path(sockops.__file__).parent.glob('*.py'))); "
+        "print([m for m in ('lab', 'bench', 'tests', 'sockops.podlab', 'sockops.apps') if u.find_spec(m)])"
+    )
+    res = docker_engine.cli("run", "--rm", "--network", "none", "--entrypoint", "python3", image, "-c", code)
+    modules, found = res.stdout.splitlines()[-2:]
+    assert found == "[]", res.stdout
+    for lab_module in ("podlab.py", "apps.py", "demo.py"):
+        assert lab_module not in modules
+    for command in ("demo", "bench"):
+        res = docker_engine.cli("run", "--rm", "--network", "none", image, command, check=False)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "needs the source checkout" in res.stderr
+        assert "Traceback" not in res.stderr
+
+
 @pytest.mark.kernel
 def test_image_doctor_passes_without_header_mounts(docker_engine: DockerEngine, image: str) -> None:
     """No /lib/modules, no /usr/src from the host (managed node images have none): the image's
