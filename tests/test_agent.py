@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, agents, sockops, wait_for
 from conftest import TEST_PREFIX
-from podtraffic import APP_UID, last_json, start_echo_server
+from support.agentproc import AgentProcess, agents, sockops, wait_for
+from support.podtraffic import APP_UID, last_json, start_echo_server
 
 from lab.cgroups import Cgroup
 from lab.podlab import Lab, Pod

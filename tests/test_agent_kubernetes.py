@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProcess, agents, wait_for
 from conftest import TEST_PREFIX
-from podtraffic import start_echo_server
+from support.agentproc import AgentProcess, agents, wait_for
+from support.podtraffic import start_echo_server
 from test_agent import Transfer
 
 from lab.cgroups import Cgroup

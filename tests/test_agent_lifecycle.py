@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProcess, agents, sockops, wait_for
 from conftest import TEST_PREFIX
+from support.agentproc import AgentProcess, agents, sockops, wait_for
 from test_agent import Env, plain_pod
 
 from lab.cgroups import Cgroup

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProcess, agents, wait_for
 from conftest import TEST_PREFIX
+from support.agentproc import AgentProcess, agents, wait_for
 from test_agent import Transfer
 from test_agent_kubernetes import ON, KubeEnv, cookie
 from test_agent_lifecycle import stop_seconds

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import Plane, wait_drained
-from podtraffic import (
+from support.podtraffic import (
     APP_PORT,
     HEADER_BYTES,
     PinnedClients,
@@ -531,11 +531,11 @@ def test_half_closing_clients(dataplane: Plane, lab: Lab, logs: Path, sidecar: b
 
 # -- sockets that must never get a psock ---------------------------------------------------------
 
-SOCKET_KINDS = Path(__file__).resolve().parent / "socket_kinds.py"
+SOCKET_KINDS = Path(__file__).resolve().parent / "support" / "socket_kinds.py"
 
 
 def run_kind(pod: Any, kind: str, connections: int) -> dict[str, Any]:
-    """tests/socket_kinds.py in the pod: ``connections`` checked connections of one kind."""
+    """tests/support/socket_kinds.py in the pod: ``connections`` checked connections of one kind."""
     argv = [sys.executable, str(SOCKET_KINDS), kind, "--connections", str(connections)]
     return run_json(pod, argv, f"{kind} client")
 

@@ -1,6 +1,6 @@
 """The container image: hadolint passes, ``docker build`` succeeds for real, the image runs.
 
-The base image (``sockops-base:bookworm``) is made locally by tests/dockerd.py (debootstrap +
+The base image (``sockops-base:bookworm``) is made locally by tests/support/dockerd.py (debootstrap +
 ``docker import``): no image registry is reachable here. The Dockerfile is built unchanged with the
 legacy builder; apt inside the build uses this machine's Debian mirror and pip this machine's
 index (both read from its configuration at test time and passed as build arguments, never written
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dockerd import DockerEngine, apt_mirrors
+from support.dockerd import DockerEngine, apt_mirrors
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = "sockops-test-image:cached"

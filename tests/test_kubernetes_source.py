@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from recording_sink import RecordingSink
+from support.recording_sink import RecordingSink
 
 from lab.kubeapi import FakeKubeAPI, make_pod
 from sockops.sources import Backoff

@@ -1,7 +1,7 @@
 """Reliability and security suite (issue 7): no byte lost, reordered or delivered to the wrong pod.
 
 Real kernel, real sockets, real Envoy where the path has one. Every case moves bytes with
-tests/relpeer.c, which checks each byte of both directions at its position (a loss, a duplicate,
+tests/support/relpeer.c, which checks each byte of both directions at its position (a loss, a duplicate,
 a reordering or another connection's bytes all show as a mismatch) and compares sha256 digests
 of the request on both ends; the server refuses a header with another pod's tag. Sockets are
 plain blocking sockets without timeouts, so a spurious EAGAIN is an error; every wait is bounded
@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 from conftest import BPFFS_ROOT, TEST_PREFIX, Plane, wait_drained
-from relpeer import Server, build_relpeer, run_client, start_server
+from support.relpeer import Server, build_relpeer, run_client, start_server
 
 from lab.cgroups import Cgroup
 from lab.podlab import Lab, Pod
@@ -43,14 +43,14 @@ pytestmark = [pytest.mark.kernel]
 
 FULL = os.environ.get("SOCKOPS_RELIABILITY") == "full"
 PORT = 8080
-PACKETS = Path(__file__).resolve().parent / "pod_packets.py"
+PACKETS = Path(__file__).resolve().parent / "support" / "pod_packets.py"
 PATHS = ["plain", pytest.param("sidecar", marks=pytest.mark.envoy)]
 KIB, MIB = 1024, 1024 * 1024
 
 
 @pytest.fixture(scope="session")
 def relpeer_bin() -> Iterator[Path]:
-    """tests/relpeer.c, built once per session."""
+    """tests/support/relpeer.c, built once per session."""
     yield from build_relpeer()
 
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProcess, agents, wait_for
 from conftest import TEST_PREFIX
+from support.agentproc import AgentProcess, agents, wait_for
 from test_agent_kubernetes import OFF, ON, KubeEnv, cookie
 
 from lab.cgroups import Cgroup

@@ -2,7 +2,7 @@
 
 Every wait is bounded: a hung client or a server that never listens fails the test (with what
 the process printed) instead of stalling CI. The processes are plain blocking-socket programs
-(lab.apps, tests/pinned_client.py), so a spurious EAGAIN reaches them as an error.
+(lab.apps, tests/support/pinned_client.py), so a spurious EAGAIN reaches them as an error.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def run_halfclose_client(
     sizes: Sequence[int] = (1, 1000),
     timeout: float = 60.0,
 ) -> dict[str, Any]:
-    """tests/halfclose_client.py in the pod: ``connections * rounds`` one-request connections that
+    """tests/support/halfclose_client.py in the pod: ``connections * rounds`` one-request connections that
     half-close after sending. Returns its JSON line (ok, mismatches, errors by type)."""
     argv = [
         sys.executable, str(HALFCLOSE_CLIENT), host, str(port),
@@ -163,7 +163,7 @@ def wire_bytes(result: dict[str, Any]) -> int:
 
 
 class PinnedClients:
-    """tests/pinned_client.py running in several pods at once (see its docstring)."""
+    """tests/support/pinned_client.py running in several pods at once (see its docstring)."""
 
     def __init__(self, pods: Mapping[str, Pod], host: str, port: int = APP_PORT, **opts: Any) -> None:
         """``pods`` maps a tag (the payload prefix, unique per client) to the pod to run in."""

@@ -99,7 +99,7 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
 
 
 class PairTraffic:
-    """tests/pair_traffic.py in a pod (see its docstring)."""
+    """tests/support/pair_traffic.py in a pod (see its docstring)."""
 
     def __init__(self, pod: Pod, connections: int, size: int, rounds: int, hold: bool) -> None:
         argv = [
