@@ -20,7 +20,8 @@ import pytest
 from support.dockerd import Containers, DockerEngine
 from support.recording_sink import RecordingSink
 
-from sockops.sources.docker import DockerSource, container_to_workload
+from sockops.sources.docker import DockerSource
+from sockops.sources.objects import container_to_workload
 from sockops.workload import DOCKER_LABEL
 
 LABEL_ON = f"{DOCKER_LABEL}=true"

@@ -23,12 +23,11 @@ from sockops.sources import Backoff
 from sockops.sources.kubernetes import (
     KubeConfigMissing,
     KubernetesSource,
-    Malformed,
     NodeNameMissing,
     load_config,
     node_name_from_env,
-    pod_to_workload,
 )
+from sockops.sources.objects import Malformed, pod_to_workload
 from sockops.workload import (
     ANNOTATION,
     ISTIO_EXCLUDE_OUTBOUND_RANGES,

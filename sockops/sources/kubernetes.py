@@ -40,34 +40,28 @@ from typing import Any
 
 from sockops.errors import KubeConfigMissing, NodeNameMissing
 from sockops.sources import Backoff, Sink
-from sockops.workload import (
-    ISTIO_PROXY_CONTAINER,
-    ISTIO_SIDECAR_STATUS,
-    Locator,
-    Workload,
-    decide,
-    parse_istio,
+from sockops.sources.objects import (
+    KUBERNETES,
+    Malformed,
+    _resource_name,
+    _resource_version,
+    namespace_of,
+    pod_identity,
+    pod_node,
+    pod_to_workload,
 )
+from sockops.workload import Workload
 
 log = logging.getLogger(__name__)
 
-SOURCE = "kubernetes"
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
-# The API server refuses more than this in one object's annotations (TotalAnnotationSizeLimitB);
-# anything larger did not come from a real API server and is not worth parsing.
-MAX_ANNOTATIONS_BYTES = 256 * 1024
+SOURCE = KUBERNETES
 # One watch line is one object; a pod is a few KiB, a line this long means a broken stream.
 MAX_LINE_BYTES = 8 * 1024 * 1024
-MAX_NAME_LEN = 253
 RBAC_FIX = (
     "the ServiceAccount lacks get/list/watch on {what}: apply daemonset/rbac "
     "(a ClusterRole with get, list, watch on pods and namespaces, bound to the agent's ServiceAccount)"
 )
 NODE_ENV = ("SOCKOPS_NODE_NAME", "NODE_NAME")
-
-
-class Malformed(ValueError):
-    """An API object sockops cannot read; the message says what is wrong with it."""
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -133,150 +127,6 @@ def node_name_from_env(environ: Mapping[str, str] | None = None) -> str:
         "the node name is unknown: set NODE_NAME from the downward API in the DaemonSet "
         "(env: [{name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}]) or pass --node-name"
     )
-
-
-# -- objects -> workloads ------------------------------------------------------------------------
-
-
-def _str_map(value: Any, what: str) -> dict[str, str]:
-    """A labels/annotations map as the API defines it (string to string), or Malformed."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise Malformed(f"{what} is a {type(value).__name__}, not a map")
-    size = 0
-    for k, v in value.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise Malformed(f"{what} must map strings to strings (key {str(k)[:64]!r})")
-        size += len(k) + len(v)
-    if size > MAX_ANNOTATIONS_BYTES:
-        raise Malformed(
-            f"{what} hold {size} bytes, more than the API server's limit of {MAX_ANNOTATIONS_BYTES}"
-        )
-    return value
-
-
-def _name(meta: dict[str, Any], key: str, what: str) -> str:
-    value = meta.get(key)
-    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LEN:
-        raise Malformed(f"{what} has no usable metadata.{key} ({str(value)[:64]!r})")
-    return value
-
-
-def pod_identity(pod: Any) -> tuple[str, str, str]:
-    """``(uid, namespace, name)`` of a pod object, or Malformed when it has none usable."""
-    if not isinstance(pod, dict):
-        raise Malformed(f"pod object is a {type(pod).__name__}, not a JSON object")
-    meta = pod.get("metadata")
-    if not isinstance(meta, dict):
-        raise Malformed("pod object has no metadata")
-    return _name(meta, "uid", "pod"), _name(meta, "namespace", "pod"), _name(meta, "name", "pod")
-
-
-def pod_node(pod: dict[str, Any]) -> str | None:
-    spec = pod.get("spec")
-    node = spec.get("nodeName") if isinstance(spec, dict) else None
-    return node if isinstance(node, str) else None
-
-
-def pod_is_gone(pod: dict[str, Any]) -> bool:
-    """Terminal or being deleted: its sockets are closing, nothing is left to accelerate."""
-    meta = pod.get("metadata") or {}
-    if isinstance(meta, dict) and meta.get("deletionTimestamp"):
-        return True
-    status = pod.get("status")
-    return isinstance(status, dict) and status.get("phase") in TERMINAL_PHASES
-
-
-def _has_istio_proxy(spec: dict[str, Any]) -> bool:
-    """An ``istio-proxy`` container, or init container (native sidecars are init containers)."""
-    for key in ("containers", "initContainers"):
-        containers = spec.get(key)
-        if not isinstance(containers, list):
-            continue
-        for c in containers:
-            if isinstance(c, dict) and c.get("name") == ISTIO_PROXY_CONTAINER:
-                return True
-    return False
-
-
-def pod_to_workload(pod: Any, namespace_labels: Mapping[str, str] | None) -> Workload | None:
-    """The pod as desired state, or None when it is gone for us (terminal, being deleted).
-
-    Raises :class:`Malformed` when the pod has no usable identity. A pod with an identity but
-    unreadable content (annotations of the wrong type or size, spec not an object) is returned not
-    accelerated, with the problem in ``errors``: it must not keep acceleration a previous, valid
-    version of it had.
-    """
-    uid, namespace, name = pod_identity(pod)
-    if pod_is_gone(pod):
-        return None
-
-    def unreadable(message: str) -> Workload:
-        return Workload(
-            source=SOURCE,
-            uid=uid,
-            namespace=namespace,
-            name=name,
-            accelerate=False,
-            reason="unreadable pod object",
-            locator=Locator(pod_uid=uid),
-            errors=(message,),
-        )
-
-    spec = pod.get("spec")
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, dict):
-        return unreadable(f"pod {namespace}/{name}: spec is a {type(spec).__name__}, not an object")
-    try:
-        annotations = _str_map(pod["metadata"].get("annotations"), f"pod {namespace}/{name}: annotations")
-    except Malformed as e:
-        return unreadable(str(e))
-
-    decision = decide(annotations, namespace_labels)
-    capture, istio_errors = parse_istio(annotations)
-    errors = ([decision.error] if decision.error else []) + istio_errors
-    accelerate, reason = decision.accelerate, decision.reason
-    if spec.get("hostNetwork") is True:
-        # The pod's sockets live in the node's netns: accelerating it would accelerate the node.
-        accelerate, reason = False, "host network"
-    sidecar = True if (ISTIO_SIDECAR_STATUS in annotations or _has_istio_proxy(spec)) else None
-    return Workload(
-        source=SOURCE,
-        uid=uid,
-        namespace=namespace,
-        name=name,
-        accelerate=accelerate,
-        reason=reason,
-        locator=Locator(pod_uid=uid),
-        sidecar=sidecar,
-        capture=capture,
-        errors=tuple(errors),
-    )
-
-
-def namespace_of(obj: Any) -> tuple[str, dict[str, str]]:
-    """``(name, labels)`` of a namespace object; Malformed when it has no name.
-
-    Labels of the wrong type are also Malformed; the caller then treats the namespace as
-    unlabelled (the default is "not accelerated": an unreadable label never turns acceleration on).
-    """
-    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
-        raise Malformed("namespace object has no metadata")
-    name = _name(obj["metadata"], "name", "namespace")
-    return name, _str_map(obj["metadata"].get("labels"), f"namespace {name}: labels")
-
-
-def _resource_version(obj: Any) -> str | None:
-    if isinstance(obj, dict) and isinstance(obj.get("metadata"), dict):
-        rv = obj["metadata"].get("resourceVersion")
-        if isinstance(rv, str) and rv:
-            return rv
-    return None
-
-
-# -- backoff -------------------------------------------------------------------------------------
 
 
 # -- the source ----------------------------------------------------------------------------------
@@ -736,9 +586,3 @@ def _urllib3_errors() -> type[Exception]:
     import urllib3.exceptions
 
     return urllib3.exceptions.HTTPError
-
-
-def _resource_name(obj: Any) -> str | None:
-    meta = obj.get("metadata") if isinstance(obj, dict) else None
-    name = meta.get("name") if isinstance(meta, dict) else None
-    return name if isinstance(name, str) and 0 < len(name) <= MAX_NAME_LEN else None
