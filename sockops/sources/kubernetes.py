@@ -43,12 +43,12 @@ from sockops.sources import Backoff, Sink
 from sockops.sources.objects import (
     KUBERNETES,
     Malformed,
+    PodReading,
     _resource_name,
     _resource_version,
     namespace_of,
     pod_identity,
-    pod_node,
-    pod_to_workload,
+    read_pod,
 )
 from sockops.workload import Workload
 
@@ -191,7 +191,8 @@ class KubernetesSource:
         self._lock = threading.RLock()  # the view below, and every call to the sink
         self._sink: Sink | None = None
         self._closed = False
-        self._pods: dict[str, dict[str, Any]] = {}  # uid -> last pod object seen (not gone)
+        # uid -> (namespace, last pod object seen, not gone)
+        self._pods: dict[str, tuple[str, dict[str, Any]]] = {}
         self._namespaces: dict[str, dict[str, str]] = {}  # name -> labels
         self._emitted: dict[str, Workload] = {}  # uid -> what the sink was last told
         self._pods_synced = False
@@ -260,24 +261,20 @@ class KubernetesSource:
 
     # -- the view (callers hold self._lock) -----------------------------------------------------
 
-    def _workload(self, pod: dict[str, Any]) -> Workload | None:
-        namespace = pod_identity(pod)[1]
-        return pod_to_workload(pod, self._namespaces.get(namespace))
-
     def _set_pod(self, pod: dict[str, Any]) -> None:
-        uid, namespace, name = pod_identity(pod)
-        node = pod_node(pod)
-        wl = None if (node is not None and node != self.node_name) else self._workload(pod)
-        if wl is None:
-            self._forget_pod(uid)
+        self._apply(read_pod(pod, self._namespaces.get), pod)
+
+    def _apply(self, r: PodReading, pod: dict[str, Any]) -> None:
+        if r.workload is None or (r.node is not None and r.node != self.node_name):
+            self._forget_pod(r.uid)
             return
-        self._pods[uid] = pod
-        if wl.errors and wl.reason == "unreadable pod object":
-            self._error(wl.errors[0], kind="pod", namespace=namespace, pod=name, uid=uid)
-        if self._emitted.get(uid) != wl:
-            self._emitted[uid] = wl
+        self._pods[r.uid] = (r.namespace, pod)
+        if r.problem is not None:
+            self._error(r.problem, kind="pod", namespace=r.namespace, pod=r.name, uid=r.uid)
+        if self._emitted.get(r.uid) != r.workload:
+            self._emitted[r.uid] = r.workload
             assert self._sink is not None
-            self._emit(self._sink.upsert, wl)
+            self._emit(self._sink.upsert, r.workload)
 
     def _forget_pod(self, uid: str) -> None:
         self._pods.pop(uid, None)
@@ -289,28 +286,24 @@ class KubernetesSource:
         """Re-decide the pods of ``namespace`` (all when None) after its labels changed."""
         if not self._pods_synced:
             return  # the first pod list decides with whatever namespaces are known by then
-        for pod in list(self._pods.values()):
-            if namespace is None or pod_identity(pod)[1] == namespace:
+        for pod_namespace, pod in list(self._pods.values()):
+            if namespace is None or pod_namespace == namespace:
                 self._set_pod(pod)
 
     def _replace_pods(self, items: list[Any]) -> None:
-        pods: dict[str, dict[str, Any]] = {}
+        pods: dict[str, tuple[str, dict[str, Any]]] = {}
         workloads: dict[str, Workload] = {}
         for item in items:
             try:
-                uid, namespace, name = pod_identity(item)
-                node = pod_node(item)
-                if node is not None and node != self.node_name:
-                    continue
-                wl = self._workload(item)
+                r = read_pod(item, self._namespaces.get)
             except Malformed as e:
                 self._error(f"skipped a pod in the list: {e}", kind="pod")
                 continue
-            if wl is None:
+            if r.workload is None or (r.node is not None and r.node != self.node_name):
                 continue
-            if wl.errors and wl.reason == "unreadable pod object":
-                self._error(wl.errors[0], kind="pod", namespace=namespace, pod=name, uid=uid)
-            pods[uid], workloads[uid] = item, wl
+            if r.problem is not None:
+                self._error(r.problem, kind="pod", namespace=r.namespace, pod=r.name, uid=r.uid)
+            pods[r.uid], workloads[r.uid] = (r.namespace, item), r.workload
         self._pods, self._emitted, self._pods_synced = pods, workloads, True
         assert self._sink is not None
         self._emit(self._sink.replace, SOURCE, list(workloads.values()))
@@ -354,12 +347,19 @@ class KubernetesSource:
     # -- list and watch -------------------------------------------------------------------------
 
     def _call(self, kind: str, **kwargs: Any) -> Any:
-        """One raw list or watch request (urllib3 response; non-2xx raises ApiException)."""
-        if kind == "pods":
-            return self._api.list_pod_for_all_namespaces(
-                field_selector=f"spec.nodeName={self.node_name}", _preload_content=False, **kwargs
-            )
-        return self._api.list_namespace(_preload_content=False, **kwargs)
+        """One raw list or watch request (urllib3 response; non-2xx raises ApiException, 410 _Gone)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            if kind == "pods":
+                return self._api.list_pod_for_all_namespaces(
+                    field_selector=f"spec.nodeName={self.node_name}", _preload_content=False, **kwargs
+                )
+            return self._api.list_namespace(_preload_content=False, **kwargs)
+        except ApiException as e:
+            if e.status == 410:
+                raise _Gone(f"410 Gone for the {kind} watch") from e
+            raise
 
     def _track(self, resp: Any, stop: threading.Event) -> None:
         with self._lock:
@@ -537,15 +537,15 @@ class KubernetesSource:
                 failure = _Failure(pending)
             except _StreamBroken as e:
                 failure = _Failure(str(e))
-            except Exception as e:
+            except _Gone:
                 # 410 Gone, as an ERROR event in the stream or as the HTTP status of the watch
-                failure = None if isinstance(e, _Gone) else self._classify(kind, e)
-                if failure is None:
-                    must_list, pending = True, f"410 Gone for the {kind} watch: re-listed"
-                    if backoff.attempts == 0:
-                        backoff.attempts = 1  # re-list at once, but back off if it loops
-                        continue
-                    failure = _Failure(pending)
+                must_list, pending = True, f"410 Gone for the {kind} watch: re-listed"
+                if backoff.attempts == 0:
+                    backoff.attempts = 1  # re-list at once, but back off if it loops
+                    continue
+                failure = _Failure(pending)
+            except Exception as e:
+                failure = self._classify(kind, e)
             if stop.is_set():
                 break
             pending = failure.reason
@@ -557,14 +557,14 @@ class KubernetesSource:
                 delay = backoff.next()
             stop.wait(delay)
 
-    def _classify(self, kind: str, e: Exception) -> _Failure | None:
-        """Temporary (retry with backoff) or permanent (report with the fix, retry slowly)."""
+    def _classify(self, kind: str, e: Exception) -> _Failure:
+        """Temporary (retry with backoff) or permanent (report with the fix, retry slowly).
+
+        410 Gone never gets here: :meth:`_call` and the stream raise it as ``_Gone`` (re-list)."""
         from kubernetes.client.exceptions import ApiException
 
         if isinstance(e, ApiException):
             status = e.status or 0
-            if status == 410:
-                return None
             if status == 401:
                 return _Failure(
                     f"the API server rejected the agent's credentials (401) listing {kind}: "

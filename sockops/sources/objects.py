@@ -7,7 +7,8 @@ or a docker ``inspect`` result in, the desired state (or :class:`Malformed`) out
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sockops.workload import (
@@ -100,20 +101,36 @@ def _has_istio_proxy(spec: dict[str, Any]) -> bool:
     return False
 
 
-def pod_to_workload(pod: Any, namespace_labels: Mapping[str, str] | None) -> Workload | None:
-    """The pod as desired state, or None when it is gone for us (terminal, being deleted).
+@dataclass(frozen=True)
+class PodReading:
+    """One pod object read once: its identity, node, desired state, and what made it unreadable.
 
-    Raises :class:`Malformed` when the pod has no usable identity. A pod with an identity but
-    unreadable content (annotations of the wrong type or size, spec not an object) is returned not
-    accelerated, with the problem in ``errors``: it must not keep acceleration a previous, valid
-    version of it had.
+    ``workload`` is None when the pod is gone for us (terminal, being deleted). ``problem`` is set
+    when the pod has an identity but unreadable content (annotations of the wrong type or size,
+    spec not an object): the workload is then not accelerated (it must not keep acceleration a
+    previous, valid version of it had) and ``problem`` is what the user should be told.
+    """
+
+    uid: str
+    namespace: str
+    name: str
+    node: str | None
+    workload: Workload | None
+    problem: str | None = None
+
+
+def read_pod(pod: Any, namespace_labels: Callable[[str], Mapping[str, str] | None]) -> PodReading:
+    """The pod as desired state, deciding with ``namespace_labels(its namespace)`` (None: unknown).
+
+    Raises :class:`Malformed` when the pod has no usable identity.
     """
     uid, namespace, name = pod_identity(pod)
+    node = pod_node(pod)
     if pod_is_gone(pod):
-        return None
+        return PodReading(uid, namespace, name, node, None)
 
-    def unreadable(message: str) -> Workload:
-        return Workload(
+    def unreadable(message: str) -> PodReading:
+        workload = Workload(
             source=KUBERNETES,
             uid=uid,
             namespace=namespace,
@@ -123,6 +140,7 @@ def pod_to_workload(pod: Any, namespace_labels: Mapping[str, str] | None) -> Wor
             locator=Locator(pod_uid=uid),
             errors=(message,),
         )
+        return PodReading(uid, namespace, name, node, workload, problem=message)
 
     spec = pod.get("spec")
     if spec is None:
@@ -134,7 +152,7 @@ def pod_to_workload(pod: Any, namespace_labels: Mapping[str, str] | None) -> Wor
     except Malformed as e:
         return unreadable(str(e))
 
-    decision = decide(annotations, namespace_labels)
+    decision = decide(annotations, namespace_labels(namespace))
     capture, istio_errors = parse_istio(annotations)
     errors = ([decision.error] if decision.error else []) + istio_errors
     accelerate, reason = decision.accelerate, decision.reason
@@ -142,7 +160,7 @@ def pod_to_workload(pod: Any, namespace_labels: Mapping[str, str] | None) -> Wor
         # The pod's sockets live in the node's netns: accelerating it would accelerate the node.
         accelerate, reason = False, "host network"
     sidecar = True if (ISTIO_SIDECAR_STATUS in annotations or _has_istio_proxy(spec)) else None
-    return Workload(
+    workload = Workload(
         source=KUBERNETES,
         uid=uid,
         namespace=namespace,
@@ -154,6 +172,12 @@ def pod_to_workload(pod: Any, namespace_labels: Mapping[str, str] | None) -> Wor
         capture=capture,
         errors=tuple(errors),
     )
+    return PodReading(uid, namespace, name, node, workload)
+
+
+def pod_to_workload(pod: Any, namespace_labels: Mapping[str, str] | None) -> Workload | None:
+    """:func:`read_pod`'s workload for a pod whose namespace has ``namespace_labels``."""
+    return read_pod(pod, lambda _namespace: namespace_labels).workload
 
 
 def namespace_of(obj: Any) -> tuple[str, dict[str, str]]:
