@@ -34,6 +34,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sockops.sources import Backoff, Sink
+from sockops.sources.listwatch import Failure, GuardedSink, retry_until_stopped
 from sockops.sources.objects import DOCKER, container_to_workload
 from sockops.workload import Workload
 
@@ -102,26 +103,29 @@ class DockerSource:
 
         watcher = threading.Thread(target=watch, name="docker-source-stop", daemon=True)
         watcher.start()
+        guarded = GuardedSink(sink, SOURCE)
         broken: str | None = None  # why the previous session ended; None before the first
+
+        def classify(e: Exception) -> Failure:
+            nonlocal broken
+            broken = _describe(e)
+            return Failure(broken)
+
+        def on_retry(failure: Failure, delay: float) -> None:
+            log.warning("docker source: %s; reconnecting in %.1f s", failure.reason, delay)
+            guarded.error(
+                self.name,
+                f"docker engine unavailable: {failure.reason}; reconnecting in {delay:.1f} s",
+                {"attempt": self.backoff.attempts},
+            )
+
         try:
-            while not stop.is_set():
-                try:
-                    self._session(sink, stop, broken)
-                    return  # only returns normally when stopping
-                except Exception as e:
-                    if stop.is_set():
-                        return
-                    broken = _describe(e)
-                delay = self.backoff.next()
-                log.warning("docker source: %s; reconnecting in %.1f s", broken, delay)
-                sink.error(
-                    self.name,
-                    f"docker engine unavailable: {broken}; reconnecting in {delay:.1f} s",
-                    {"attempt": self.backoff.attempts},
-                )
-                if stop.wait(delay):
-                    return
+            # A session returns normally only when stopping, which ends the loop.
+            retry_until_stopped(
+                stop, lambda: self._session(guarded, stop, broken), classify, on_retry, self.backoff
+            )
         finally:
+            guarded.close()
             done.set()
             self._abort()
             with contextlib.suppress(Exception):

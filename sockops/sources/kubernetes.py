@@ -34,12 +34,12 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sockops.errors import KubeConfigMissing, NodeNameMissing
 from sockops.sources import Backoff, Sink
+from sockops.sources.listwatch import Failure, GuardedSink, retry_until_stopped
 from sockops.sources.objects import (
     KUBERNETES,
     Malformed,
@@ -140,12 +140,6 @@ class _StreamBroken(Exception):
     """The watch stream cannot be continued (ERROR event, unframed data); re-watch from the RV."""
 
 
-@dataclass
-class _Failure:
-    reason: str
-    permanent: bool = False
-
-
 class KubernetesSource:
     """Pods of one node, with namespace defaults, as desired state (see the module docstring).
 
@@ -189,8 +183,7 @@ class KubernetesSource:
         self.namespace_wait = namespace_wait
 
         self._lock = threading.RLock()  # the view below, and every call to the sink
-        self._sink: Sink | None = None
-        self._closed = False
+        self._sink: GuardedSink | None = None
         # uid -> (namespace, last pod object seen, not gone)
         self._pods: dict[str, tuple[str, dict[str, Any]]] = {}
         self._namespaces: dict[str, dict[str, str]] = {}  # name -> labels
@@ -211,7 +204,7 @@ class KubernetesSource:
     def run(self, sink: Sink, stop: threading.Event) -> None:
         """Report to ``sink`` until ``stop`` is set; returns within about a second of it."""
         with self._lock:
-            self._sink, self._closed = sink, False
+            self._sink = GuardedSink(sink, SOURCE)
         workers = [
             threading.Thread(target=self._loop, args=(kind, stop), name=f"sockops-k8s-{kind}", daemon=True)
             for kind in ("namespaces", "pods")
@@ -230,34 +223,27 @@ class KubernetesSource:
                 w.join(max(0.0, deadline - time.monotonic()))
             # A worker still blocked in a request (an API server that accepted the connection
             # and never answered) finishes on its timeout; it must not call the sink after this.
+            guarded = self._sink
+            assert guarded is not None
             if self._lock.acquire(timeout=0.5):
-                self._closed = True
+                guarded.close()
                 self._lock.release()
             else:
-                self._closed = True
+                guarded.close()
 
     # -- sink calls -----------------------------------------------------------------------------
-
-    def _emit(self, fn: Callable[..., None], *args: Any) -> None:
-        """Call the sink unless ``run`` has returned; a failing sink is logged, never fatal."""
-        if self._closed or self._sink is None:
-            return
-        try:
-            fn(*args)
-        except Exception:
-            log.exception("kubernetes source: the sink raised in %s", getattr(fn, "__name__", fn))
 
     def _error(self, message: str, **fields: object) -> None:
         log.warning("kubernetes source: %s %s", message, fields or "")
         with self._lock:
             if self._sink is not None:
-                self._emit(self._sink.error, SOURCE, message, dict(fields))
+                self._sink.error(SOURCE, message, dict(fields))
 
     def _restarted(self, reason: str) -> None:
         log.info("kubernetes source: watch re-established after: %s", reason)
         with self._lock:
             if self._sink is not None:
-                self._emit(self._sink.restarted, SOURCE, reason)
+                self._sink.restarted(SOURCE, reason)
 
     # -- the view (callers hold self._lock) -----------------------------------------------------
 
@@ -274,13 +260,13 @@ class KubernetesSource:
         if self._emitted.get(r.uid) != r.workload:
             self._emitted[r.uid] = r.workload
             assert self._sink is not None
-            self._emit(self._sink.upsert, r.workload)
+            self._sink.upsert(r.workload)
 
     def _forget_pod(self, uid: str) -> None:
         self._pods.pop(uid, None)
         if self._emitted.pop(uid, None) is not None:
             assert self._sink is not None
-            self._emit(self._sink.delete, SOURCE, uid)
+            self._sink.delete(SOURCE, uid)
 
     def _reevaluate(self, namespace: str | None = None) -> None:
         """Re-decide the pods of ``namespace`` (all when None) after its labels changed."""
@@ -306,7 +292,7 @@ class KubernetesSource:
             pods[r.uid], workloads[r.uid] = (r.namespace, item), r.workload
         self._pods, self._emitted, self._pods_synced = pods, workloads, True
         assert self._sink is not None
-        self._emit(self._sink.replace, SOURCE, list(workloads.values()))
+        self._sink.replace(SOURCE, list(workloads.values()))
 
     def _set_namespace(self, obj: Any, deleted: bool = False) -> None:
         try:
@@ -498,7 +484,7 @@ class KubernetesSource:
                 self._resource_versions[kind] = rv
 
     def _loop(self, kind: str, stop: threading.Event) -> None:
-        """List, then watch, forever: the one place where failures become retries."""
+        """List, then watch, until stopped (the skeleton: sockops/sources/listwatch.py)."""
         backoff = Backoff(self.backoff_base, self.backoff_cap)
         must_list = True
         pending: str | None = None  # why the last stream ended, reported once re-established
@@ -513,51 +499,53 @@ class KubernetesSource:
                 self._restarted(pending)
                 pending = None
 
-        while not stop.is_set():
-            failure: _Failure | None = None
-            try:
-                if must_list:
-                    self._list(kind, stop)
-                    must_list = False
-                    established()
-                rv = self.resource_versions[kind]
-                assert rv is not None
-                started = time.monotonic()
-                events = self._watch(kind, rv, stop, established)
-                if stop.is_set():
-                    break
-                lasted = time.monotonic() - started
-                if lasted >= self.watch_timeout * 0.9:
-                    backoff.reset()  # the server's timeout: normal, re-watch at once, not a restart
-                    continue
-                pending = f"the API server closed the {kind} watch after {lasted:.1f}s"
-                if events:
-                    backoff.reset()
-                    continue
-                failure = _Failure(pending)
-            except _StreamBroken as e:
-                failure = _Failure(str(e))
-            except _Gone:
+        def session() -> None:
+            nonlocal must_list, pending
+            if must_list:
+                self._list(kind, stop)
+                must_list = False
+                established()
+            rv = self.resource_versions[kind]
+            assert rv is not None
+            started = time.monotonic()
+            events = self._watch(kind, rv, stop, established)
+            if stop.is_set():
+                return
+            lasted = time.monotonic() - started
+            if lasted >= self.watch_timeout * 0.9:
+                backoff.reset()  # the server's timeout: normal, re-watch at once, not a restart
+                return
+            pending = f"the API server closed the {kind} watch after {lasted:.1f}s"
+            if not events:
+                raise _StreamBroken(pending)
+            backoff.reset()
+
+        def classify(e: Exception) -> Failure:
+            nonlocal must_list, pending
+            if isinstance(e, _StreamBroken):
+                return Failure(str(e))
+            if isinstance(e, _Gone):
                 # 410 Gone, as an ERROR event in the stream or as the HTTP status of the watch
                 must_list, pending = True, f"410 Gone for the {kind} watch: re-listed"
                 if backoff.attempts == 0:
                     backoff.attempts = 1  # re-list at once, but back off if it loops
-                    continue
-                failure = _Failure(pending)
-            except Exception as e:
-                failure = self._classify(kind, e)
-            if stop.is_set():
-                break
+                    return Failure(pending, at_once=True)
+                return Failure(pending)
+            return self._classify(kind, e)
+
+        def on_retry(failure: Failure, delay: float) -> None:
+            nonlocal pending
             pending = failure.reason
             if failure.permanent:
                 self._error(failure.reason, kind=kind)
-                delay = self.auth_backoff * random.uniform(0.8, 1.2)
             else:
                 log.warning("kubernetes source: %s", failure.reason)
-                delay = backoff.next()
-            stop.wait(delay)
 
-    def _classify(self, kind: str, e: Exception) -> _Failure:
+        retry_until_stopped(
+            stop, session, classify, on_retry, backoff, lambda: self.auth_backoff * random.uniform(0.8, 1.2)
+        )
+
+    def _classify(self, kind: str, e: Exception) -> Failure:
         """Temporary (retry with backoff) or permanent (report with the fix, retry slowly).
 
         410 Gone never gets here: :meth:`_call` and the stream raise it as ``_Gone`` (re-list)."""
@@ -566,20 +554,20 @@ class KubernetesSource:
         if isinstance(e, ApiException):
             status = e.status or 0
             if status == 401:
-                return _Failure(
+                return Failure(
                     f"the API server rejected the agent's credentials (401) listing {kind}: "
                     "check the ServiceAccount token or the kubeconfig's user",
                     permanent=True,
                 )
             if status == 403:
-                return _Failure(f"403 Forbidden on {kind}: " + RBAC_FIX.format(what=kind), permanent=True)
+                return Failure(f"403 Forbidden on {kind}: " + RBAC_FIX.format(what=kind), permanent=True)
             if status == 429 or status >= 500 or status == 0:
-                return _Failure(f"API error {status} on {kind}: {str(e.reason)[:200]}")
-            return _Failure(f"API error {status} on {kind}: {str(e.reason)[:200]}", permanent=True)
+                return Failure(f"API error {status} on {kind}: {str(e.reason)[:200]}")
+            return Failure(f"API error {status} on {kind}: {str(e.reason)[:200]}", permanent=True)
         if isinstance(e, OSError | http.client.HTTPException | _urllib3_errors()):
-            return _Failure(f"connection to the API server lost ({type(e).__name__}: {str(e)[:200]})")
+            return Failure(f"connection to the API server lost ({type(e).__name__}: {str(e)[:200]})")
         log.exception("kubernetes source: unexpected error in the %s loop", kind)
-        return _Failure(f"unexpected error in the {kind} loop: {type(e).__name__}: {str(e)[:200]}")
+        return Failure(f"unexpected error in the {kind} loop: {type(e).__name__}: {str(e)[:200]}")
 
 
 def _urllib3_errors() -> type[Exception]:
