@@ -44,7 +44,6 @@ from sockops.cgroups import find_cgroup2_root
 from sockops.podresolve import find_pod_netns, index_pods
 from sockops.reconciler import ACCELERATED, Reconciler, Resolver
 
-CLONE_NEWNET = 0x40000000
 ON = {"sockops.io/accelerate": "true"}
 OFF = {"sockops.io/accelerate": "false"}
 
@@ -68,7 +67,6 @@ def _summary_ms(values: list[float]) -> dict[str, float]:
 @contextmanager
 def pod_processes(root: Path, count: int) -> Iterator[list[str]]:
     """``count`` sleeping processes, each in its own netns and in ``root/pod<uid>``; yields UIDs."""
-    libc = ctypes.CDLL(None, use_errno=True)
     procs: list[subprocess.Popen[bytes]] = []
     uids: list[str] = []
     try:
@@ -79,7 +77,9 @@ def pod_processes(root: Path, count: int) -> Iterator[list[str]]:
 
             def enter(cg: Path = cg) -> None:
                 (cg / "cgroup.procs").write_text(str(os.getpid()))
-                if libc.unshare(CLONE_NEWNET) != 0:
+                try:
+                    netns.unshare()
+                except OSError:
                     os._exit(97)
 
             procs.append(subprocess.Popen(["sleep", "infinity"], preexec_fn=enter))

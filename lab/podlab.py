@@ -80,6 +80,7 @@ from typing import Any
 from pyroute2 import IPRoute, netns
 
 from lab.cgroups import Cgroup, join_cgroup
+from sockops import netns as sockops_netns
 
 __all__ = [
     "ADMIN_PORT",
@@ -116,14 +117,12 @@ SERVICE_IP = "10.244.255.1"
 SERVICE_IPV6 = "fd00:10:244::ff:1"
 NETNS_DIR = Path("/run/netns")
 
-_CLONE_NEWNET = 0x40000000
 _PR_SET_PDEATHSIG = 1
 _IFA_F_NODAD = 0x02
 _POD_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 # Resolved once in the parent so the forked child only makes the calls.
 _libc = ctypes.CDLL(None, use_errno=True)
-_setns = _libc.setns
 _prctl = _libc.prctl
 
 
@@ -461,9 +460,7 @@ def _make_preexec(
     def _preexec() -> None:
         if cgroup_path is not None:
             join_cgroup(cgroup_path)
-        if _setns(netns_fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns: {os.strerror(err)}")
+        sockops_netns.setns(netns_fd)
         if gid is not None:
             os.setgroups([])
             os.setgid(gid)
@@ -649,9 +646,7 @@ class Pod:
 
         def _worker() -> None:
             try:
-                if _setns(nsfd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns: {os.strerror(err)}")
+                sockops_netns.setns(nsfd)
                 box["sock"] = socket.socket(family, type)
             except BaseException as exc:
                 box["error"] = exc
