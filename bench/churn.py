@@ -27,7 +27,6 @@ import platform
 import random
 import secrets
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench import stats
 from lab.kubeapi import FakeKubeAPI
 from sockops import loader, netns
 from sockops.cgroups import find_cgroup2_root
@@ -46,22 +46,6 @@ from sockops.reconciler import ACCELERATED, Reconciler, Resolver
 
 ON = {"sockops.io/accelerate": "true"}
 OFF = {"sockops.io/accelerate": "false"}
-
-
-def _pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p * len(s)))] if s else float("nan")
-
-
-def _summary_ms(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50_ms": round(_pct(values, 0.50) * 1e3, 2),
-        "p90_ms": round(_pct(values, 0.90) * 1e3, 2),
-        "p99_ms": round(_pct(values, 0.99) * 1e3, 2),
-        "max_ms": round(max(values) * 1e3, 2) if values else float("nan"),
-        "mean_ms": round(statistics.fmean(values) * 1e3, 2) if values else float("nan"),
-    }
 
 
 @contextmanager
@@ -210,9 +194,9 @@ def run(pods: int, changes: int, rate: float, seed: int) -> dict[str, Any]:
         "rate_per_s": rate,
         "achieved_rate_per_s": round(changes / churn_secs, 1),
         "initial_sync_s": round(initial_sync, 3),
-        "end_to_end": _summary_ms(e2e),
+        "end_to_end": stats.latency_summary_ms(e2e),
         "end_to_end_timeouts": timeouts,
-        "agent_enforce_latency": _summary_ms(recorder.latencies),
+        "agent_enforce_latency": stats.latency_summary_ms(recorder.latencies),
         "full_resync_s": round(full_resync, 3),
         "accelerated_at_end": accelerated,
     }
