@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sockops import __version__, layout, loader
+from sockops import layout, loader
 from sockops.errors import SockopsError
 from sockops.reconciler import ACCELERATED, PENDING, Reconciler, Resolver
 from sockops.sources import Backoff, Source
@@ -338,8 +338,6 @@ class Agent:
         registry, metrics = build_registry(self, self.args.pod_metric_labels)
         for s in sources:
             metrics.init_source(s.name)  # a first error then shows as an increase from 0
-        with contextlib.suppress(Exception):
-            metrics.build_info.labels(version=__version__, kernel=os.uname().release).set(1)
         server = HealthServer(self.args.metrics_addr, registry, self.healthy, self.ready, self.status).start()
         log.info(
             "serving /metrics /healthz /readyz",
