@@ -244,7 +244,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.print_program:
         print(loader.program_text())
         return 0
-    return agent.run(args)
+    return agent.run(config.AgentConfig.from_namespace(args))
 
 
 def uninstall(
