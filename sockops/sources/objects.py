@@ -14,6 +14,7 @@ from typing import Any
 from sockops.workload import (
     ISTIO_PROXY_CONTAINER,
     ISTIO_SIDECAR_STATUS,
+    IstioCapture,
     Locator,
     Workload,
     decide,
@@ -129,37 +130,22 @@ def read_pod(pod: Any, namespace_labels: Callable[[str], Mapping[str, str] | Non
     if pod_is_gone(pod):
         return PodReading(uid, namespace, name, node, None)
 
-    def unreadable(message: str) -> PodReading:
-        workload = Workload(
-            source=KUBERNETES,
-            uid=uid,
-            namespace=namespace,
-            name=name,
-            accelerate=False,
-            reason="unreadable pod object",
-            locator=Locator(pod_uid=uid),
-            errors=(message,),
-        )
-        return PodReading(uid, namespace, name, node, workload, problem=message)
-
-    spec = pod.get("spec")
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, dict):
-        return unreadable(f"pod {namespace}/{name}: spec is a {type(spec).__name__}, not an object")
-    try:
-        annotations = _str_map(pod["metadata"].get("annotations"), f"pod {namespace}/{name}: annotations")
-    except Malformed as e:
-        return unreadable(str(e))
-
-    decision = decide(annotations, namespace_labels(namespace))
-    capture, istio_errors = parse_istio(annotations)
-    errors = ([decision.error] if decision.error else []) + istio_errors
-    accelerate, reason = decision.accelerate, decision.reason
-    if spec.get("hostNetwork") is True:
-        # The pod's sockets live in the node's netns: accelerating it would accelerate the node.
-        accelerate, reason = False, "host network"
-    sidecar = True if (ISTIO_SIDECAR_STATUS in annotations or _has_istio_proxy(spec)) else None
+    sidecar: bool | None = None
+    capture = IstioCapture()
+    problem = _unreadable(pod, namespace, name)
+    if problem is not None:
+        accelerate, reason, errors = False, "unreadable pod object", [problem]
+    else:
+        spec = pod.get("spec") or {}
+        annotations = pod["metadata"].get("annotations") or {}
+        decision = decide(annotations, namespace_labels(namespace))
+        capture, istio_errors = parse_istio(annotations)
+        errors = ([decision.error] if decision.error else []) + istio_errors
+        accelerate, reason = decision.accelerate, decision.reason
+        if spec.get("hostNetwork") is True:
+            # The pod's sockets live in the node's netns: accelerating it would accelerate the node.
+            accelerate, reason = False, "host network"
+        sidecar = True if (ISTIO_SIDECAR_STATUS in annotations or _has_istio_proxy(spec)) else None
     workload = Workload(
         source=KUBERNETES,
         uid=uid,
@@ -172,7 +158,19 @@ def read_pod(pod: Any, namespace_labels: Callable[[str], Mapping[str, str] | Non
         capture=capture,
         errors=tuple(errors),
     )
-    return PodReading(uid, namespace, name, node, workload)
+    return PodReading(uid, namespace, name, node, workload, problem)
+
+
+def _unreadable(pod: dict[str, Any], namespace: str, name: str) -> str | None:
+    """What makes a pod with an identity unreadable (spec not an object, bad annotations), or None."""
+    spec = pod.get("spec")
+    if spec is not None and not isinstance(spec, dict):
+        return f"pod {namespace}/{name}: spec is a {type(spec).__name__}, not an object"
+    try:
+        _str_map(pod["metadata"].get("annotations"), f"pod {namespace}/{name}: annotations")
+    except Malformed as e:
+        return str(e)
+    return None
 
 
 def pod_to_workload(pod: Any, namespace_labels: Mapping[str, str] | None) -> Workload | None:
