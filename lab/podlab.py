@@ -9,9 +9,9 @@ include the network namespace, docs/DATAPLANE.md F12).
 
 A pod created with ``sidecar=True`` looks like an Istio pod in REDIRECT mode:
 
-* the nat table that ``istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT ...`` installs (field
-  notes §1), applied verbatim with ``iptables-restore`` (and ``ip6tables-restore`` with ``::1`` /
-  ``::6`` when the pod has IPv6);
+* the nat table that ``istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT ...`` installs
+  (docs/DATAPLANE.md, "Istio's capture"), applied verbatim with ``iptables-restore`` (and
+  ``ip6tables-restore`` with ``::1`` / ``::6`` when the pod has IPv6);
 * Envoy running as UID/GID 1337 with an admin listener on 127.0.0.1:15000, an outbound capture
   listener on 15001 and an inbound capture listener on 15006, both using the original_dst listener
   filter, and an inbound passthrough cluster that connects to the app from 127.0.0.6, as Istio does.
