@@ -71,7 +71,7 @@ def test_idle_agent_is_ready_says_why_and_leaves_nothing_behind(lc: Env, tmp_pat
     assert idle.metric("sockops_maps_loaded") == 0
     left = sorted(p.name for p in lc.bpffs.iterdir()) if lc.bpffs.exists() else []
     assert left == [], f"an idle agent left pins behind: {left}"
-    assert lc.attached() == {"sock_ops": [], "sk_msg": []}
+    assert lc.attached() == {}  # attached() leaves out hooks with no program
     assert idle.stop() == 0
 
     # the same with --if-unsupported exit: exit 2 with the fix, and nothing pinned either
