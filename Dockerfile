@@ -4,7 +4,7 @@
 # on the build machine because this project's CI reaches no image registry:
 #     debootstrap --variant=minbase bookworm ROOT <the machine's Debian mirror>
 #     tar -C ROOT -c . | docker import - sockops-base:bookworm
-# (tests/dockerd.py does exactly this, taking the mirror from /etc/apt/sources.list(.d)). Where a
+# (tests/support/dockerd.py does exactly this, taking the mirror from /etc/apt/sources.list(.d)). Where a
 # registry is reachable, pin the official image by digest instead:
 #     docker build --build-arg BASE_IMAGE=debian:bookworm-slim@sha256:<digest> .
 #

@@ -11,5 +11,5 @@ test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	.venv/bin/ruff check sockops tests bench scripts
-	.venv/bin/ruff format --check sockops tests bench scripts
+	.venv/bin/ruff check sockops lab tests bench scripts
+	.venv/bin/ruff format --check sockops lab tests bench scripts

@@ -3,7 +3,7 @@
 ``python -m bench.churn [--pods 500] [--changes 1000] [--rate 50]``
 
 What runs is the agent's real path, in one process: the official Kubernetes client (the
-agent's KubernetesSource) watching a local fake API server (tests/kubeapi.py: no API server can
+agent's KubernetesSource) watching a local fake API server (lab/kubeapi.py: no API server can
 be installed here), the Reconciler, the /proc scan that finds each pod by its UID, and real
 pinned BPF maps. Each "pod" is a process in a network namespace of its own, in a cgroup named
 like the kubelet's (``pod<UID>``). The programs are loaded but not attached: only map writes are
@@ -27,7 +27,6 @@ import platform
 import random
 import secrets
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -38,39 +37,20 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench import stats
+from lab.kubeapi import FakeKubeAPI
 from sockops import loader, netns
 from sockops.cgroups import find_cgroup2_root
 from sockops.podresolve import find_pod_netns, index_pods
 from sockops.reconciler import ACCELERATED, Reconciler, Resolver
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from kubeapi import FakeKubeAPI
-
-CLONE_NEWNET = 0x40000000
 ON = {"sockops.io/accelerate": "true"}
 OFF = {"sockops.io/accelerate": "false"}
-
-
-def _pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p * len(s)))] if s else float("nan")
-
-
-def _summary_ms(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50_ms": round(_pct(values, 0.50) * 1e3, 2),
-        "p90_ms": round(_pct(values, 0.90) * 1e3, 2),
-        "p99_ms": round(_pct(values, 0.99) * 1e3, 2),
-        "max_ms": round(max(values) * 1e3, 2) if values else float("nan"),
-        "mean_ms": round(statistics.fmean(values) * 1e3, 2) if values else float("nan"),
-    }
 
 
 @contextmanager
 def pod_processes(root: Path, count: int) -> Iterator[list[str]]:
     """``count`` sleeping processes, each in its own netns and in ``root/pod<uid>``; yields UIDs."""
-    libc = ctypes.CDLL(None, use_errno=True)
     procs: list[subprocess.Popen[bytes]] = []
     uids: list[str] = []
     try:
@@ -81,7 +61,9 @@ def pod_processes(root: Path, count: int) -> Iterator[list[str]]:
 
             def enter(cg: Path = cg) -> None:
                 (cg / "cgroup.procs").write_text(str(os.getpid()))
-                if libc.unshare(CLONE_NEWNET) != 0:
+                try:
+                    netns.unshare()
+                except OSError:
                     os._exit(97)
 
             procs.append(subprocess.Popen(["sleep", "infinity"], preexec_fn=enter))
@@ -212,9 +194,9 @@ def run(pods: int, changes: int, rate: float, seed: int) -> dict[str, Any]:
         "rate_per_s": rate,
         "achieved_rate_per_s": round(changes / churn_secs, 1),
         "initial_sync_s": round(initial_sync, 3),
-        "end_to_end": _summary_ms(e2e),
+        "end_to_end": stats.latency_summary_ms(e2e),
         "end_to_end_timeouts": timeouts,
-        "agent_enforce_latency": _summary_ms(recorder.latencies),
+        "agent_enforce_latency": stats.latency_summary_ms(recorder.latencies),
         "full_resync_s": round(full_resync, 3),
         "accelerated_at_end": accelerated,
     }

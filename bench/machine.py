@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lab.podlab import envoy_binary
 from sockops import __version__ as sockops_version
-from sockops.podlab import envoy_binary
 
 
 def _first_line(argv: list[str]) -> str:

@@ -10,7 +10,7 @@
  * The process listens, forks an echo server child that accepts one connection, then connects and
  * sends SIZE bytes / waits for SIZE bytes back, again and again (blocking sockets, TCP_NODELAY).
  * Round trips during WARMUP_S are discarded. It prints one JSON line with round-trip percentiles
- * in microseconds. EAGAIN from a blocking recv()/send() (field notes §2.13) is retried and counted
+ * in microseconds. EAGAIN from a blocking recv()/send() (docs/DATAPLANE.md F13) is retried and counted
  * rather than fatal, so the figure shows up in the results instead of killing the run.
  */
 #define _GNU_SOURCE

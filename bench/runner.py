@@ -24,7 +24,7 @@ from typing import Any
 from bench import load, perfbreak
 from bench.profiles import Profile
 from bench.topology import MeshLab, PingpongLab, SockopsSwitch, machine_busy_seconds, wait_drained
-from sockops.cgroups import Cgroup
+from lab.cgroups import Cgroup
 
 
 @dataclass(frozen=True)

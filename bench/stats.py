@@ -45,6 +45,24 @@ def describe(values: Sequence[float]) -> dict[str, float | int]:
     return {"median": med, "min": vals[0], "max": vals[-1], "q1": q1, "q3": q3, "n": len(vals)}
 
 
+def percentile(values: Sequence[float], p: float) -> float:
+    """The nearest-rank ``p`` quantile (0..1) of a sample; NaN for none."""
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p * len(s)))] if s else float("nan")
+
+
+def latency_summary_ms(values: Sequence[float]) -> dict[str, float]:
+    """Count, p50/p90/p99, max and mean of latencies in seconds, in milliseconds."""
+    return {
+        "n": len(values),
+        "p50_ms": round(percentile(values, 0.50) * 1e3, 2),
+        "p90_ms": round(percentile(values, 0.90) * 1e3, 2),
+        "p99_ms": round(percentile(values, 0.99) * 1e3, 2),
+        "max_ms": round(max(values) * 1e3, 2) if values else float("nan"),
+        "mean_ms": round(statistics.fmean(values) * 1e3, 2) if values else float("nan"),
+    }
+
+
 def _key(run: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(run.get(k) for k in GROUP_KEYS)
 

@@ -6,7 +6,7 @@ The issue's setting: 110 pods on the node (Kubernetes' default per-node limit), 
 scrape every 15 s and a kubelet health check every 10 s (``/healthz`` and ``/readyz``), nothing
 changing. What runs is ``sockops agent --source kubernetes`` as a process of its own, in a cgroup
 of its own (so ``cpu.stat`` counts it and its children, nsenter and iptables-save included),
-against the fake API server of the tests (tests/kubeapi.py) with the node's pods and 2,000 pods of
+against the fake API server of the tests (lab/kubeapi.py) with the node's pods and 2,000 pods of
 other nodes in 20 namespaces. Every pod is a process in its own network namespace, in a cgroup
 named like the kubelet's (``pod<UID>``), with an address and Istio's two REDIRECT chains in its
 nat table, and opted in; the programs are attached to the benchmark's own cgroup, never the root.
@@ -34,11 +34,9 @@ from typing import Any
 
 from bench.churn import _interrupt, _rm_cgroups, pod_processes
 from bench.machine import cpu_model
+from lab.kubeapi import FakeKubeAPI
 from sockops import loader
 from sockops.cgroups import find_cgroup2_root
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from kubeapi import FakeKubeAPI
 
 ON = {"sockops.io/accelerate": "true", "sidecar.istio.io/status": "{}"}
 ISTIO_NAT = """*nat

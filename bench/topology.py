@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lab.cgroups import Cgroup
+from lab.podlab import APP_UID, SERVICE_IP, Lab, Pod, Service
 from sockops import loader, netns
-from sockops.cgroups import Cgroup
-from sockops.podlab import APP_UID, SERVICE_IP, Lab, Pod, Service
 
 PREFIX = "sockops-bench"
 BPFFS_ROOT = Path("/sys/fs/bpf")
@@ -60,7 +60,7 @@ def cgroup_cpu_usec(path: Path, field: str = "usage_usec") -> int:
     ``field`` "system_usec" gives the kernel part (where sockops can save anything at all).
 
     These fields are kept by the cgroup core even without the cpu controller, so this works on the
-    hybrid hierarchy of this machine where no controller is enabled on the v2 tree.
+    hybrid hierarchy where no controller is enabled on the v2 tree.
     """
     for line in (path / "cpu.stat").read_text().splitlines():
         key, _, value = line.partition(" ")

@@ -69,4 +69,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[test,agent,bench]'
   touch "$stamp"
 fi
+# The lab (lab/), the benchmark (bench/) and the tests' support run from the checkout, not from the
+# installed package (the agent's image carries the agent alone): the venv finds them through a .pth.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+if [ "$(cat "$site/sockops-checkout.pth" 2>/dev/null)" != "$PWD" ]; then
+  log "putting the checkout ($PWD) on the venv's path"
+  printf '%s\n' "$PWD" > "$site/sockops-checkout.pth"
+fi
 log "ready"

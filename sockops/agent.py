@@ -35,7 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sockops import __version__, layout, loader
+from sockops import layout, loader
+from sockops.config import AgentConfig
 from sockops.errors import SockopsError
 from sockops.reconciler import ACCELERATED, PENDING, Reconciler, Resolver
 from sockops.sources import Backoff, Source
@@ -47,23 +48,23 @@ log = logging.getLogger("sockops.agent")
 STOP_SECONDS = 1.2
 
 
-def build_sources(args: Any) -> list[Source]:
+def build_sources(config: AgentConfig) -> list[Source]:
     """The sources named by --source, each constructed from its own flags."""
     out: list[Source] = []
-    for name in dict.fromkeys(args.source or ["static"]):
+    for name in dict.fromkeys(config.source or ["static"]):
         if name == "static":
             from sockops.sources.static import StaticSource
 
-            out.append(StaticSource(args.netns or []))
+            out.append(StaticSource(config.netns or []))
         elif name == "kubernetes":
             from sockops.sources.kubernetes import KubernetesSource, load_config, node_name_from_env
 
-            node = args.node_name or node_name_from_env()
-            out.append(KubernetesSource(node, api_client=load_config(args.kubeconfig)))
+            node = config.node_name or node_name_from_env()
+            out.append(KubernetesSource(node, api_client=load_config(config.kubeconfig)))
         elif name == "docker":
             from sockops.sources.docker import DockerSource
 
-            out.append(DockerSource(args.docker_host or None))
+            out.append(DockerSource(config.docker_host or None))
         else:
             raise SockopsError(f"unknown source {name!r}: use kubernetes, docker or static")
     return out
@@ -99,14 +100,14 @@ class _MetricsObserver:
 class Agent:
     """Owns the data plane handle, the reconciler and the threads; implements metrics.AgentView."""
 
-    def __init__(self, args: Any, stop: threading.Event | None = None) -> None:
+    def __init__(self, config: AgentConfig, stop: threading.Event | None = None) -> None:
         from sockops.cgroups import find_cgroup2_root
 
-        self.args = args
+        self.config = config
         self.stop = stop or threading.Event()
-        self.cgroup: Path = args.cgroup or find_cgroup2_root()
-        self.bpffs: Path = args.bpffs
-        self.sizes = loader.MapSizes(args.sockhash_size, args.pending_size, args.netns_size)
+        self.cgroup: Path = config.cgroup or find_cgroup2_root()
+        self.bpffs: Path = config.bpffs
+        self.sizes = loader.MapSizes(config.sockhash_size, config.pending_size, config.netns_size)
         self.plane: loader.DataPlane | None = None
         self.unsupported: str | None = None
         self.uninstalled = False
@@ -162,7 +163,7 @@ class Agent:
         """/status: the agent's own state and every workload's, for `kubectl sockops status`."""
         ready, why = self.ready()
         return {
-            "node": getattr(self.args, "node_name", None) or os.environ.get("NODE_NAME"),
+            "node": self.config.node_name or os.environ.get("NODE_NAME"),
             "ready": ready,
             "agent": why,
             "workloads": [s.to_json() for s in self.reconciler.snapshot()] if self.reconciler else [],
@@ -178,7 +179,7 @@ class Agent:
         if rec is None or rec.last_enforce is None:
             return True, "starting"
         age = time.monotonic() - rec.last_enforce
-        limit = 3 * self.args.resync + 30
+        limit = 3 * self.config.resync + 30
         if age > limit:
             return False, f"control loop stuck: last enforce {age:.0f} s ago"
         return True, "ok"
@@ -201,7 +202,7 @@ class Agent:
     def stop_budget(self) -> float:
         """Seconds the work may take after SIGTERM before the process exits anyway: a plain stop,
         or the drain of a removal (its drain timeout, the detach and unpin)."""
-        return STOP_SECONDS + (self.args.drain_timeout + 5.0 if self.draining else 0.0)
+        return STOP_SECONDS + (self.config.drain_timeout + 5.0 if self.draining else 0.0)
 
     def on_stop(self) -> None:
         """Called once SIGTERM/SIGINT came: an upgrade stops, a removal drains (sockops.removal)."""
@@ -212,24 +213,24 @@ class Agent:
             self._decided.set()
 
     def _start_removal_watch(self) -> None:
-        args = self.args
-        if "kubernetes" not in (args.source or []) or not (args.pod_name and args.pod_namespace):
+        config = self.config
+        if "kubernetes" not in (config.source or []) or not (config.pod_name and config.pod_namespace):
             return
         from sockops.removal import OwnerWatch
         from sockops.sources.kubernetes import load_config
 
-        self.removal = OwnerWatch(load_config(args.kubeconfig), args.pod_namespace, args.pod_name)
+        self.removal = OwnerWatch(load_config(config.kubeconfig), config.pod_namespace, config.pod_name)
         threading.Thread(target=self.removal.run, args=(self.stop,), name="daemonset", daemon=True).start()
 
     def _event_recorder(self) -> Any:
         """Pod Events (sockops.events) with the kubernetes source; None (no Events) otherwise."""
-        if "kubernetes" not in (self.args.source or []):
+        if "kubernetes" not in (self.config.source or []):
             return None
         from sockops.events import EventRecorder
         from sockops.sources.kubernetes import load_config, node_name_from_env
 
-        node = self.args.node_name or node_name_from_env()
-        recorder = EventRecorder(load_config(self.args.kubeconfig), node)
+        node = self.config.node_name or node_name_from_env()
+        recorder = EventRecorder(load_config(self.config.kubeconfig), node)
         threading.Thread(target=recorder.run, args=(self.stop,), name="events", daemon=True).start()
         return recorder
 
@@ -239,9 +240,9 @@ class Agent:
 
         log.warning(
             "the DaemonSet is being deleted: draining accelerated connections, then detaching and unpinning",
-            extra={"fields": {"bpffs": str(self.bpffs), "drain_timeout_s": self.args.drain_timeout}},
+            extra={"fields": {"bpffs": str(self.bpffs), "drain_timeout_s": self.config.drain_timeout}},
         )
-        result = uninstall(self.bpffs, self.cgroup, self.args.drain_timeout, pause=0.0)
+        result = uninstall(self.bpffs, self.cgroup, self.config.drain_timeout, pause=0.0)
         log.info("uninstalled", extra={"fields": result})
 
     # -- run --------------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ class Agent:
             self.plane = plane
         except SockopsError as e:
             self._abandon(plane, fresh)
-            if self.args.if_unsupported != "idle":
+            if self.config.if_unsupported != "idle":
                 raise
             self.plane = None
             self.unsupported = str(e)
@@ -330,17 +331,17 @@ class Agent:
         from sockops.health import HealthServer
         from sockops.metrics import build_registry
 
-        sources = build_sources(self.args)
+        sources = build_sources(self.config)
         self._start_removal_watch()
         self.load()
         if self.stop.is_set():
             return 0
-        registry, metrics = build_registry(self, self.args.pod_metric_labels)
+        registry, metrics = build_registry(self, self.config.pod_metric_labels)
         for s in sources:
             metrics.init_source(s.name)  # a first error then shows as an increase from 0
-        with contextlib.suppress(Exception):
-            metrics.build_info.labels(version=__version__, kernel=os.uname().release).set(1)
-        server = HealthServer(self.args.metrics_addr, registry, self.healthy, self.ready, self.status).start()
+        server = HealthServer(
+            self.config.metrics_addr, registry, self.healthy, self.ready, self.status
+        ).start()
         log.info(
             "serving /metrics /healthz /readyz",
             extra={"fields": {"addr": f"{server.address[0]}:{server.address[1]}"}},
@@ -361,7 +362,7 @@ class Agent:
                     Resolver(find_pod=podresolve.find_pod_netns, index_pods=podresolve.index_pods),
                     [s.name for s in sources],
                     observer=observer,
-                    state_file=self.args.state_file,
+                    state_file=self.config.state_file,
                     notifier=self._event_recorder(),
                 )
                 observer.counts = self.reconciler.counts
@@ -377,7 +378,7 @@ class Agent:
                 )
                 for t in threads:
                     t.start()
-                self.reconciler.run(work, self.args.resync)
+                self.reconciler.run(work, self.config.resync)
                 work.set()
                 # Sources return within about a second of ``work`` (sockops.sources); one that does
                 # not is a daemon thread and does not hold the exit.
@@ -424,7 +425,7 @@ class Agent:
             self.reconciler.wake()  # it may be waiting for the next resync
 
 
-def run(args: Any) -> int:
+def run(config: AgentConfig) -> int:
     """Run the agent in a worker thread; the main thread turns SIGTERM/SIGINT into a bounded stop.
 
     Python runs signal handlers only in the main thread and only between bytecodes, so a main
@@ -437,7 +438,7 @@ def run(args: Any) -> int:
     for the command line to report.
     """
     stop = threading.Event()
-    agent = Agent(args, stop)
+    agent = Agent(config, stop)
     outcome: dict[str, Any] = {}
 
     def work() -> None:

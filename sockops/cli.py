@@ -7,11 +7,13 @@ command line and in a DaemonSet's env.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 from sockops import __version__, config, layout, loader, logs
 from sockops import netns as netns_mod
@@ -242,7 +244,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if args.print_program:
         print(loader.program_text())
         return 0
-    return agent.run(args)
+    return agent.run(config.AgentConfig.from_namespace(args))
 
 
 def uninstall(
@@ -286,11 +288,32 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
+def _from_checkout(module: str, command: str) -> ModuleType:
+    """Import the demo or the bench, which live beside the agent in the source checkout only.
+
+    The agent's image carries the agent alone (no lab, bench or tests), so there these commands
+    explain where to run them instead of failing with an import traceback.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name not in (module, module.split(".")[0]):
+            raise
+        raise SockopsError(
+            f"`{command}` needs the source checkout (its {module.split('.')[0]}/ package is not "
+            "installed with the agent): run it from a clone after `make setup`, as `.venv/bin/{command}`"
+        ) from e
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
-        from bench.__main__ import main as bench_main
-
+        try:
+            bench_main = _from_checkout("bench.__main__", "sockops bench").main
+        except SockopsError as e:
+            logs.setup("text", "info")
+            log.error(str(e))
+            return 2
         return bench_main(argv[1:], prog="sockops bench")
     args = build_parser().parse_args(argv)
     logs.setup(getattr(args, "log_format", None) or "text", getattr(args, "log_level", None) or "info")
@@ -306,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "uninstall":
             return cmd_uninstall(args)
         if args.cmd == "demo":
-            from sockops import demo
-
-            return demo.run(args)
+            return _from_checkout("lab.demo", "sockops demo").run(args)
     except SockopsError as e:
         log.error(str(e))
         return 2

@@ -17,7 +17,7 @@ import argparse
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +295,41 @@ DRAIN_TIMEOUT = Setting(
 )
 
 SOURCES = ("kubernetes", "docker", "static")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The settings `sockops agent` runs with, typed: flags over environment over built-in defaults.
+
+    Made once from the parsed command line (:meth:`from_namespace`), so the agent reads named,
+    typed fields rather than an argparse namespace; ``None`` is a setting left empty.
+    tests/test_settings.py checks that the fields are exactly the agent's settings above.
+    """
+
+    bpffs: Path
+    state_file: Path | None
+    cgroup: Path | None
+    sockhash_size: int
+    pending_size: int
+    netns_size: int
+    source: tuple[str, ...]
+    netns: tuple[str, ...]
+    node_name: str | None
+    pod_name: str | None
+    pod_namespace: str | None
+    kubeconfig: Path | None
+    docker_host: str | None
+    resync: float
+    metrics_addr: str
+    if_unsupported: str
+    pod_metric_labels: str
+    drain_timeout: float
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> AgentConfig:
+        values = {f.name: getattr(ns, f.name) for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+# Every setting of `sockops agent` (cli.py adds these to its parser; AgentConfig holds their values).
+AGENT_SETTINGS = (BPFFS, *SIZES, *AGENT, STATE_FILE, DRAIN_TIMEOUT)

@@ -185,12 +185,9 @@ class _ProgInfo(ctypes.Structure):
 class _MapInfo(ctypes.Structure):
     """The first fields of struct bpf_map_info."""
 
-    _fields_ = (
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
+    # Five __u32 in the kernel's order (include/uapi/linux/bpf.h).
+    _fields_ = tuple(
+        (name, ctypes.c_uint32) for name in ("type", "id", "key_size", "value_size", "max_entries")
     )
 
 

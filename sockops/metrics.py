@@ -127,23 +127,17 @@ class AgentMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry, version: str | None = None, kernel: str | None = None):
-        self.reconcile_errors = Counter(
+        def per_source(name: str, documentation: str) -> Counter:
+            return Counter(name, documentation, ["source"], registry=registry)
+
+        self.reconcile_errors = per_source(
             "sockops_reconcile_errors",
             "Reconcile passes or workloads that failed (desired state not written to the maps).",
-            ["source"],
-            registry=registry,
         )
-        self.reconciles = Counter(
-            "sockops_reconciles",
-            "Reconcile passes completed, per source.",
-            ["source"],
-            registry=registry,
-        )
-        self.watch_restarts = Counter(
+        self.reconciles = per_source("sockops_reconciles", "Reconcile passes completed, per source.")
+        self.watch_restarts = per_source(
             "sockops_watch_restarts",
             "Times a source's watch or event stream was re-opened (error, 410 Gone, dropped stream).",
-            ["source"],
-            registry=registry,
         )
         self.enforce_latency = Histogram(
             "sockops_enforce_latency_seconds",

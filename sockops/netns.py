@@ -38,21 +38,47 @@ def resolve(netns: str | None = None, pid: int | None = None) -> Path:
     return path
 
 
+# Loaded at import, so that a forked child (a subprocess preexec_fn) only makes the calls.
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _checked(rc: int, call: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{call}: {os.strerror(err)}")
+
+
+def setns(fd: int) -> None:
+    """Move the calling thread into the network namespace open as ``fd`` (OSError on failure).
+
+    The one setns(2) of the project: the agent's :func:`entered`, and the lab's pod processes
+    (between fork and exec) and pod sockets (in a helper thread) all come here.
+    """
+    _checked(_libc.setns(fd, CLONE_NEWNET), "setns")
+
+
+def unshare() -> None:
+    """Give the calling process a new, empty network namespace (OSError on failure)."""
+    _checked(_libc.unshare(CLONE_NEWNET), "unshare")
+
+
 @contextlib.contextmanager
 def entered(path: Path):
     """Run the body with this thread in another network namespace, then come back."""
-    libc = ctypes.CDLL(None, use_errno=True)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(path, os.O_RDONLY)
     try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise SockopsError(f"cannot enter network namespace {path}: {os.strerror(err)} (run as root)")
+        try:
+            setns(target)
+        except OSError as e:
+            raise SockopsError(f"cannot enter network namespace {path}: {e.strerror} (run as root)") from None
         try:
             yield
         finally:
-            if libc.setns(home, CLONE_NEWNET) != 0:
-                raise SockopsError("could not return to the original network namespace")
+            try:
+                setns(home)
+            except OSError:
+                raise SockopsError("could not return to the original network namespace") from None
     finally:
         os.close(target)
         os.close(home)

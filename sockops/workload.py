@@ -64,20 +64,18 @@ def _namespace_default(value: str) -> bool:
 
 def decide(annotations: Mapping[str, str] | None, namespace_labels: Mapping[str, str] | None) -> Decision:
     """Whether a pod is accelerated, and why: the one place the opt-in rules live."""
-    annotations = annotations or {}
-    namespace_labels = namespace_labels or {}
-    if ANNOTATION in annotations:
-        try:
-            on = _bool_annotation(str(annotations[ANNOTATION]))
-        except InvalidValue as e:
-            return Decision(False, "invalid pod annotation", str(e))
-        return Decision(on, f"pod annotation {ANNOTATION}={'true' if on else 'false'}")
-    if NAMESPACE_LABEL in namespace_labels:
-        try:
-            on = _namespace_default(str(namespace_labels[NAMESPACE_LABEL]))
-        except InvalidValue as e:
-            return Decision(False, "invalid namespace label", str(e))
-        return Decision(on, f"namespace label {NAMESPACE_LABEL}={'enabled' if on else 'disabled'}")
+    # In order of precedence: the pod's annotation wins over its namespace's default.
+    rules = (
+        (annotations, ANNOTATION, _bool_annotation, "pod annotation", ("true", "false")),
+        (namespace_labels, NAMESPACE_LABEL, _namespace_default, "namespace label", ("enabled", "disabled")),
+    )
+    for values, key, parse, what, (yes, no) in rules:
+        if values and key in values:
+            try:
+                on = parse(str(values[key]))
+            except InvalidValue as e:
+                return Decision(False, f"invalid {what}", str(e))
+            return Decision(on, f"{what} {key}={yes if on else no}")
     return Decision(False, "not opted in")
 
 

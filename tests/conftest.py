@@ -29,11 +29,12 @@ from typing import Any
 
 import pytest
 
-from sockops.cgroups import Cgroup, find_cgroup2_root
-from sockops.podlab import NETNS_DIR, Lab, Pod, envoy_binary
+from lab.cgroups import Cgroup
+from lab.podlab import NETNS_DIR, Lab, Pod, envoy_binary
+from sockops.cgroups import find_cgroup2_root
 
-# docker_engine, busybox_image, base_image (tests/dockerd.py)
-pytest_plugins = ["dockerd"]
+# docker_engine, busybox_image, base_image (tests/support/dockerd.py)
+pytest_plugins = ["support.dockerd"]
 
 # Every object a test session makes is named with this session's own prefix, so the leftover
 # check at the end sees only its own objects, even while another test run shares the machine.

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, agents, sockops, wait_for
 from conftest import TEST_PREFIX
-from podtraffic import APP_UID, last_json, start_echo_server
+from support.agentproc import AgentProcess, agents, sockops, wait_for
+from support.podtraffic import APP_UID, last_json, start_echo_server
 
+from lab.cgroups import Cgroup
+from lab.podlab import Lab, Pod
 from sockops import layout, loader
-from sockops.cgroups import Cgroup
-from sockops.podlab import Lab, Pod
 
 pytestmark = pytest.mark.kernel
 
@@ -72,11 +72,11 @@ def plain_pod(e: Env, name: str = "app") -> Pod:
 
 
 class Transfer:
-    """A long-lived sha256-checked echo stream in a pod (sockops.apps client --hold)."""
+    """A long-lived sha256-checked echo stream in a pod (lab.apps client --hold)."""
 
     def __init__(self, pod: Pod, seconds: float, connections: int = 2, size: int = 65536) -> None:
         argv = [
-            sys.executable, "-m", "sockops.apps", "client", "--host", "127.0.0.1",
+            sys.executable, "-m", "lab.apps", "client", "--host", "127.0.0.1",
             "--connections", str(connections), "--requests", "1", "--hold", str(seconds),
             "--sizes", f"1,{size},777",
         ]  # fmt: skip

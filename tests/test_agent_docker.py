@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, agents, wait_for
 from conftest import TEST_PREFIX
-from dockerd import Containers, DockerEngine
+from support.agentproc import AgentProcess, agents, wait_for
+from support.dockerd import Containers, DockerEngine
 from test_docker_source import ECHO, LABEL_ON
 
 from sockops import loader, netns

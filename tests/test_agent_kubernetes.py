@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProcess, agents, wait_for
 from conftest import TEST_PREFIX
-from kubeapi import FakeKubeAPI
-from podtraffic import start_echo_server
+from support.agentproc import AgentProcess, agents, wait_for
+from support.podtraffic import start_echo_server
 from test_agent import Transfer
 
+from lab.cgroups import Cgroup
+from lab.kubeapi import FakeKubeAPI
+from lab.podlab import Lab, Pod
 from sockops import loader, netns
-from sockops.cgroups import Cgroup
-from sockops.podlab import Lab, Pod
 
 pytestmark = pytest.mark.kernel
 

@@ -15,16 +15,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProcess, agents, wait_for
 from conftest import TEST_PREFIX
-from kubeapi import FakeKubeAPI
+from support.agentproc import AgentProcess, agents, wait_for
 from test_agent import Transfer
 from test_agent_kubernetes import ON, KubeEnv, cookie
 from test_agent_lifecycle import stop_seconds
 
+from lab.cgroups import Cgroup
+from lab.kubeapi import FakeKubeAPI
+from lab.podlab import Lab
 from sockops import loader
-from sockops.cgroups import Cgroup
-from sockops.podlab import Lab
 
 pytestmark = pytest.mark.kernel
 
@@ -114,8 +114,7 @@ def test_deleting_the_daemonset_drains_and_uninstalls(kenv: KubeEnv, foreground:
     res = t.assert_intact()  # the live connection was never broken
     assert time.monotonic() - started >= 4.0 and took >= 1.0, "exited before the stream ended"
     assert not kenv.bpffs.exists(), "pins left after the DaemonSet was deleted"
-    left = loader.attached_programs(kenv.cgroup.path, kenv.bpffs)
-    assert not any(left.values()), left
+    assert not any(loader.attached_programs(kenv.cgroup.path, kenv.bpffs).values())  # every hook empty
     done = [line for line in agent.log_lines() if line.get("msg") == "uninstalled"]
     assert done and done[0]["drained"] is True and done[0]["sockets_left"] == 0, agent.log_text()
     assert res["requests"] > 10

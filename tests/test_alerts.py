@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 import yaml
-from agentproc import AgentProcess, agents, sockops, wait_for
-from alerting import (
+from conftest import Plane, wait_drained
+from support.agentproc import AgentProcess, agents, sockops, wait_for
+from support.alerting import (
     PROMETHEUS_RULE,
     REPO,
     RULE_TESTS,
@@ -32,8 +33,7 @@ from alerting import (
     load_rules,
     metric_names,
 )
-from conftest import Plane, wait_drained
-from metrics_view import (
+from support.metrics_view import (
     PairTraffic,
     Samples,
     detach_sock_ops,
@@ -43,10 +43,10 @@ from metrics_view import (
     value,
 )
 
-from sockops.cgroups import Cgroup
+from lab.cgroups import Cgroup
+from lab.podlab import Lab
 from sockops.loader import MapSizes
 from sockops.metrics import build_registry
-from sockops.podlab import Lab
 
 # The target labels the shipped scrape configs give every series (docs/OBSERVABILITY.md).
 INSTANCE = {"job": "sockops", "instance": "10.0.0.1:9876", "node": "node-a"}

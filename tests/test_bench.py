@@ -20,8 +20,8 @@ from bench import report, schema, stats
 from bench.profiles import PROFILES
 from bench.runner import plan
 from bench.topology import PREFIX
+from lab.podlab import NETNS_DIR
 from sockops.cgroups import find_cgroup2_root
-from sockops.podlab import NETNS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -62,3 +62,21 @@ def test_print_program_shows_the_generated_c() -> None:
     assert res.returncode == 0
     assert "int sockops_main(struct bpf_sock_ops *skops)" in res.stdout
     assert "int sockops_redirect(struct sk_msg_md *msg)" in res.stdout
+
+
+def test_demo_and_bench_outside_the_checkout_say_what_they_need(tmp_path: Path) -> None:
+    """Installed without its checkout (the agent's image), the agent package has no lab or
+    bench: the two commands that need them say so, exit 2, no traceback."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    code = (
+        "import sys; sys.path[:] = [p for p in sys.path if p.rstrip('/') != sys.argv[1]]; "
+        "from sockops.cli import main; sys.exit(main(sys.argv[2:]))"
+    )
+    for command in (["bench", "--help"], ["demo"]):
+        res = subprocess.run(
+            [sys.executable, "-c", code, repo, *command],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert f"`sockops {command[0]}` needs the source checkout" in res.stderr
+        assert "Traceback" not in res.stderr

@@ -1,6 +1,6 @@
 """sockops beside other BPF users of the same hooks, on the real kernel.
 
-Another tool's ``sock_ops`` program (tests/othertool.py: it counts established connections in
+Another tool's ``sock_ops`` program (tests/support/othertool.py: it counts established connections in
 its own map) shares the test cgroup with sockops. What a user checks: the other tool keeps
 seeing every connection whether it came before or after sockops, and through sockops' restart
 and upgrade; sockops still accelerates, every byte intact (sha256); status and doctor name the
@@ -16,16 +16,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import agents, sockops, wait_for
 from conftest import TEST_PREFIX, Plane
-from othertool import NAME, OtherTool
-from podtraffic import assert_intact, run_client, start_echo_server
+from support.agentproc import agents, sockops, wait_for
+from support.othertool import NAME, OtherTool
+from support.podtraffic import assert_intact, run_client, start_echo_server
 from test_agent import Env, Transfer, _changed_programs, _spare_counter, accelerated_during, plain_pod
 
+from lab.cgroups import Cgroup
+from lab.podlab import Lab, Pod
 from sockops import libbpf, links, netns
-from sockops.cgroups import Cgroup
 from sockops.errors import SockopsError
-from sockops.podlab import Lab, Pod
 
 pytestmark = pytest.mark.kernel
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 import yaml
-from alerting import REPO, assert_generated_files_fresh, metric_names
 from conftest import Plane, wait_drained
-from metrics_view import real_scrape
+from support.alerting import REPO, assert_generated_files_fresh, metric_names
+from support.metrics_view import real_scrape
 
-from sockops.podlab import Lab
+from lab.podlab import Lab
 
 DASHBOARD = REPO / "daemonset" / "dashboard" / "sockops.json"
 CONFIGMAP = REPO / "daemonset" / "dashboard-configmap.yaml"

@@ -7,7 +7,7 @@ others were not.
 
 Accounting used below. A "hop" is one TCP connection inside a pod; the Istio-style single-pod path
 has three per app connection (app -> Envoy 15001, Envoy -> Envoy 15006, Envoy 127.0.0.6 -> app).
-The sockops.apps protocol writes ``2 * payload + 8 * requests`` bytes per hop (request header
+The lab.apps protocol writes ``2 * payload + 8 * requests`` bytes per hop (request header
 one way, payload both ways), so a fully redirected run counts exactly ``hops * that``. Each hop
 either pairs (``paired_origdst`` through a capture port, ``paired_mirror`` by mirrored tuple) or is
 left on TCP at its first message (``connections_passed``, the client-speaks-before-the-server-
@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import Plane, wait_drained
-from podtraffic import (
+from support.podtraffic import (
     APP_PORT,
     HEADER_BYTES,
     PinnedClients,
@@ -38,9 +38,9 @@ from podtraffic import (
     wire_bytes,
 )
 
+from lab.podlab import Lab, Service
 from sockops import netns
 from sockops.loader import MapSizes
-from sockops.podlab import Lab, Service
 
 pytestmark = [pytest.mark.kernel]
 
@@ -531,11 +531,11 @@ def test_half_closing_clients(dataplane: Plane, lab: Lab, logs: Path, sidecar: b
 
 # -- sockets that must never get a psock ---------------------------------------------------------
 
-SOCKET_KINDS = Path(__file__).resolve().parent / "socket_kinds.py"
+SOCKET_KINDS = Path(__file__).resolve().parent / "support" / "socket_kinds.py"
 
 
 def run_kind(pod: Any, kind: str, connections: int) -> dict[str, Any]:
-    """tests/socket_kinds.py in the pod: ``connections`` checked connections of one kind."""
+    """tests/support/socket_kinds.py in the pod: ``connections`` checked connections of one kind."""
     argv = [sys.executable, str(SOCKET_KINDS), kind, "--connections", str(connections)]
     return run_json(pod, argv, f"{kind} client")
 

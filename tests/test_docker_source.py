@@ -1,4 +1,4 @@
-"""DockerSource against a real docker engine (tests/dockerd.py starts one when none runs).
+"""DockerSource against a real docker engine (tests/support/dockerd.py starts one when none runs).
 
 Containers use a local busybox image and ``--network none`` (a loopback-only namespace of their
 own), so nothing here needs an image registry or touches the host's network. The last test runs a
@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dockerd import Containers, DockerEngine
-from recording_sink import RecordingSink
+from support.dockerd import Containers, DockerEngine
+from support.recording_sink import RecordingSink
 
-from sockops.sources.docker import DockerSource, container_to_workload
+from sockops.sources.docker import DockerSource
+from sockops.sources.objects import container_to_workload
 from sockops.workload import DOCKER_LABEL
 
 LABEL_ON = f"{DOCKER_LABEL}=true"

@@ -1,6 +1,6 @@
 """The container image: hadolint passes, ``docker build`` succeeds for real, the image runs.
 
-The base image (``sockops-base:bookworm``) is made locally by tests/dockerd.py (debootstrap +
+The base image (``sockops-base:bookworm``) is made locally by tests/support/dockerd.py (debootstrap +
 ``docker import``): no image registry is reachable here. The Dockerfile is built unchanged with the
 legacy builder; apt inside the build uses this machine's Debian mirror and pip this machine's
 index (both read from its configuration at test time and passed as build arguments, never written
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dockerd import DockerEngine, apt_mirrors
+from support.dockerd import DockerEngine, apt_mirrors
 
 REPO = Path(__file__).resolve().parent.parent
 TAG = "sockops-test-image:cached"
@@ -166,6 +166,26 @@ def test_image_is_smaller_and_still_has_what_the_agent_imports(
         "run", "--rm", "--network", "none", "--entrypoint", "ls", image, "/usr/share/doc/python3"
     )
     assert "copyright" in licences.stdout  # licences stay
+
+
+def test_image_carries_the_agent_only(docker_engine: DockerEngine, image: str) -> None:
+    """No lab, benchmark or test code in the agent's image (README "Layout"); the commands that
+    need them say so instead of failing with a traceback."""
+    code = (
+        "import importlib.util as u, pathlib, sockops; "
+        "print(sorted(p.name for p in pathlib.Path(sockops.__file__).parent.glob('*.py'))); "
+        "print([m for m in ('lab', 'bench', 'tests', 'sockops.podlab', 'sockops.apps') if u.find_spec(m)])"
+    )
+    res = docker_engine.cli("run", "--rm", "--network", "none", "--entrypoint", "python3", image, "-c", code)
+    modules, found = res.stdout.splitlines()[-2:]
+    assert found == "[]", res.stdout
+    for lab_module in ("podlab.py", "apps.py", "demo.py"):
+        assert lab_module not in modules
+    for command in ("demo", "bench"):
+        res = docker_engine.cli("run", "--rm", "--network", "none", image, command, check=False)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "needs the source checkout" in res.stderr
+        assert "Traceback" not in res.stderr
 
 
 @pytest.mark.kernel

@@ -16,13 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import agents, sockops, wait_for
 from conftest import TEST_PREFIX
+from support.agentproc import agents, sockops, wait_for
 from test_agent import Env, plain_pod
 
+from lab.cgroups import Cgroup
+from lab.podlab import Lab, Pod
 from sockops import netns
-from sockops.cgroups import Cgroup
-from sockops.podlab import Lab, Pod
 
 pytestmark = pytest.mark.kernel
 

@@ -1,4 +1,4 @@
-"""The Kubernetes source against a fake API server (tests/kubeapi.py): no cluster, no BPF, fast.
+"""The Kubernetes source against a fake API server (lab/kubeapi.py): no cluster, no BPF, fast.
 
 Each test runs a real ``KubernetesSource`` with the official client, records what it tells its
 sink, and waits for the sink's view of the node to become what the API says.
@@ -16,19 +16,18 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kubeapi import FakeKubeAPI, make_pod
-from recording_sink import RecordingSink
+from support.recording_sink import RecordingSink
 
+from lab.kubeapi import FakeKubeAPI, make_pod
 from sockops.sources import Backoff
 from sockops.sources.kubernetes import (
     KubeConfigMissing,
     KubernetesSource,
-    Malformed,
     NodeNameMissing,
     load_config,
     node_name_from_env,
-    pod_to_workload,
 )
+from sockops.sources.objects import Malformed, pod_to_workload
 from sockops.workload import (
     ANNOTATION,
     ISTIO_EXCLUDE_OUTBOUND_RANGES,

@@ -636,7 +636,7 @@ def test_pod_netns_is_found_only_with_sys_ptrace(pod_uid: int, istio_netns: str)
     with capabilities the agent lacks (a root container's defaults), only CAP_SYS_PTRACE allows it."""
     from conftest import TEST_PREFIX
 
-    from sockops.cgroups import Cgroup
+    from lab.cgroups import Cgroup
 
     uid = f"5e0c0a75-{secrets.token_hex(2)}-4000-8000-{secrets.token_hex(6)}"
     cg = Cgroup(f"{TEST_PREFIX}-pod{uid}-")

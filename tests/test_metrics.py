@@ -3,7 +3,7 @@ in real pods the per-pod counters equal the bytes the pods sent, and a peer that
 shows as redirect misses of its pod.
 
 Unit tests use fake maps behind a fake AgentView; kernel tests use the real data plane (fixtures in
-conftest.py) and tests/pair_traffic.py, whose connections are accepted before their first byte,
+conftest.py) and tests/support/pair_traffic.py, whose connections are accepted before their first byte,
 so every one pairs and the byte count is exact: ``connections * rounds * 2 * size``, no framing.
 """
 
@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentproc import AgentProcess, agents, wait_for
 from conftest import Plane, wait_drained
-from metrics_view import PairTraffic, plane_view, run_pairs, scrape, value
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support.agentproc import AgentProcess, agents, wait_for
+from support.metrics_view import PairTraffic, plane_view, run_pairs, scrape, value
 
+from lab.cgroups import Cgroup
+from lab.podlab import Lab
 from sockops import layout
-from sockops.cgroups import Cgroup
 from sockops.loader import MapSizes
 from sockops.metrics import ENFORCE_LATENCY_BUCKETS, AgentMetrics, MapCollector, build_registry
-from sockops.podlab import Lab
 
 CONTRACT = {
     "sockops_redirected_bytes_total",

@@ -11,7 +11,7 @@ app's connection with the upstream: the upstream's credentials go into the app's
 the app's response into the upstream.
 
 Every case is real: the kernel's BPF programs, Istio's nat rules, a real Envoy as UID 1337, real
-sockets (tests/pairing_peer.py, whose sockets carry the owner UID the capture rules match). Each
+sockets (tests/support/pairing_peer.py, whose sockets carry the owner UID the capture rules match). Each
 checks content end to end: every connection's request arrives at its own server, named in its
 header and with the sha256 the client sent, every response and greeting arrives at its own client,
 and nothing else arrives anywhere (bytes after the exchange are counted too). Where a connection
@@ -42,13 +42,13 @@ import pytest
 from conftest import Plane, wait_drained
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-from pairing_peer import DIGEST, HEADER, greeting, header, stream
+from support.pairing_peer import DIGEST, HEADER, greeting, header, stream
 
-from sockops.podlab import APP_UID, PROXY_UID, Lab, Pod, Service
+from lab.podlab import APP_UID, PROXY_UID, Lab, Pod, Service
 
 pytestmark = [pytest.mark.kernel, pytest.mark.envoy]
 
-PEER = Path(__file__).resolve().parent / "pairing_peer.py"
+PEER = Path(__file__).resolve().parent / "support" / "pairing_peer.py"
 POD_IP, POD_IP6 = "10.244.1.10", "fd00:10:244::10"
 UPSTREAM_IP, UPSTREAM_IP6 = "10.244.1.30", "fd00:10:244::30"
 APP_PORT = 8080
@@ -65,7 +65,7 @@ KIB = 1024
 
 @dataclass
 class Conn:
-    """One connection of a plan (the fields tests/pairing_peer.py reads, plus what it is for).
+    """One connection of a plan (the fields tests/support/pairing_peer.py reads, plus what it is for).
 
     ``legs``: hops of this connection that sockops can accelerate when its origin is its own
     (3 through the Service, 2 for Envoy's inbound-to-self, 1 on loopback or a direct in-pod
@@ -100,7 +100,7 @@ class Conn:
 
 
 class PeerServer:
-    """tests/pairing_peer.py listening in a pod; collects one record per finished connection."""
+    """tests/support/pairing_peer.py listening in a pod; collects one record per finished connection."""
 
     def __init__(self, pod: Pod, specs: list[dict[str, Any]], uid: int = APP_UID) -> None:
         self.pod = pod

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from conftest import TEST_PREFIX
 
-from sockops.cgroups import Cgroup
-from sockops.podlab import APP_UID, NETNS_DIR, Lab, Pod, envoy_binary
+from lab.cgroups import Cgroup
+from lab.podlab import APP_UID, NETNS_DIR, Lab, Pod, envoy_binary
 
 APP_PORT = 8080
 PAYLOAD = 1 << 20  # 1 MiB

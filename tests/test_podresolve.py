@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sockops.cgroups import Cgroup, preexec_join
+from lab.cgroups import Cgroup, preexec_join
 from sockops.podresolve import find_pod_netns, index_pods
 
 # -- fake /proc ----------------------------------------------------------------------------------

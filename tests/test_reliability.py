@@ -1,7 +1,7 @@
 """Reliability and security suite (issue 7): no byte lost, reordered or delivered to the wrong pod.
 
 Real kernel, real sockets, real Envoy where the path has one. Every case moves bytes with
-tests/relpeer.c, which checks each byte of both directions at its position (a loss, a duplicate,
+tests/support/relpeer.c, which checks each byte of both directions at its position (a loss, a duplicate,
 a reordering or another connection's bytes all show as a mismatch) and compares sha256 digests
 of the request on both ends; the server refuses a header with another pod's tag. Sockets are
 plain blocking sockets without timeouts, so a spurious EAGAIN is an error; every wait is bounded
@@ -32,25 +32,25 @@ from typing import Any
 
 import pytest
 from conftest import BPFFS_ROOT, TEST_PREFIX, Plane, wait_drained
-from relpeer import Server, build_relpeer, run_client, start_server
+from support.relpeer import Server, build_relpeer, run_client, start_server
 
+from lab.cgroups import Cgroup
+from lab.podlab import Lab, Pod
 from sockops import layout
-from sockops.cgroups import Cgroup
 from sockops.loader import MapSizes
-from sockops.podlab import Lab, Pod
 
 pytestmark = [pytest.mark.kernel]
 
 FULL = os.environ.get("SOCKOPS_RELIABILITY") == "full"
 PORT = 8080
-PACKETS = Path(__file__).resolve().parent / "pod_packets.py"
+PACKETS = Path(__file__).resolve().parent / "support" / "pod_packets.py"
 PATHS = ["plain", pytest.param("sidecar", marks=pytest.mark.envoy)]
 KIB, MIB = 1024, 1024 * 1024
 
 
 @pytest.fixture(scope="session")
 def relpeer_bin() -> Iterator[Path]:
-    """tests/relpeer.c, built once per session."""
+    """tests/support/relpeer.c, built once per session."""
     yield from build_relpeer()
 
 
@@ -97,6 +97,20 @@ class Setup:
 
     def stop_server(self) -> dict[str, Any]:
         return self.server.stop()
+
+
+def report_run(
+    case: str, s: Setup, res: dict[str, Any], connections: int, faults: int, **figures: Any
+) -> None:
+    """:func:`report` for one run of a :class:`Setup`'s clients: its bytes and both ends' tally."""
+    report(
+        case,
+        connections=connections,
+        bytes=res["bytes"],
+        faults=faults,
+        **tally(res, s.server.summary),
+        **figures,
+    )
 
 
 def assert_clean(res: dict[str, Any], server: Server, connections: int, server_ok: int | None = None) -> None:
@@ -213,13 +227,13 @@ def test_volume(dataplane: Plane, lab: Lab, logs: Path, relpeer_bin: Path, path:
     assert_accounted(c, s.legs * conns)
     assert c["redirect_misses"] == 0, c
     wait_drained(dataplane)
-    report(
+    report_run(
         f"volume-{path}",
+        s,
+        res,
         connections=conns,
-        bytes=res["bytes"],
-        wall_s=round(wall, 1),
         faults=0,
-        **tally(res, s.server.summary),
+        wall_s=round(wall, 1),
         ambiguous=c.get("pending_ambiguous", 0),
         paired=c["paired_origdst"] + c["paired_mirror"],
         passed=c["connections_passed"],
@@ -284,12 +298,12 @@ def test_first_send_race(
         c,
     )
     wait_drained(dataplane)
-    report(
+    report_run(
         f"first-send-{send}-{path}",
+        s,
+        res,
         connections=conns,
-        bytes=res["bytes"],
         faults=c["connections_passed"],
-        **tally(res, s.server.summary),
         passed=c["connections_passed"],
         pair_race_lost=c["pair_race_lost"],
     )
@@ -312,12 +326,12 @@ def test_halfclose(dataplane: Plane, lab: Lab, logs: Path, relpeer_bin: Path, pa
     accelerated(c)
     assert c["halfclose_left"] > 0, c
     wait_drained(dataplane)
-    report(
+    report_run(
         f"halfclose-{wait}-{path}",
+        s,
+        res,
         connections=conns,
-        bytes=res["bytes"],
         faults=conns,
-        **tally(res, s.server.summary),
         eagain=res["errors"].get("EAGAIN", 0),
         halfclose_left=c["halfclose_left"],
     )
@@ -422,12 +436,12 @@ def test_peer_close_while_blocked(
     assert wall < 30, wall
     accelerated(dataplane.counters())
     wait_drained(dataplane)
-    report(
+    report_run(
         f"peer-close-blocked-{wait}-{path}",
+        s,
+        res,
         connections=conns,
-        bytes=res["bytes"],
         faults=conns,
-        **tally(res, s.server.summary),
         wall_s=round(wall, 2),
     )
 
@@ -488,12 +502,12 @@ def test_syscall_paths(
     accelerated(c)
     assert_accounted(c, s.legs * conns)
     wait_drained(dataplane)
-    report(
+    report_run(
         f"syscalls-{combo}-{path}",
+        s,
+        res,
         connections=conns,
-        bytes=res["bytes"],
         faults=0,
-        **tally(res, s.server.summary),
     )
 
 
@@ -553,12 +567,12 @@ def test_slow_reader_fast_writer(
         time.sleep(0.05)
     assert (tcp_mem_pages() - base) * 4096 <= 8 * MIB, "TCP memory not given back after the transfer"
     wait_drained(dataplane)
-    report(
+    report_run(
         f"slow-reader-{path}",
+        s,
+        res,
         connections=1,
-        bytes=res["bytes"],
         faults=0,
-        **tally(res, s.server.summary),
         writer_cpu_s=res["cpu"],
         wall_s=res["wall"],
         tcp_mem_peak_mib=round(held_mib, 1),
@@ -587,12 +601,12 @@ def test_small_maps_and_pending_churn(
     assert c["insert_failures_other"] == 0 and c["insert_failures_busy"] == 0, c
     assert c["redirect_misses"] == 0, c
     wait_drained(plane)
-    report(
+    report_run(
         f"small-maps-{path}",
+        s,
+        res,
         connections=conns,
-        bytes=res["bytes"],
         faults=c["insert_failures_map_full"] + c["pending_full"],
-        **tally(res, s.server.summary),
         map_full=c["insert_failures_map_full"],
         pending_full=c["pending_full"],
     )
@@ -676,12 +690,12 @@ def test_other_sk_msg_owner_means_not_accelerated(cgroup: Cgroup, logs: Path, re
         assert c["insert_failures_busy"] == conns, c  # every client end: EBUSY, not accelerated
         assert c["redirected_bytes"] == 0 and c["sockets_inserted"] == 0, c
         assert maps.sockets() == [] and maps.pending() == [], "an EBUSY socket left an entry behind"
-        report(
+        report_run(
             "ebusy-other-owner",
+            s,
+            res,
             connections=conns,
-            bytes=res["bytes"],
             faults=c["insert_failures_busy"],
-            **tally(res, s.server.summary),
         )
     finally:
         if lab is not None:

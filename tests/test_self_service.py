@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentproc import AgentProcess, agents, wait_for
 from conftest import TEST_PREFIX
-from kubeapi import FakeKubeAPI
+from support.agentproc import AgentProcess, agents, wait_for
 from test_agent_kubernetes import OFF, ON, KubeEnv, cookie
 
-from sockops.cgroups import Cgroup
-from sockops.podlab import Lab
+from lab.cgroups import Cgroup
+from lab.kubeapi import FakeKubeAPI
+from lab.podlab import Lab
 
 pytestmark = pytest.mark.kernel
 BIN = Path(sys.executable).parent

@@ -117,3 +117,17 @@ def test_bad_environment_is_a_usage_error_of_the_process_not_a_traceback() -> No
     env = {**os.environ, "SOCKOPS_LOG_FORMAT": "JSON"}
     res = subprocess.run([*sockops, "status"], capture_output=True, text=True, env=env, timeout=60)
     assert res.returncode == 2 and "SOCKOPS_LOG_FORMAT" in res.stderr, res.stderr
+
+
+def test_the_agent_gets_a_typed_config_of_exactly_its_settings() -> None:
+    """`sockops agent` hands the agent an AgentConfig, not the argparse namespace: one field per
+    setting of the agent's parser, each converted (tuples for repeatable ones)."""
+    from dataclasses import fields
+
+    assert {f.name for f in fields(config.AgentConfig)} == {s.dest for s in config.AGENT_SETTINGS}
+    ns = build_parser().parse_args(["agent", "--source", "static", "--netns", "a", "--netns", "b"])
+    cfg = config.AgentConfig.from_namespace(ns)
+    assert cfg.source == ("static",) and cfg.netns == ("a", "b")
+    assert cfg.sockhash_size == int(config.SIZES[0].default)
+    agent_dests = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["agent"]._actions}
+    assert {f.name for f in fields(config.AgentConfig)} <= agent_dests

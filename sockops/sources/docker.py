@@ -34,62 +34,15 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sockops.sources import Backoff, Sink
-from sockops.workload import Locator, Workload, decide_container
+from sockops.sources.listwatch import Failure, GuardedSink, retry_until_stopped
+from sockops.sources.objects import DOCKER, container_to_workload
+from sockops.workload import Workload
 
 log = logging.getLogger(__name__)
 
-SOURCE = "docker"
-DEFAULT_NAMESPACE = "docker"
-COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
+SOURCE = DOCKER
 EVENTS = ("start", "die", "destroy", "update", "rename")
 GONE_EVENTS = frozenset({"die", "destroy"})
-
-
-def network_mode_veto(network_mode: str) -> str | None:
-    """Why a container with this network mode must not be accelerated, or None.
-
-    Docker reports ``host``, ``none``, ``default``, ``bridge``, a network name, or
-    ``container:<id>`` (sharing another container's namespace).
-    """
-    if network_mode == "host":
-        return "runs in the host's network namespace (--network host), which sockops never accelerates"
-    if network_mode.startswith("container:"):
-        other = network_mode.split(":", 1)[1][:12]
-        return (
-            f"shares the network namespace of container {other} (--network container:...): "
-            f"label that container instead"
-        )
-    return None
-
-
-def container_to_workload(info: Mapping[str, Any]) -> Workload | None:
-    """The workload for one ``inspect`` result; None when the container is not running.
-
-    A container that is not running has no processes and so no network namespace to enable: the
-    source reports it as gone rather than as "not accelerated".
-    """
-    state = info.get("State") or {}
-    pid = int(state.get("Pid") or 0)
-    if not state.get("Running") or pid <= 0:
-        return None
-    config = info.get("Config") or {}
-    labels = {str(k): str(v) for k, v in (config.get("Labels") or {}).items()}
-    decision = decide_container(labels)
-    accelerate, reason = decision.accelerate, decision.reason
-    veto = network_mode_veto(str((info.get("HostConfig") or {}).get("NetworkMode") or ""))
-    if veto:
-        reason = f"{reason}, but it {veto}" if accelerate else f"{reason}; it {veto}"
-        accelerate = False
-    return Workload(
-        source=SOURCE,
-        uid=str(info["Id"]),
-        namespace=labels.get(COMPOSE_PROJECT_LABEL) or DEFAULT_NAMESPACE,
-        name=str(info.get("Name") or info["Id"][:12]).lstrip("/"),
-        accelerate=accelerate,
-        reason=reason,
-        locator=Locator(pid=pid),
-        errors=(decision.error,) if decision.error else (),
-    )
 
 
 class _Restart(Exception):
@@ -150,26 +103,29 @@ class DockerSource:
 
         watcher = threading.Thread(target=watch, name="docker-source-stop", daemon=True)
         watcher.start()
+        guarded = GuardedSink(sink, SOURCE)
         broken: str | None = None  # why the previous session ended; None before the first
+
+        def classify(e: Exception) -> Failure:
+            nonlocal broken
+            broken = _describe(e)
+            return Failure(broken)
+
+        def on_retry(failure: Failure, delay: float) -> None:
+            log.warning("docker source: %s; reconnecting in %.1f s", failure.reason, delay)
+            guarded.error(
+                self.name,
+                f"docker engine unavailable: {failure.reason}; reconnecting in {delay:.1f} s",
+                {"attempt": self.backoff.attempts},
+            )
+
         try:
-            while not stop.is_set():
-                try:
-                    self._session(sink, stop, broken)
-                    return  # only returns normally when stopping
-                except Exception as e:
-                    if stop.is_set():
-                        return
-                    broken = _describe(e)
-                delay = self.backoff.next()
-                log.warning("docker source: %s; reconnecting in %.1f s", broken, delay)
-                sink.error(
-                    self.name,
-                    f"docker engine unavailable: {broken}; reconnecting in {delay:.1f} s",
-                    {"attempt": self.backoff.attempts},
-                )
-                if stop.wait(delay):
-                    return
+            # A session returns normally only when stopping, which ends the loop.
+            retry_until_stopped(
+                stop, lambda: self._session(guarded, stop, broken), classify, on_retry, self.backoff
+            )
         finally:
+            guarded.close()
             done.set()
             self._abort()
             with contextlib.suppress(Exception):

@@ -34,40 +34,34 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sockops.errors import KubeConfigMissing, NodeNameMissing
 from sockops.sources import Backoff, Sink
-from sockops.workload import (
-    ISTIO_PROXY_CONTAINER,
-    ISTIO_SIDECAR_STATUS,
-    Locator,
-    Workload,
-    decide,
-    parse_istio,
+from sockops.sources.listwatch import Failure, GuardedSink, retry_until_stopped
+from sockops.sources.objects import (
+    KUBERNETES,
+    Malformed,
+    PodReading,
+    _resource_name,
+    _resource_version,
+    namespace_of,
+    pod_identity,
+    read_pod,
 )
+from sockops.workload import Workload
 
 log = logging.getLogger(__name__)
 
-SOURCE = "kubernetes"
-TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
-# The API server refuses more than this in one object's annotations (TotalAnnotationSizeLimitB);
-# anything larger did not come from a real API server and is not worth parsing.
-MAX_ANNOTATIONS_BYTES = 256 * 1024
+SOURCE = KUBERNETES
 # One watch line is one object; a pod is a few KiB, a line this long means a broken stream.
 MAX_LINE_BYTES = 8 * 1024 * 1024
-MAX_NAME_LEN = 253
 RBAC_FIX = (
     "the ServiceAccount lacks get/list/watch on {what}: apply daemonset/rbac "
     "(a ClusterRole with get, list, watch on pods and namespaces, bound to the agent's ServiceAccount)"
 )
 NODE_ENV = ("SOCKOPS_NODE_NAME", "NODE_NAME")
-
-
-class Malformed(ValueError):
-    """An API object sockops cannot read; the message says what is wrong with it."""
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -135,150 +129,6 @@ def node_name_from_env(environ: Mapping[str, str] | None = None) -> str:
     )
 
 
-# -- objects -> workloads ------------------------------------------------------------------------
-
-
-def _str_map(value: Any, what: str) -> dict[str, str]:
-    """A labels/annotations map as the API defines it (string to string), or Malformed."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise Malformed(f"{what} is a {type(value).__name__}, not a map")
-    size = 0
-    for k, v in value.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise Malformed(f"{what} must map strings to strings (key {str(k)[:64]!r})")
-        size += len(k) + len(v)
-    if size > MAX_ANNOTATIONS_BYTES:
-        raise Malformed(
-            f"{what} hold {size} bytes, more than the API server's limit of {MAX_ANNOTATIONS_BYTES}"
-        )
-    return value
-
-
-def _name(meta: dict[str, Any], key: str, what: str) -> str:
-    value = meta.get(key)
-    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LEN:
-        raise Malformed(f"{what} has no usable metadata.{key} ({str(value)[:64]!r})")
-    return value
-
-
-def pod_identity(pod: Any) -> tuple[str, str, str]:
-    """``(uid, namespace, name)`` of a pod object, or Malformed when it has none usable."""
-    if not isinstance(pod, dict):
-        raise Malformed(f"pod object is a {type(pod).__name__}, not a JSON object")
-    meta = pod.get("metadata")
-    if not isinstance(meta, dict):
-        raise Malformed("pod object has no metadata")
-    return _name(meta, "uid", "pod"), _name(meta, "namespace", "pod"), _name(meta, "name", "pod")
-
-
-def pod_node(pod: dict[str, Any]) -> str | None:
-    spec = pod.get("spec")
-    node = spec.get("nodeName") if isinstance(spec, dict) else None
-    return node if isinstance(node, str) else None
-
-
-def pod_is_gone(pod: dict[str, Any]) -> bool:
-    """Terminal or being deleted: its sockets are closing, nothing is left to accelerate."""
-    meta = pod.get("metadata") or {}
-    if isinstance(meta, dict) and meta.get("deletionTimestamp"):
-        return True
-    status = pod.get("status")
-    return isinstance(status, dict) and status.get("phase") in TERMINAL_PHASES
-
-
-def _has_istio_proxy(spec: dict[str, Any]) -> bool:
-    """An ``istio-proxy`` container, or init container (native sidecars are init containers)."""
-    for key in ("containers", "initContainers"):
-        containers = spec.get(key)
-        if not isinstance(containers, list):
-            continue
-        for c in containers:
-            if isinstance(c, dict) and c.get("name") == ISTIO_PROXY_CONTAINER:
-                return True
-    return False
-
-
-def pod_to_workload(pod: Any, namespace_labels: Mapping[str, str] | None) -> Workload | None:
-    """The pod as desired state, or None when it is gone for us (terminal, being deleted).
-
-    Raises :class:`Malformed` when the pod has no usable identity. A pod with an identity but
-    unreadable content (annotations of the wrong type or size, spec not an object) is returned not
-    accelerated, with the problem in ``errors``: it must not keep acceleration a previous, valid
-    version of it had.
-    """
-    uid, namespace, name = pod_identity(pod)
-    if pod_is_gone(pod):
-        return None
-
-    def unreadable(message: str) -> Workload:
-        return Workload(
-            source=SOURCE,
-            uid=uid,
-            namespace=namespace,
-            name=name,
-            accelerate=False,
-            reason="unreadable pod object",
-            locator=Locator(pod_uid=uid),
-            errors=(message,),
-        )
-
-    spec = pod.get("spec")
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, dict):
-        return unreadable(f"pod {namespace}/{name}: spec is a {type(spec).__name__}, not an object")
-    try:
-        annotations = _str_map(pod["metadata"].get("annotations"), f"pod {namespace}/{name}: annotations")
-    except Malformed as e:
-        return unreadable(str(e))
-
-    decision = decide(annotations, namespace_labels)
-    capture, istio_errors = parse_istio(annotations)
-    errors = ([decision.error] if decision.error else []) + istio_errors
-    accelerate, reason = decision.accelerate, decision.reason
-    if spec.get("hostNetwork") is True:
-        # The pod's sockets live in the node's netns: accelerating it would accelerate the node.
-        accelerate, reason = False, "host network"
-    sidecar = True if (ISTIO_SIDECAR_STATUS in annotations or _has_istio_proxy(spec)) else None
-    return Workload(
-        source=SOURCE,
-        uid=uid,
-        namespace=namespace,
-        name=name,
-        accelerate=accelerate,
-        reason=reason,
-        locator=Locator(pod_uid=uid),
-        sidecar=sidecar,
-        capture=capture,
-        errors=tuple(errors),
-    )
-
-
-def namespace_of(obj: Any) -> tuple[str, dict[str, str]]:
-    """``(name, labels)`` of a namespace object; Malformed when it has no name.
-
-    Labels of the wrong type are also Malformed; the caller then treats the namespace as
-    unlabelled (the default is "not accelerated": an unreadable label never turns acceleration on).
-    """
-    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
-        raise Malformed("namespace object has no metadata")
-    name = _name(obj["metadata"], "name", "namespace")
-    return name, _str_map(obj["metadata"].get("labels"), f"namespace {name}: labels")
-
-
-def _resource_version(obj: Any) -> str | None:
-    if isinstance(obj, dict) and isinstance(obj.get("metadata"), dict):
-        rv = obj["metadata"].get("resourceVersion")
-        if isinstance(rv, str) and rv:
-            return rv
-    return None
-
-
-# -- backoff -------------------------------------------------------------------------------------
-
-
 # -- the source ----------------------------------------------------------------------------------
 
 
@@ -288,12 +138,6 @@ class _Gone(Exception):
 
 class _StreamBroken(Exception):
     """The watch stream cannot be continued (ERROR event, unframed data); re-watch from the RV."""
-
-
-@dataclass
-class _Failure:
-    reason: str
-    permanent: bool = False
 
 
 class KubernetesSource:
@@ -339,9 +183,9 @@ class KubernetesSource:
         self.namespace_wait = namespace_wait
 
         self._lock = threading.RLock()  # the view below, and every call to the sink
-        self._sink: Sink | None = None
-        self._closed = False
-        self._pods: dict[str, dict[str, Any]] = {}  # uid -> last pod object seen (not gone)
+        self._sink: GuardedSink | None = None
+        # uid -> (namespace, last pod object seen, not gone)
+        self._pods: dict[str, tuple[str, dict[str, Any]]] = {}
         self._namespaces: dict[str, dict[str, str]] = {}  # name -> labels
         self._emitted: dict[str, Workload] = {}  # uid -> what the sink was last told
         self._pods_synced = False
@@ -360,7 +204,7 @@ class KubernetesSource:
     def run(self, sink: Sink, stop: threading.Event) -> None:
         """Report to ``sink`` until ``stop`` is set; returns within about a second of it."""
         with self._lock:
-            self._sink, self._closed = sink, False
+            self._sink = GuardedSink(sink, SOURCE)
         workers = [
             threading.Thread(target=self._loop, args=(kind, stop), name=f"sockops-k8s-{kind}", daemon=True)
             for kind in ("namespaces", "pods")
@@ -379,91 +223,76 @@ class KubernetesSource:
                 w.join(max(0.0, deadline - time.monotonic()))
             # A worker still blocked in a request (an API server that accepted the connection
             # and never answered) finishes on its timeout; it must not call the sink after this.
+            guarded = self._sink
+            assert guarded is not None
             if self._lock.acquire(timeout=0.5):
-                self._closed = True
+                guarded.close()
                 self._lock.release()
             else:
-                self._closed = True
+                guarded.close()
 
     # -- sink calls -----------------------------------------------------------------------------
-
-    def _emit(self, fn: Callable[..., None], *args: Any) -> None:
-        """Call the sink unless ``run`` has returned; a failing sink is logged, never fatal."""
-        if self._closed or self._sink is None:
-            return
-        try:
-            fn(*args)
-        except Exception:
-            log.exception("kubernetes source: the sink raised in %s", getattr(fn, "__name__", fn))
 
     def _error(self, message: str, **fields: object) -> None:
         log.warning("kubernetes source: %s %s", message, fields or "")
         with self._lock:
             if self._sink is not None:
-                self._emit(self._sink.error, SOURCE, message, dict(fields))
+                self._sink.error(SOURCE, message, dict(fields))
 
     def _restarted(self, reason: str) -> None:
         log.info("kubernetes source: watch re-established after: %s", reason)
         with self._lock:
             if self._sink is not None:
-                self._emit(self._sink.restarted, SOURCE, reason)
+                self._sink.restarted(SOURCE, reason)
 
     # -- the view (callers hold self._lock) -----------------------------------------------------
 
-    def _workload(self, pod: dict[str, Any]) -> Workload | None:
-        namespace = pod_identity(pod)[1]
-        return pod_to_workload(pod, self._namespaces.get(namespace))
-
     def _set_pod(self, pod: dict[str, Any]) -> None:
-        uid, namespace, name = pod_identity(pod)
-        node = pod_node(pod)
-        wl = None if (node is not None and node != self.node_name) else self._workload(pod)
-        if wl is None:
-            self._forget_pod(uid)
+        self._apply(read_pod(pod, self._namespaces.get), pod)
+
+    def _apply(self, r: PodReading, pod: dict[str, Any]) -> None:
+        if r.workload is None or (r.node is not None and r.node != self.node_name):
+            self._forget_pod(r.uid)
             return
-        self._pods[uid] = pod
-        if wl.errors and wl.reason == "unreadable pod object":
-            self._error(wl.errors[0], kind="pod", namespace=namespace, pod=name, uid=uid)
-        if self._emitted.get(uid) != wl:
-            self._emitted[uid] = wl
+        self._pods[r.uid] = (r.namespace, pod)
+        if r.problem is not None:
+            self._error(r.problem, kind="pod", namespace=r.namespace, pod=r.name, uid=r.uid)
+        if self._emitted.get(r.uid) != r.workload:
+            self._emitted[r.uid] = r.workload
             assert self._sink is not None
-            self._emit(self._sink.upsert, wl)
+            self._sink.upsert(r.workload)
 
     def _forget_pod(self, uid: str) -> None:
         self._pods.pop(uid, None)
         if self._emitted.pop(uid, None) is not None:
             assert self._sink is not None
-            self._emit(self._sink.delete, SOURCE, uid)
+            self._sink.delete(SOURCE, uid)
 
     def _reevaluate(self, namespace: str | None = None) -> None:
         """Re-decide the pods of ``namespace`` (all when None) after its labels changed."""
         if not self._pods_synced:
             return  # the first pod list decides with whatever namespaces are known by then
-        for pod in list(self._pods.values()):
-            if namespace is None or pod_identity(pod)[1] == namespace:
+        for pod_namespace, pod in list(self._pods.values()):
+            if namespace is None or pod_namespace == namespace:
                 self._set_pod(pod)
 
     def _replace_pods(self, items: list[Any]) -> None:
-        pods: dict[str, dict[str, Any]] = {}
+        pods: dict[str, tuple[str, dict[str, Any]]] = {}
         workloads: dict[str, Workload] = {}
         for item in items:
             try:
-                uid, namespace, name = pod_identity(item)
-                node = pod_node(item)
-                if node is not None and node != self.node_name:
-                    continue
-                wl = self._workload(item)
+                r = read_pod(item, self._namespaces.get)
             except Malformed as e:
                 self._error(f"skipped a pod in the list: {e}", kind="pod")
                 continue
-            if wl is None:
+            if r.workload is None or (r.node is not None and r.node != self.node_name):
                 continue
-            if wl.errors and wl.reason == "unreadable pod object":
-                self._error(wl.errors[0], kind="pod", namespace=namespace, pod=name, uid=uid)
-            pods[uid], workloads[uid] = item, wl
+            if r.problem is not None:
+                self._error(r.problem, kind="pod", namespace=r.namespace, pod=r.name, uid=r.uid)
+            pods[r.uid], workloads[r.uid] = (r.namespace, item), r.workload
         self._pods, self._emitted, self._pods_synced = pods, workloads, True
         assert self._sink is not None
-        self._emit(self._sink.replace, SOURCE, list(workloads.values()))
+        self._sink.replace(SOURCE, list(workloads.values()))
 
     def _set_namespace(self, obj: Any, deleted: bool = False) -> None:
         try:
@@ -504,12 +333,19 @@ class KubernetesSource:
     # -- list and watch -------------------------------------------------------------------------
 
     def _call(self, kind: str, **kwargs: Any) -> Any:
-        """One raw list or watch request (urllib3 response; non-2xx raises ApiException)."""
-        if kind == "pods":
-            return self._api.list_pod_for_all_namespaces(
-                field_selector=f"spec.nodeName={self.node_name}", _preload_content=False, **kwargs
-            )
-        return self._api.list_namespace(_preload_content=False, **kwargs)
+        """One raw list or watch request (urllib3 response; non-2xx raises ApiException, 410 _Gone)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            if kind == "pods":
+                return self._api.list_pod_for_all_namespaces(
+                    field_selector=f"spec.nodeName={self.node_name}", _preload_content=False, **kwargs
+                )
+            return self._api.list_namespace(_preload_content=False, **kwargs)
+        except ApiException as e:
+            if e.status == 410:
+                raise _Gone(f"410 Gone for the {kind} watch") from e
+            raise
 
     def _track(self, resp: Any, stop: threading.Event) -> None:
         with self._lock:
@@ -648,7 +484,7 @@ class KubernetesSource:
                 self._resource_versions[kind] = rv
 
     def _loop(self, kind: str, stop: threading.Event) -> None:
-        """List, then watch, forever: the one place where failures become retries."""
+        """List, then watch, until stopped (the skeleton: sockops/sources/listwatch.py)."""
         backoff = Backoff(self.backoff_base, self.backoff_cap)
         must_list = True
         pending: str | None = None  # why the last stream ended, reported once re-established
@@ -663,82 +499,78 @@ class KubernetesSource:
                 self._restarted(pending)
                 pending = None
 
-        while not stop.is_set():
-            failure: _Failure | None = None
-            try:
-                if must_list:
-                    self._list(kind, stop)
-                    must_list = False
-                    established()
-                rv = self.resource_versions[kind]
-                assert rv is not None
-                started = time.monotonic()
-                events = self._watch(kind, rv, stop, established)
-                if stop.is_set():
-                    break
-                lasted = time.monotonic() - started
-                if lasted >= self.watch_timeout * 0.9:
-                    backoff.reset()  # the server's timeout: normal, re-watch at once, not a restart
-                    continue
-                pending = f"the API server closed the {kind} watch after {lasted:.1f}s"
-                if events:
-                    backoff.reset()
-                    continue
-                failure = _Failure(pending)
-            except _StreamBroken as e:
-                failure = _Failure(str(e))
-            except Exception as e:
-                # 410 Gone, as an ERROR event in the stream or as the HTTP status of the watch
-                failure = None if isinstance(e, _Gone) else self._classify(kind, e)
-                if failure is None:
-                    must_list, pending = True, f"410 Gone for the {kind} watch: re-listed"
-                    if backoff.attempts == 0:
-                        backoff.attempts = 1  # re-list at once, but back off if it loops
-                        continue
-                    failure = _Failure(pending)
+        def session() -> None:
+            nonlocal must_list, pending
+            if must_list:
+                self._list(kind, stop)
+                must_list = False
+                established()
+            rv = self.resource_versions[kind]
+            assert rv is not None
+            started = time.monotonic()
+            events = self._watch(kind, rv, stop, established)
             if stop.is_set():
-                break
+                return
+            lasted = time.monotonic() - started
+            if lasted >= self.watch_timeout * 0.9:
+                backoff.reset()  # the server's timeout: normal, re-watch at once, not a restart
+                return
+            pending = f"the API server closed the {kind} watch after {lasted:.1f}s"
+            if not events:
+                raise _StreamBroken(pending)
+            backoff.reset()
+
+        def classify(e: Exception) -> Failure:
+            nonlocal must_list, pending
+            if isinstance(e, _StreamBroken):
+                return Failure(str(e))
+            if isinstance(e, _Gone):
+                # 410 Gone, as an ERROR event in the stream or as the HTTP status of the watch
+                must_list, pending = True, f"410 Gone for the {kind} watch: re-listed"
+                if backoff.attempts == 0:
+                    backoff.attempts = 1  # re-list at once, but back off if it loops
+                    return Failure(pending, at_once=True)
+                return Failure(pending)
+            return self._classify(kind, e)
+
+        def on_retry(failure: Failure, delay: float) -> None:
+            nonlocal pending
             pending = failure.reason
             if failure.permanent:
                 self._error(failure.reason, kind=kind)
-                delay = self.auth_backoff * random.uniform(0.8, 1.2)
             else:
                 log.warning("kubernetes source: %s", failure.reason)
-                delay = backoff.next()
-            stop.wait(delay)
 
-    def _classify(self, kind: str, e: Exception) -> _Failure | None:
-        """Temporary (retry with backoff) or permanent (report with the fix, retry slowly)."""
+        retry_until_stopped(
+            stop, session, classify, on_retry, backoff, lambda: self.auth_backoff * random.uniform(0.8, 1.2)
+        )
+
+    def _classify(self, kind: str, e: Exception) -> Failure:
+        """Temporary (retry with backoff) or permanent (report with the fix, retry slowly).
+
+        410 Gone never gets here: :meth:`_call` and the stream raise it as ``_Gone`` (re-list)."""
         from kubernetes.client.exceptions import ApiException
 
         if isinstance(e, ApiException):
             status = e.status or 0
-            if status == 410:
-                return None
             if status == 401:
-                return _Failure(
+                return Failure(
                     f"the API server rejected the agent's credentials (401) listing {kind}: "
                     "check the ServiceAccount token or the kubeconfig's user",
                     permanent=True,
                 )
             if status == 403:
-                return _Failure(f"403 Forbidden on {kind}: " + RBAC_FIX.format(what=kind), permanent=True)
+                return Failure(f"403 Forbidden on {kind}: " + RBAC_FIX.format(what=kind), permanent=True)
             if status == 429 or status >= 500 or status == 0:
-                return _Failure(f"API error {status} on {kind}: {str(e.reason)[:200]}")
-            return _Failure(f"API error {status} on {kind}: {str(e.reason)[:200]}", permanent=True)
+                return Failure(f"API error {status} on {kind}: {str(e.reason)[:200]}")
+            return Failure(f"API error {status} on {kind}: {str(e.reason)[:200]}", permanent=True)
         if isinstance(e, OSError | http.client.HTTPException | _urllib3_errors()):
-            return _Failure(f"connection to the API server lost ({type(e).__name__}: {str(e)[:200]})")
+            return Failure(f"connection to the API server lost ({type(e).__name__}: {str(e)[:200]})")
         log.exception("kubernetes source: unexpected error in the %s loop", kind)
-        return _Failure(f"unexpected error in the {kind} loop: {type(e).__name__}: {str(e)[:200]}")
+        return Failure(f"unexpected error in the {kind} loop: {type(e).__name__}: {str(e)[:200]}")
 
 
 def _urllib3_errors() -> type[Exception]:
     import urllib3.exceptions
 
     return urllib3.exceptions.HTTPError
-
-
-def _resource_name(obj: Any) -> str | None:
-    meta = obj.get("metadata") if isinstance(obj, dict) else None
-    name = meta.get("name") if isinstance(meta, dict) else None
-    return name if isinstance(name, str) and 0 < len(name) <= MAX_NAME_LEN else None

@@ -14,9 +14,9 @@ import sys
 import uuid
 from pathlib import Path
 
+from lab.cgroups import Cgroup
+from lab.podlab import APP_UID, Lab
 from sockops import loader, netns
-from sockops.cgroups import Cgroup
-from sockops.podlab import APP_UID, Lab
 
 
 def _client(pod, args: argparse.Namespace) -> dict[str, object]:
@@ -24,7 +24,7 @@ def _client(pod, args: argparse.Namespace) -> dict[str, object]:
     cmd = [
         sys.executable,
         "-m",
-        "sockops.apps",
+        "lab.apps",
         "client",
         "--host",
         host,
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             plane = loader.DataPlane.load(bpffs, loader.MapSizes(sockhash=4096, pending=1024, netns=16))
             plane.attach(cgroup.path)
             server = pod.popen(
-                [sys.executable, "-m", "sockops.apps", "server", "--port", "8080"],
+                [sys.executable, "-m", "lab.apps", "server", "--port", "8080"],
                 uid=APP_UID,
                 stdout=subprocess.PIPE,
                 text=True,

@@ -1,7 +1,7 @@
 """A checking echo client whose connections use fixed source addresses, for collision tests.
 
 Run inside a pod (stdlib only, any UID): ``python pinned_client.py HOST PORT --tag NAME ...``.
-Speaks the protocol of ``sockops.apps`` (8-byte big-endian length, then the bytes, echoed back).
+Speaks the protocol of ``lab.apps`` (8-byte big-endian length, then the bytes, echoed back).
 Connection ``i`` binds ``--source-ip:--source-base+i`` before connecting, so two pods running the
 same command produce connections with identical 4-tuples in two network namespaces (docs/DATAPLANE.md
 F12). Every payload starts with ``--tag`` followed by random bytes; the client checks that the echo

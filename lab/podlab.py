@@ -9,9 +9,9 @@ include the network namespace, docs/DATAPLANE.md F12).
 
 A pod created with ``sidecar=True`` looks like an Istio pod in REDIRECT mode:
 
-* the nat table that ``istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT ...`` installs (field
-  notes §1), applied verbatim with ``iptables-restore`` (and ``ip6tables-restore`` with ``::1`` /
-  ``::6`` when the pod has IPv6);
+* the nat table that ``istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT ...`` installs
+  (docs/DATAPLANE.md, "Istio's capture"), applied verbatim with ``iptables-restore`` (and
+  ``ip6tables-restore`` with ``::1`` / ``::6`` when the pod has IPv6);
 * Envoy running as UID/GID 1337 with an admin listener on 127.0.0.1:15000, an outbound capture
   listener on 15001 and an inbound capture listener on 15006, both using the original_dst listener
   filter, and an inbound passthrough cluster that connects to the app from 127.0.0.6, as Istio does.
@@ -79,7 +79,8 @@ from typing import Any
 
 from pyroute2 import IPRoute, netns
 
-from sockops.cgroups import Cgroup, join_cgroup
+from lab.cgroups import Cgroup, join_cgroup
+from sockops import netns as sockops_netns
 
 __all__ = [
     "ADMIN_PORT",
@@ -116,14 +117,12 @@ SERVICE_IP = "10.244.255.1"
 SERVICE_IPV6 = "fd00:10:244::ff:1"
 NETNS_DIR = Path("/run/netns")
 
-_CLONE_NEWNET = 0x40000000
 _PR_SET_PDEATHSIG = 1
 _IFA_F_NODAD = 0x02
 _POD_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
 
 # Resolved once in the parent so the forked child only makes the calls.
 _libc = ctypes.CDLL(None, use_errno=True)
-_setns = _libc.setns
 _prctl = _libc.prctl
 
 
@@ -461,9 +460,7 @@ def _make_preexec(
     def _preexec() -> None:
         if cgroup_path is not None:
             join_cgroup(cgroup_path)
-        if _setns(netns_fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns: {os.strerror(err)}")
+        sockops_netns.setns(netns_fd)
         if gid is not None:
             os.setgroups([])
             os.setgid(gid)
@@ -649,9 +646,7 @@ class Pod:
 
         def _worker() -> None:
             try:
-                if _setns(nsfd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns: {os.strerror(err)}")
+                sockops_netns.setns(nsfd)
                 box["sock"] = socket.socket(family, type)
             except BaseException as exc:
                 box["error"] = exc

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "daemonset" / "alerts" / "sockops-rules.yaml"
 RULE_TESTS = REPO / "daemonset" / "alerts" / "tests.yaml"
 PROMETHEUS_RULE = REPO / "daemonset" / "prometheusrule.yaml"

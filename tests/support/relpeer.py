@@ -1,4 +1,4 @@
-"""Run tests/relpeer.c (the checking client and server of the reliability suite) inside pods.
+"""Run tests/support/relpeer.c (the checking client and server of the reliability suite) inside pods.
 
 The C source is compiled once per session into a world-readable temporary directory (the pods'
 apps run as UID 1000, and pytest's own tmp directories are private to root). Every wait is
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from podtraffic import APP_UID, last_json
 
-from sockops.podlab import Pod
+from lab.podlab import Pod
+from support.podtraffic import APP_UID, last_json
 
 SOURCE = Path(__file__).resolve().parent / "relpeer.c"
 
@@ -32,7 +32,7 @@ def build_relpeer() -> Iterator[Path]:
     """gcc -O2 -pthread relpeer.c -lcrypto, into a directory UID 1000 can read and execute
     (yields the executable, removes it afterwards; wrap it in a session fixture)."""
     if not shutil.which("gcc"):
-        pytest.skip("gcc is needed to build tests/relpeer.c")
+        pytest.skip("gcc is needed to build tests/support/relpeer.c")
     d = Path(tempfile.mkdtemp(prefix="sockops-relpeer-"))
     try:
         d.chmod(0o755)

@@ -1,6 +1,6 @@
 """Traffic for the demo, tests and benchmarks: an echo server and a checking client.
 
-Run inside a pod as ``python -m sockops.apps server|client ...``. The protocol is a stream of
+Run inside a pod as ``python -m lab.apps server|client ...``. The protocol is a stream of
 requests, each an 8-byte big-endian length followed by that many bytes; the server echoes the
 bytes back as they arrive. The client sends from one thread and reads from another, so a large
 payload exercises backpressure in both directions, and compares the sha256 of what it sent with
@@ -147,7 +147,7 @@ def run_client(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sockops.apps", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lab.apps", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("server", help="echo server")
     s.add_argument("--host", default="0.0.0.0")

@@ -1,7 +1,7 @@
 """A half-closing echo client: connect, send one request, shutdown(SHUT_WR), read until EOF.
 
 Run inside a pod (stdlib only, any UID): ``python halfclose_client.py HOST PORT --connections N
---rounds R --sizes 1,1000``. Speaks the sockops.apps protocol (8-byte length, then the bytes); the
+--rounds R --sizes 1,1000``. Speaks the lab.apps protocol (8-byte length, then the bytes); the
 echo server replies and closes when it reads EOF. ``N`` threads each make ``R`` connections, one
 request per connection. This is the pattern of HTTP/1.0 clients, ``nc -N`` and many RPC tools; on
 plain blocking sockets (no timeout, so CPython does not retry EAGAIN) it is the case where a

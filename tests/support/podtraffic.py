@@ -2,7 +2,7 @@
 
 Every wait is bounded: a hung client or a server that never listens fails the test (with what
 the process printed) instead of stalling CI. The processes are plain blocking-socket programs
-(sockops.apps, tests/pinned_client.py), so a spurious EAGAIN reaches them as an error.
+(lab.apps, tests/support/pinned_client.py), so a spurious EAGAIN reaches them as an error.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from sockops.podlab import APP_UID, Pod
+from lab.podlab import APP_UID, Pod
 
 APP_PORT = 8080
-HEADER_BYTES = 8  # sockops.apps request header, sent client -> server only
+HEADER_BYTES = 8  # lab.apps request header, sent client -> server only
 PINNED_CLIENT = Path(__file__).resolve().parent / "pinned_client.py"
 HALFCLOSE_CLIENT = Path(__file__).resolve().parent / "halfclose_client.py"
 
@@ -88,8 +88,8 @@ def start_echo_server(
     ipv6: bool = False,
     uid: int = APP_UID,
 ) -> EchoServer:
-    """``python -m sockops.apps server`` in the pod as ``uid``; returns once it listens."""
-    argv = [sys.executable, "-m", "sockops.apps", "server", "--host", host, "--port", str(port)]
+    """``python -m lab.apps server`` in the pod as ``uid``; returns once it listens."""
+    argv = [sys.executable, "-m", "lab.apps", "server", "--host", host, "--port", str(port)]
     if ipv6:
         argv.append("--ipv6")
     log = log_dir / f"server-{pod.lab.id}-{pod.name}-{port}.stderr"
@@ -110,13 +110,13 @@ def run_client(
     uid: int = APP_UID,
     timeout: float = 60.0,
 ) -> dict[str, Any]:
-    """``python -m sockops.apps client`` in the pod; its JSON line plus ``returncode``/``stderr``.
+    """``python -m lab.apps client`` in the pod; its JSON line plus ``returncode``/``stderr``.
 
     Each of the ``connections`` (opened at once) makes ``requests`` requests whose sizes cycle
     through ``sizes``. A client that runs past ``timeout`` is killed and the test fails.
     """
     argv = [
-        sys.executable, "-m", "sockops.apps", "client",
+        sys.executable, "-m", "lab.apps", "client",
         "--host", host, "--port", str(port),
         "--connections", str(connections), "--requests", str(requests),
         "--sizes", ",".join(str(s) for s in sizes),
@@ -133,7 +133,7 @@ def run_halfclose_client(
     sizes: Sequence[int] = (1, 1000),
     timeout: float = 60.0,
 ) -> dict[str, Any]:
-    """tests/halfclose_client.py in the pod: ``connections * rounds`` one-request connections that
+    """tests/support/halfclose_client.py in the pod: ``connections * rounds`` one-request connections that
     half-close after sending. Returns its JSON line (ok, mismatches, errors by type)."""
     argv = [
         sys.executable, str(HALFCLOSE_CLIENT), host, str(port),
@@ -153,7 +153,7 @@ def assert_intact(result: dict[str, Any], connections: int, requests: int, sizes
 
 
 def payload_bytes(connections: int, requests: int, sizes: Sequence[int]) -> int:
-    """What sockops.apps sends: request n of connection i has size sizes[(i + n) % len(sizes)]."""
+    """What lab.apps sends: request n of connection i has size sizes[(i + n) % len(sizes)]."""
     return sum(sizes[(i + n) % len(sizes)] for i in range(connections) for n in range(requests))
 
 
@@ -163,7 +163,7 @@ def wire_bytes(result: dict[str, Any]) -> int:
 
 
 class PinnedClients:
-    """tests/pinned_client.py running in several pods at once (see its docstring)."""
+    """tests/support/pinned_client.py running in several pods at once (see its docstring)."""
 
     def __init__(self, pods: Mapping[str, Pod], host: str, port: int = APP_PORT, **opts: Any) -> None:
         """``pods`` maps a tag (the payload prefix, unique per client) to the pod to run in."""

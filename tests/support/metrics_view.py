@@ -23,9 +23,9 @@ from conftest import Plane
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from lab.podlab import APP_UID, Pod
 from sockops import libbpf, links
 from sockops.loader import MapSizes, PinnedMaps, programs_attached
-from sockops.podlab import APP_UID, Pod
 
 PAIR_TRAFFIC = Path(__file__).resolve().parent / "pair_traffic.py"
 
@@ -99,7 +99,7 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
 
 
 class PairTraffic:
-    """tests/pair_traffic.py in a pod (see its docstring)."""
+    """tests/support/pair_traffic.py in a pod (see its docstring)."""
 
     def __init__(self, pod: Pod, connections: int, size: int, rounds: int, hold: bool) -> None:
         argv = [
