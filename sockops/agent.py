@@ -3,7 +3,7 @@
 Lifecycle, and why it is safe for traffic:
 
 * start: ``DataPlane.load`` re-opens maps already pinned by an earlier agent (sizes adopted, see
-  loader.adopt_sizes) and ``attach`` swaps the programs on the pinned links atomically
+  maps.adopt_sizes) and ``attach`` swaps the programs on the pinned links atomically
   (sockops/links.py), so a restart or an upgrade to changed programs never leaves a moment without
   a program nor attaches twice. Sockets already in the sockhash keep the sk_msg program they were
   inserted with until they close. Other tools' programs on the same cgroup hooks keep running

@@ -49,7 +49,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 import sockops
-from sockops.loader import MapSizes, PinnedMaps
+from sockops.maps import MapSizes, PinnedMaps
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ class WorkloadStatus:
 
 
 class MapWriter(Protocol):
-    """The part of loader.PinnedMaps the reconciler needs (tests may pass a fake)."""
+    """The part of maps.PinnedMaps the reconciler needs (tests may pass a fake)."""
 
     def enable(self, cookie: int, settings: NetnsSettings, sync: bool = True) -> None: ...
 

@@ -221,7 +221,8 @@ def make_dataplane(cgroup: Cgroup) -> Iterator[Callable[..., Plane]]:
     """Factory: ``make_dataplane(sizes=MapSizes(...))`` loads, pins under a fresh bpffs directory
     and attaches to the test cgroup through its own links. A second call attaches a second set
     beside the first (links are multi-attach, both would see every socket); use one per test."""
-    from sockops.loader import DataPlane, MapSizes
+    from sockops.loader import DataPlane
+    from sockops.maps import MapSizes
 
     planes: list[Plane] = []
 

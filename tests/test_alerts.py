@@ -45,7 +45,7 @@ from support.metrics_view import (
 
 from lab.cgroups import Cgroup
 from lab.podlab import Lab
-from sockops.loader import MapSizes
+from sockops.maps import MapSizes
 from sockops.metrics import build_registry
 
 # The target labels the shipped scrape configs give every series (docs/OBSERVABILITY.md).

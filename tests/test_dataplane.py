@@ -40,7 +40,7 @@ from support.podtraffic import (
 
 from lab.podlab import Lab, Service
 from sockops import netns
-from sockops.loader import MapSizes
+from sockops.maps import MapSizes
 
 pytestmark = [pytest.mark.kernel]
 

@@ -28,7 +28,7 @@ from support.metrics_view import PairTraffic, plane_view, run_pairs, scrape, val
 from lab.cgroups import Cgroup
 from lab.podlab import Lab
 from sockops import layout
-from sockops.loader import MapSizes
+from sockops.maps import MapSizes
 from sockops.metrics import ENFORCE_LATENCY_BUCKETS, AgentMetrics, MapCollector, build_registry
 
 CONTRACT = {

@@ -51,7 +51,7 @@ class FakeMaps:
     def sync_node_pods(
         self, current: dict[str, int] | None = None, enabled: dict[int, NetnsSettings] | None = None
     ) -> dict[str, int]:
-        from sockops.loader import node_pods_for
+        from sockops.maps import node_pods_for
 
         self.pods = node_pods_for(self.conf)
         return dict(self.pods)
@@ -314,7 +314,7 @@ def test_node_pods_follow_enabled_namespaces_and_ambiguous_ips_pair_nobody(rec) 
 
 
 def test_node_pods_for_marks_shared_addresses() -> None:
-    from sockops.loader import node_pods_for
+    from sockops.maps import node_pods_for
 
     got = node_pods_for(
         {

@@ -37,7 +37,7 @@ from support.relpeer import Server, build_relpeer, run_client, start_server
 from lab.cgroups import Cgroup
 from lab.podlab import Lab, Pod
 from sockops import layout
-from sockops.loader import MapSizes
+from sockops.maps import MapSizes
 
 pytestmark = [pytest.mark.kernel]
 

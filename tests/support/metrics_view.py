@@ -25,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lab.podlab import APP_UID, Pod
 from sockops import libbpf, links
-from sockops.loader import MapSizes, PinnedMaps, programs_attached
+from sockops.loader import programs_attached
+from sockops.maps import MapSizes, PinnedMaps
 
 PAIR_TRAFFIC = Path(__file__).resolve().parent / "pair_traffic.py"
 
