@@ -208,7 +208,7 @@ def test_disable_midstream_keeps_live_connections_and_stops_new_ones(env: Env) -
     pod = plain_pod(env)
     agent = env.agent("--source", "static", "--netns", pod.netns).wait_ready()
     # Long enough to outlive an agent restart on a loaded 2-CPU machine (bcc compiles for seconds)
-    t = Transfer(pod, seconds=12.0)
+    t = Transfer(pod, seconds=8.0)
     accelerated_during(env, pod, env.netns_stats(pod))
     assert agent.stop() == 0
     # the new desired state no longer has the pod: its entry goes, live sockets stay
