@@ -132,3 +132,26 @@ def test_quick_profile_end_to_end(tmp_path: Path) -> None:
 
     left = bench_leftovers() - before
     assert not left, f"the benchmark left these behind: {sorted(left)}"
+
+
+def test_sidebyside_takes_ratios_per_repeat(tmp_path: Path) -> None:
+    """bench/sidebyside.py pairs each repeat's on and loaded runs with that repeat's off run."""
+    from bench import sidebyside
+
+    def run(state: str, rep: int, qps: float, p50: float) -> dict[str, object]:
+        return {"kind": "http", "state": state, "rep": rep, "qps": qps, "p50_ms": p50, "p99_ms": 2 * p50}
+
+    for side, on_qps in (("base", 110.0), ("new", 130.0)):
+        d = tmp_path / f"{side}-1"
+        d.mkdir()
+        runs = [run("off", r, 100.0 * (r + 1), 1.0) for r in range(2)]
+        runs += [run("loaded", r, 100.0 * (r + 1), 1.0) for r in range(2)]
+        runs += [run("on", r, on_qps * (r + 1), 0.5) for r in range(2)]
+        (d / "results.json").write_text(json.dumps({"meta": {"sockops_git_commit": side}, "runs": runs}))
+
+    assert sidebyside.main([str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "sidebyside.json").read_text())
+    assert out["new"]["repeats"] == 2
+    assert out["new"]["ratios_median_min_max"]["on_qps"] == [1.3, 1.3, 1.3]  # per repeat, not pooled
+    assert out["base"]["ratios_median_min_max"]["on_p50"] == [0.5, 0.5, 0.5]
+    assert out["base"]["ratios_median_min_max"]["loaded_qps"] == [1.0, 1.0, 1.0]
