@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import platform
 import random
@@ -37,7 +36,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench import stats
+from bench import report, stats
 from lab.kubeapi import FakeKubeAPI
 from sockops import loader, netns
 from sockops.cgroups import find_cgroup2_root
@@ -239,12 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # cleanup runs on SIGTERM as on Ctrl-C
-    result = run(args.pods, args.changes, args.rate, args.seed)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report.emit(run(args.pods, args.changes, args.rate, args.seed), args.out)
     return 0
 
 

@@ -154,6 +154,15 @@ def build(runs: list[dict[str, Any]], meta: dict[str, Any], profile: dict[str, A
 # -- files --------------------------------------------------------------------------------------
 
 
+def emit(result: dict[str, Any], out: Path | None) -> None:
+    """A control-plane benchmark's result: printed as JSON, and written to ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
     """Write results.json, summary.json, results.md and the plots; validate the JSON first."""
     out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from bench import report
 from bench.churn import _interrupt, _rm_cgroups, pod_processes
 from bench.machine import cpu_model
 from lab.kubeapi import FakeKubeAPI
@@ -223,12 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # cleanup runs on SIGTERM as on Ctrl-C
-    result = run(args.pods, args.seconds, args.warmup, args.code, args.scrape, args.probe)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report.emit(run(args.pods, args.seconds, args.warmup, args.code, args.scrape, args.probe), args.out)
     return 0
 
 
