@@ -127,7 +127,7 @@ def run_pingpong(
         "seconds": raw["seconds"],
         "qps": raw["round_trips"] / raw["seconds"] if raw["seconds"] else 0.0,
         "errors": 0,
-        "eagain": raw["eagain"],
+        "waits": raw["waits"],  # reads or writes that found nothing and waited in epoll
         "p50_ms": rtt["p50"] / 1000,
         "p90_ms": rtt["p90"] / 1000,
         "p99_ms": rtt["p99"] / 1000,

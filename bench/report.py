@@ -128,7 +128,7 @@ def harness(runs: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]]) ->
         "waited_for_quiet_s": sum(r.get("waited_for_quiet_s", 0.0) for r in runs),
         "sockets_left_before_runs": max((r.get("sockets_left_before", 0) for r in runs), default=0),
         "errors": sum(r.get("errors", 0) or 0 for r in runs),
-        "eagain": sum(r.get("eagain", 0) or 0 for r in runs),
+        "waits": sum(r.get("waits", 0) or 0 for r in runs),
     }
 
 
@@ -362,7 +362,7 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{_fmt(h['qps_relative_spread'], 100, 2)} %, p50 {_fmt(h['p50_relative_spread'], 100, 2)} %"
         )
     out.append(
-        f"- errors over all runs: {h['errors']}; EAGAIN retried by the ping-pong client: {h['eagain']}; "
+        f"- errors over all runs: {h['errors']}; ping-pong reads that waited in epoll: {h['waits']}; "
         f"accelerated sockets still in the map before a run: {h['sockets_left_before_runs']}"
     )
     out.append("")

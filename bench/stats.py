@@ -29,7 +29,7 @@ METRICS = (
     "redirected_bytes",
     "redirect_misses",
     "gbit_per_s",
-    "eagain",
+    "waits",
 )
 RATIO_METRICS = ("qps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "cpu_envoys_s_per_1k", "gbit_per_s")
 

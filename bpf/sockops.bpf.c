@@ -24,6 +24,7 @@
  */
 #include <uapi/linux/bpf.h>
 
+#include "kernel.bpf.h"
 #include "maps.bpf.h"
 
 #define AF_INET_ 2
@@ -184,6 +185,14 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 	if (skops->data_segs_out) {
 		/* TCP Fast Open: bytes rode on the SYN over TCP, before any redirect could exist */
 		count(CNT_SKIPPED_FASTOPEN, 1);
+		return;
+	}
+	if (reader_style(sk) == READER_BLOCKING) {
+		/* A blocking reader may sleep in recv() on this socket, and a psock would expose that
+		 * sleep to spurious EAGAINs (a thread blocked in recv() while another half-closes, a
+		 * client that half-closes after the server spoke): its connection stays on plain
+		 * TCP. Its server end finds no pending entry and is never inserted either. */
+		count(CNT_SKIPPED_BLOCKING, 1);
 		return;
 	}
 	if (load_addrs(skops, key.client_ip, &key.client_port, key.dest_ip, &key.dest_port))

@@ -9,6 +9,8 @@
  *   SOCKOPS_SOCKHASH_MAX sockets the sockhash can hold
  *   SOCKOPS_PENDING_MAX  connections that can wait for their peer at once
  *   SOCKOPS_NETNS_MAX    network namespaces that can be enabled
+ *   KOFF_*               offsets of kernel-internal fields, read from the running kernel's BTF
+ *                        (sockops/kernel_btf.py; no default: see kernel.bpf.h)
  */
 #ifndef SOCKOPS_H
 #define SOCKOPS_H
@@ -186,6 +188,7 @@ struct netns_stats {
 #define CNT_SKIPPED_MPTCP 16     /* MPTCP subflow: never given a psock */
 #define CNT_SKIPPED_FASTOPEN 17  /* data rode on the SYN (TCP Fast Open): not accelerated */
 #define CNT_UNDECIDED_FIN 18     /* client sent its FIN before deciding: left if never paired */
+#define CNT_SKIPPED_BLOCKING 19  /* client file without O_NONBLOCK: never given a psock */
 #define CNT_MAX 24
 
 #endif /* SOCKOPS_H */

@@ -4,9 +4,15 @@ Run inside a pod as ``python -m lab.apps server|client ...``. The protocol is a 
 requests, each an 8-byte big-endian length followed by that many bytes; the server echoes the
 bytes back as they arrive. The client sends from one thread and reads from another, so a large
 payload exercises backpressure in both directions, and compares the sha256 of what it sent with
-what came back. Sockets are plain blocking sockets without timeouts: a spurious EAGAIN from the
-kernel reaches the client as an error instead of being retried silently (CPython retries EAGAIN
-only on sockets with a timeout).
+what came back.
+
+The server is thread-per-connection with plain blocking sockets (the classic request/response
+server). The client's sockets have a timeout by default, which makes CPython put the file in
+O_NONBLOCK and wait in poll() before each read: the event-loop style of Envoy, Go or asyncio,
+which sockops accelerates. ``--blocking`` gives the client plain blocking sockets without
+timeouts instead: a blocking reader, which sockops leaves on plain TCP (docs/DATAPLANE.md, "Who
+may be redirected to"), and whose spurious EAGAIN would reach the client as an error (CPython
+retries EAGAIN only on sockets with a timeout).
 """
 
 from __future__ import annotations
@@ -110,7 +116,8 @@ def run_client(args: argparse.Namespace) -> dict[str, object]:
 
     def worker(i: int) -> None:
         try:
-            with socket.create_connection((args.host, args.port)) as sock:
+            timeout = None if args.blocking else args.timeout
+            with socket.create_connection((args.host, args.port), timeout=timeout) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 hold_until = time.monotonic() + args.hold if args.hold else None
                 n = 0
@@ -166,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="keep each connection making requests for this many seconds (one long-lived connection)",
     )
+    c.add_argument(
+        "--blocking",
+        action="store_true",
+        help="plain blocking sockets (a blocking reader) instead of event-wait ones",
+    )
+    c.add_argument("--timeout", type=float, default=120.0, help="seconds any one wait may take")
     args = p.parse_args(argv)
     if args.cmd == "server":
         serve(args.host, args.port, socket.AF_INET6 if args.ipv6 else socket.AF_INET)

@@ -69,6 +69,7 @@ COUNTERS = {
     "skipped_mptcp": 16,
     "skipped_fastopen": 17,
     "undecided_fin_left": 18,
+    "skipped_blocking": 19,
 }
 CNT_MAX = 24
 

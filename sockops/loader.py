@@ -24,6 +24,7 @@ from sockops.errors import (
     PermissionMissing,
     SockopsError,
 )
+from sockops.kernel_btf import kernel_offsets
 from sockops.maps import DEFAULT_BPFFS_DIR, MapSizes, PinnedMaps, adopt_sizes
 
 PROG_SOCK_OPS = "sockops_main"
@@ -65,6 +66,7 @@ def cflags(bpffs_dir: Path, sizes: MapSizes, src_dir: Path | None = None) -> lis
         f"-DSOCKOPS_SOCKHASH_MAX={sizes.sockhash}",
         f"-DSOCKOPS_PENDING_MAX={sizes.pending}",
         f"-DSOCKOPS_NETNS_MAX={sizes.netns}",
+        *kernel_offsets().cflags(),
     ]
 
 

@@ -68,7 +68,11 @@ INSERT_FAILURE_REASONS = {
     "insert_failures_other": "other",
     "pending_ambiguous": "ambiguous",
 }
-NOT_ELIGIBLE_REASONS = {"skipped_mptcp": "mptcp", "skipped_fastopen": "fastopen"}
+NOT_ELIGIBLE_REASONS = {
+    "skipped_mptcp": "mptcp",
+    "skipped_fastopen": "fastopen",
+    "skipped_blocking": "blocking_reader",
+}
 PAIRED_HOW = {"paired_mirror": "mirror", "paired_origdst": "origdst"}
 
 UNKNOWN_POD = ("", "")

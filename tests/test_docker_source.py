@@ -197,7 +197,7 @@ def test_daemon_restart_reconnects_and_relists(
 ECHO = (
     "nc -ll -p 7000 -e cat & sleep 0.3; "
     "i=0; while [ $i -lt 20 ]; do "
-    "head -c 65536 /dev/zero | nc -w 5 127.0.0.1 7000 | wc -c; i=$((i+1)); done; "
+    "/t/nbclient 127.0.0.1 7000 65536; i=$((i+1)); done; "
     "kill $!"
 )
 

@@ -248,7 +248,11 @@ def test_label_sets_are_bounded() -> None:
         "other",
         "ambiguous",
     }
-    assert {dict(k)["reason"] for k in s["sockops_sockets_not_eligible_total"]} == {"mptcp", "fastopen"}
+    assert {dict(k)["reason"] for k in s["sockops_sockets_not_eligible_total"]} == {
+        "mptcp",
+        "fastopen",
+        "blocking_reader",
+    }
     pods = {tuple(v for _, v in k) for k in s["sockops_redirected_bytes_total"]}
     assert pods == {("shop", "cart"), ("web", "front"), ("", "")}
 

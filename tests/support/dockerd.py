@@ -456,9 +456,10 @@ def base_image(docker_engine: DockerEngine) -> str:
 class Containers:
     """Starts containers from the busybox image; removes them (and their cgroup parents) at the end."""
 
-    def __init__(self, engine: DockerEngine, image: str) -> None:
+    def __init__(self, engine: DockerEngine, image: str, tools: Path | None = None) -> None:
         self.engine = engine
         self.image = image
+        self.tools = tools  # mounted read-only at /t in every container (tests/support/nbclient.c)
         self.ids: list[str] = []
         self.cgroup_parents: set[str] = set()
 
@@ -472,6 +473,8 @@ class Containers:
     ) -> str:
         name = f"sockops-test-{secrets.token_hex(4)}"
         argv = ["run", "-d", "--init", "--name", name, f"--network={network}"]
+        if self.tools:
+            argv += ["-v", f"{self.tools}:/t:ro"]
         for label in labels:
             argv += ["--label", label]
         if cgroup_parent:
@@ -500,9 +503,32 @@ class Containers:
             remove_cgroup_dirs(parent, keep=find_cgroup2_root())
 
 
+@pytest.fixture(scope="session")
+def container_tools() -> Iterator[Path]:
+    """tests/support/nbclient.c built static (busybox containers have no libc), in a directory
+    the containers mount at /t: busybox's nc is a blocking client, which sockops never
+    accelerates, so the traffic checks in containers use this event-loop client."""
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is needed to build tests/support/nbclient.c")
+    d = Path(tempfile.mkdtemp(prefix="sockops-test-tools-"))
+    try:
+        d.chmod(0o755)
+        src = Path(__file__).resolve().parent / "nbclient.c"
+        res = subprocess.run(
+            ["gcc", "-static", "-O2", "-Wall", "-o", str(d / "nbclient"), str(src)],
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode != 0:
+            pytest.fail(f"building nbclient failed: {res.stderr}")
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture
-def containers(docker_engine: DockerEngine, busybox_image: str) -> Iterator[Containers]:
-    c = Containers(docker_engine, busybox_image)
+def containers(docker_engine: DockerEngine, busybox_image: str, container_tools: Path) -> Iterator[Containers]:
+    c = Containers(docker_engine, busybox_image, container_tools)
     try:
         yield c
     finally:

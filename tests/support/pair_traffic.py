@@ -72,7 +72,8 @@ def main() -> int:
     listener.listen(64)
     pairs = []
     for _ in range(args.connections):
-        client = socket.create_connection(listener.getsockname())
+        # a timeout makes the client's file O_NONBLOCK: only such clients are accelerated
+        client = socket.create_connection(listener.getsockname(), timeout=20)
         server, _ = listener.accept()
         pairs.append((client, server))
 

@@ -19,7 +19,7 @@
  *   relpeer client HOST PORT --tag T --connections N --parallel P --sizes a,b,c
  *           [--send write|writev|sendfile|more|cork] [--nodelay] [--halfclose]
  *           [--wait recv|poll|epoll] [--expect-eof] [--close-unread] [--banner]
- *           [--bind-port-base B] [--pre-send-delay-ms N] [--big-every K --big-size S]
+ *           [--nonblock] [--bind-port-base B] [--pre-send-delay-ms N] [--big-every K --big-size S]
  *
  * The server prints {"listening": ...} once ready and, on SIGTERM, one JSON summary line; each
  * failed connection is one JSON line on stderr. The client prints one JSON summary line.
@@ -106,7 +106,7 @@ static const char *host;
 static int port, is_v6;
 static uint32_t tag;
 static const char *recv_mode = "recv", *send_mode = "write", *wait_mode = "recv";
-static int banner, unread, nodelay, halfclose, expect_eof, close_unread, pre_send_ms;
+static int banner, unread, nodelay, halfclose, expect_eof, close_unread, pre_send_ms, nonblock;
 static long read_delay_us, close_after_ms, bind_base, big_every;
 static uint64_t big_size;
 static long connections = 1, parallel = 1;
@@ -161,11 +161,24 @@ static void server_fail(uint64_t conn, const char *what, int e)
 }
 
 /* -- I/O helpers: every failure is reported with its errno, never retried ----------------------- */
+/* (except EAGAIN on a --nonblock client, whose file is O_NONBLOCK: it waits in poll() and tries
+ * again, as an event loop does) */
+
+static int wait_writable(int fd)
+{
+	struct pollfd p = { .fd = fd, .events = POLLOUT };
+	return poll(&p, 1, -1) < 0 ? -errno : 0;
+}
 
 static int write_all(int fd, const uint8_t *buf, size_t len, int flags)
 {
 	while (len) {
 		ssize_t n = send(fd, buf, len, MSG_NOSIGNAL | flags);
+		if (n < 0 && nonblock && errno == EAGAIN) {
+			if (wait_writable(fd))
+				return -errno;
+			continue;
+		}
 		if (n < 0)
 			return -errno;
 		buf += n;
@@ -177,7 +190,7 @@ static int write_all(int fd, const uint8_t *buf, size_t len, int flags)
 /* Block until readable the way the client was told to (recv itself, poll or epoll). */
 static int wait_readable(int fd, int ep)
 {
-	if (!strcmp(wait_mode, "poll")) {
+	if (!strcmp(wait_mode, "poll") || (nonblock && strcmp(wait_mode, "epoll"))) {
 		struct pollfd p = { .fd = fd, .events = POLLIN };
 		if (poll(&p, 1, -1) < 0)
 			return -errno;
@@ -199,6 +212,8 @@ static ssize_t read_full(int fd, uint8_t *buf, size_t len, int ep)
 		if (w)
 			return w;
 		ssize_t n = recv(fd, buf + got, len - got, 0);
+		if (n < 0 && nonblock && errno == EAGAIN)
+			continue;	/* a wake-up without data is allowed to an O_NONBLOCK reader */
 		if (n < 0)
 			return -errno;
 		if (n == 0)
@@ -447,6 +462,8 @@ static int send_request(int fd, struct hdr *h, uint8_t *buf)
 		off_t pos = 0;
 		while ((uint64_t)pos < h->req_size) {
 			ssize_t n = sendfile(fd, mfd, &pos, h->req_size - pos);
+			if (n < 0 && nonblock && errno == EAGAIN && !wait_writable(fd))
+				continue;
 			if (n <= 0) {
 				e = n < 0 ? -errno : -EIO;
 				close(mfd);
@@ -471,6 +488,11 @@ static int send_request(int fd, struct hdr *h, uint8_t *buf)
 			size_t total = (o == 0 ? sizeof(*h) : 0) + len, done = 0;
 			while (done < total) {
 				ssize_t w = writev(fd, iov, n);
+				if (w < 0 && nonblock && errno == EAGAIN) {
+					if (wait_writable(fd))
+						return -errno;
+					continue;
+				}
 				if (w < 0)
 					return -errno;
 				done += w;
@@ -534,10 +556,16 @@ static const char *one(uint64_t conn, uint64_t size, uint8_t *buf, int *err)
 			goto out;
 		}
 	}
+	if (nonblock)
+		fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 	if (connect(fd, (void *)&ss, len)) {
-		*err = errno;
-		what = "connect";
-		goto out;
+		socklen_t elen = sizeof(*err);
+		if (!(nonblock && errno == EINPROGRESS && !wait_writable(fd) &&
+		      !getsockopt(fd, SOL_SOCKET, SO_ERROR, err, &elen) && !*err)) {
+			*err = *err ? *err : errno;
+			what = "connect";
+			goto out;
+		}
 	}
 	if (!strcmp(wait_mode, "epoll")) {
 		struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP };
@@ -738,6 +766,8 @@ int main(int argc, char **argv)
 			expect_eof = 1;
 		else if (!strcmp(a, "--close-unread"))
 			close_unread = 1;
+		else if (!strcmp(a, "--nonblock"))
+			nonblock = 1;
 		else {
 			fprintf(stderr, "unknown option %s\n", a);
 			return 2;

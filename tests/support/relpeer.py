@@ -120,12 +120,15 @@ def run_client(
     tag: int,
     timeout: float = 120.0,
     hang_ok: bool = False,
+    nonblock: bool = True,
     **opts: Any,
 ) -> dict[str, Any]:
     """relpeer client in the pod as UID 1000; its JSON summary (ok, mismatches, bytes, wall, cpu,
     errors by kind: errno names such as EAGAIN, or what failed). A hang fails the test, unless
-    ``hang_ok`` (a case that measures a known hang): then ``{"hung": True}`` comes back."""
-    argv = [str(exe), "client", host, str(port), "--tag", str(tag), *_opts(opts)]
+    ``hang_ok`` (a case that measures a known hang): then ``{"hung": True}`` comes back.
+    ``nonblock``: event-loop clients (O_NONBLOCK, waiting in poll()), which sockops accelerates;
+    False for blocking readers, which it leaves on plain TCP."""
+    argv = [str(exe), "client", host, str(port), "--tag", str(tag), *_opts({"nonblock": nonblock, **opts})]
     env = {"PATH": "/usr/bin:/bin", **({"RELPEER_VERBOSE": "1"} if os.environ.get("RELPEER_VERBOSE") else {})}
     try:
         res = pod.run(argv, uid=APP_UID, timeout=timeout, text=True, env=env)

@@ -4,7 +4,8 @@ Run inside a pod (stdlib only, any UID): ``python socket_kinds.py KIND --connect
 thread listens on 127.0.0.1, N client connections of the kind run against it, and one JSON line
 says how many came back intact (``ok``), wrong (``mismatches``) and which errors were raised.
 Plain blocking sockets without timeouts: CPython would retry a spurious EAGAIN behind a timeout,
-and here it must show as an error.
+and here it must show as an error. ``--event-wait`` gives the clients a timeout instead (an
+O_NONBLOCK file that waits in poll(): the event-loop style sockops accelerates).
 
 Kinds:
 * ``mptcp``: client and server are IPPROTO_MPTCP sockets; the kernel's TCP subflows under them
@@ -76,9 +77,10 @@ def handle(conn: socket.socket, kind: str) -> None:
         conn.sendall(hashlib.sha256(recv_exact(conn, size)).digest())
 
 
-def client(kind: str, port: int, i: int, size: int) -> bool:
+def client(kind: str, port: int, i: int, size: int, timeout: float | None) -> bool:
     proto = IPPROTO_MPTCP if kind == "mptcp" else 0
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto) as s:
+        s.settimeout(timeout)
         if kind == "fin-first":
             s.connect(("127.0.0.1", port))
             s.shutdown(socket.SHUT_WR)
@@ -100,6 +102,7 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--size", type=int, default=1000)
+    p.add_argument("--event-wait", action="store_true", help="client sockets with a timeout")
     args = p.parse_args()
 
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP if args.kind == "mptcp" else 0)
@@ -117,7 +120,7 @@ def main() -> int:
     def worker(t: int) -> None:
         for i in range(t, args.connections, args.threads):
             try:
-                ok = client(args.kind, port, i, args.size)
+                ok = client(args.kind, port, i, args.size, 20.0 if args.event_wait else None)
                 with lock:
                     result["ok" if ok else "mismatches"] += 1
             except Exception as e:

@@ -1,0 +1,51 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Reads of kernel-internal fields (struct sock, struct tcp_sock, struct file), which have no UAPI
+ * layout. bcc compiles against the distribution's kernel headers, which need not match the
+ * running kernel, so these structs are never named here: the loader passes each field's byte
+ * offset as a KOFF_* macro read from the running kernel's BTF (sockops/kernel_btf.py), and the
+ * program walks BTF-typed pointers (bpf_skc_to_tcp_sock()) at those offsets. The verifier checks
+ * every such load against the same BTF: a wrong offset fails the load, it is never read
+ * silently. A NULL pointer on the way reads as 0 (BTF pointer loads cannot fault).
+ */
+#ifndef SOCKOPS_KERNEL_H
+#define SOCKOPS_KERNEL_H
+
+#if !defined(KOFF_SK_SOCKET) || !defined(KOFF_SOCKET_FILE) || !defined(KOFF_FILE_F_FLAGS)
+#error "KOFF_* offsets missing: compile through sockops.loader, which reads them from the kernel's BTF"
+#endif
+
+#define O_NONBLOCK_ 04000
+
+/* The field at byte offset `off` of the BTF-typed kernel object `obj`, as type T. */
+#define KFIELD(obj, off, T) (*(T *)((char *)(obj) + (off)))
+
+#define READER_UNKNOWN 0  /* no file yet: an accepted socket before accept() returned it */
+#define READER_NONBLOCK 1 /* the file is O_NONBLOCK: no read on it ever sleeps */
+#define READER_BLOCKING 2 /* a read may sleep inside recvmsg() */
+
+/*
+ * How this socket's owner reads it, from its file's flags. Why it matters: a reader asleep in
+ * tcp_bpf_recvmsg() (the recvmsg of a socket with a psock) returns EAGAIN when a wake-up brings
+ * no data, also to a blocking caller (docs/KERNEL-NOTES.md §1), and a reader already asleep in
+ * plain tcp_recvmsg() when a psock appears never looks at the psock queue (§6). A socket whose
+ * file is O_NONBLOCK never has a sleeping reader, so neither can happen to it.
+ */
+static __always_inline int reader_style(struct bpf_sock *sk)
+{
+	void *tp = bpf_skc_to_tcp_sock(sk);
+	void *sock, *file;
+
+	if (!tp)
+		return READER_UNKNOWN;
+	sock = KFIELD(tp, KOFF_SK_SOCKET, void *);	/* struct sock is tcp_sock's first member */
+	if (!sock)
+		return READER_UNKNOWN;
+	file = KFIELD(sock, KOFF_SOCKET_FILE, void *);
+	if (!file)
+		return READER_UNKNOWN;
+	return (KFIELD(file, KOFF_FILE_F_FLAGS, __u32) & O_NONBLOCK_) ? READER_NONBLOCK
+									: READER_BLOCKING;
+}
+
+#endif /* SOCKOPS_KERNEL_H */

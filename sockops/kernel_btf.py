@@ -1,0 +1,127 @@
+"""Offsets of the kernel-internal fields the BPF programs read, taken from the running kernel's BTF.
+
+bcc compiles against whatever kernel headers the distribution ships (Debian's 6.1 headers on a
+6.18 kernel here), which is harmless for the UAPI context structs (`struct bpf_sock_ops`) but
+wrong for internal ones such as `struct sock` or `struct tcp_sock`, whose layout changes with
+every kernel and config. So the programs never name an internal struct: they walk BTF-typed
+pointers (`bpf_skc_to_tcp_sock()`) at byte offsets this module reads from
+`/sys/kernel/btf/vmlinux` through libbpf, and the verifier checks each load against the same BTF
+(a wrong offset is refused at load, never read silently). docs/DATAPLANE.md, "Who may be
+redirected to", says which fields and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from sockops.errors import SockopsError
+
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+
+BTF_KIND_STRUCT = 4
+BTF_KIND_UNION = 5
+
+# (macro, struct, member path) for each field a program reads; the macro is what the C uses.
+FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("KOFF_SK_SOCKET", "sock", "sk_socket"),
+    ("KOFF_SK_UID", "sock", "sk_uid"),
+    ("KOFF_SOCKET_FILE", "socket", "file"),
+    ("KOFF_FILE_F_FLAGS", "file", "f_flags"),
+    ("KOFF_TP_COPIED_SEQ", "tcp_sock", "copied_seq"),
+    ("KOFF_TP_RCV_NXT", "tcp_sock", "rcv_nxt"),
+    ("KOFF_TP_WRITE_SEQ", "tcp_sock", "write_seq"),
+)
+
+
+class KernelBtfMissing(SockopsError):
+    """The running kernel exposes no BTF, or lacks a field sockops needs."""
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size", ctypes.c_uint32)]
+
+
+class _BtfMember(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32), ("offset", ctypes.c_uint32)]
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    lib.btf__parse.restype = ctypes.c_void_p
+    lib.btf__parse.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    lib.btf__free.argtypes = [ctypes.c_void_p]
+    lib.btf__find_by_name_kind.restype = ctypes.c_int32
+    lib.btf__find_by_name_kind.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]
+    lib.btf__type_by_id.restype = ctypes.POINTER(_BtfType)
+    lib.btf__type_by_id.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.btf__name_by_offset.restype = ctypes.c_char_p
+    lib.btf__name_by_offset.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.btf__resolve_type.restype = ctypes.c_int32
+    lib.btf__resolve_type.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    return lib
+
+
+def _member_offset(lib: ctypes.CDLL, btf: int, type_id: int, name: str) -> int | None:
+    """Byte offset of `name` in the struct or union `type_id`, looking into anonymous members
+    (the kernel groups fields in unnamed structs and unions, e.g. tcp_sock's cache-line groups)."""
+    t = lib.btf__type_by_id(btf, type_id).contents
+    kind = (t.info >> 24) & 0x1F
+    if kind not in (BTF_KIND_STRUCT, BTF_KIND_UNION):
+        return None
+    vlen = t.info & 0xFFFF
+    bitfields = bool(t.info >> 31)
+    members = ctypes.cast(
+        ctypes.addressof(t) + ctypes.sizeof(_BtfType), ctypes.POINTER(_BtfMember * vlen)
+    ).contents
+    for m in members:
+        bits = m.offset & 0xFFFFFF if bitfields else m.offset
+        member_name = lib.btf__name_by_offset(btf, m.name_off).decode()
+        if member_name == name:
+            return bits // 8
+        if not member_name:
+            inner = _member_offset(lib, btf, lib.btf__resolve_type(btf, m.type), name)
+            if inner is not None:
+                return bits // 8 + inner
+    return None
+
+
+@dataclass(frozen=True)
+class KernelOffsets:
+    """Byte offsets of the fields in FIELDS, as the running kernel lays them out."""
+
+    offsets: dict[str, int]
+
+    def cflags(self) -> list[str]:
+        return [f"-D{macro}={off}" for macro, off in sorted(self.offsets.items())]
+
+
+@functools.cache
+def kernel_offsets(path: Path = VMLINUX_BTF) -> KernelOffsets:
+    """Read every offset in FIELDS from the kernel's BTF. Raises KernelBtfMissing with the fix."""
+    if not path.exists():
+        raise KernelBtfMissing(
+            f"{path} is missing: sockops needs a kernel built with CONFIG_DEBUG_INFO_BTF=y "
+            "(every major distribution kernel since 5.x has it)"
+        )
+    lib = _lib()
+    btf = lib.btf__parse(str(path).encode(), None)
+    if not btf:
+        raise KernelBtfMissing(f"libbpf could not parse {path} (errno {ctypes.get_errno()})")
+    try:
+        found: dict[str, int] = {}
+        for macro, struct, member in FIELDS:
+            type_id = lib.btf__find_by_name_kind(btf, struct.encode(), BTF_KIND_STRUCT)
+            off = _member_offset(lib, btf, type_id, member) if type_id > 0 else None
+            if off is None:
+                raise KernelBtfMissing(
+                    f"the running kernel's BTF has no struct {struct} member {member}: this "
+                    "kernel is not supported by this sockops version (report the kernel version)"
+                )
+            found[macro] = off
+        return KernelOffsets(found)
+    finally:
+        lib.btf__free(btf)
