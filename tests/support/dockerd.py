@@ -527,7 +527,9 @@ def container_tools() -> Iterator[Path]:
 
 
 @pytest.fixture
-def containers(docker_engine: DockerEngine, busybox_image: str, container_tools: Path) -> Iterator[Containers]:
+def containers(
+    docker_engine: DockerEngine, busybox_image: str, container_tools: Path
+) -> Iterator[Containers]:
     c = Containers(docker_engine, busybox_image, container_tools)
     try:
         yield c
