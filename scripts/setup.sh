@@ -14,11 +14,13 @@ fi
 # Debian packages: bcc and kernel headers for it, network tools, load generators, bench/test helpers,
 # and a docker engine with what the tests build their local images from (no image registry here);
 # prometheus for promtool, which checks and unit-tests the alert rules in daemonset/alerts;
-# nginx (the benchmark's app server, run inside a pod) and gcc (the benchmark's ping-pong program).
+# nginx (the benchmark's app server, run inside a pod) and gcc (the benchmark's ping-pong program);
+# the app zoo of tests/test_apps.py: Go (its programs are built in the test), HAProxy, socat,
+# redis and curl, each run inside a pod with sockops off and on.
 PKGS=(python3-bpfcc bpfcc-tools linux-headers-amd64 python3-venv iproute2 iptables bpftool
       sockperf wrk iperf3 nghttp2-client tcpdump util-linux procps
       docker.io debootstrap busybox-static prometheus
-      nginx gcc)
+      nginx gcc golang-go haproxy socat redis-server redis-tools curl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -27,10 +29,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  if [[ " ${missing[*]} " == *" nginx "* ]] && [ -d /run/systemd/system ]; then
-    # The bench starts its own nginx inside a pod; the host service the package enables is not wanted.
-    systemctl disable --now nginx >/dev/null 2>&1 || true
-  fi
+  # The bench and the tests start their own nginx, haproxy and redis inside pods; the host
+  # services the packages enable are not wanted.
+  for svc in nginx haproxy redis-server; do
+    if [[ " ${missing[*]} " == *" $svc "* ]] && [ -d /run/systemd/system ]; then
+      systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    fi
+  done
   # Only promtool is wanted: on a systemd host the package also starts a Prometheus server (:9090).
   if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
     systemctl disable --now prometheus >/dev/null 2>&1 || true
@@ -38,8 +43,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # bcc compiles against the running kernel's headers. The running kernel ships none, so point
-# /lib/modules/$(uname -r)/{build,source} at the Debian header package (BPF programs here only use
-# UAPI context structs, so a header version that differs from the kernel is fine).
+# /lib/modules/$(uname -r)/{build,source} at the Debian header package. A header version that
+# differs from the kernel is fine: the programs use the UAPI context structs from the headers and
+# read kernel-internal fields only at offsets taken from the running kernel's BTF
+# (sockops/kernel_btf.py).
 kdir="/lib/modules/$(uname -r)"
 if [ ! -e "$kdir/build/include" ]; then
   hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
