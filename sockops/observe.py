@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -346,7 +346,7 @@ def scan_pids(
     proc: Path = Path("/proc"),
     max_sockets: int = MAX_SOCKETS,
     capped: Iterable[str] = (),
-    clock: Any = time.time,
+    clock: Callable[[], float] = time.time,
 ) -> Report:
     """The report for processes that share one network namespace (see the module docstring)."""
     pids = list(pids)
@@ -390,7 +390,7 @@ def scan(
     proc: Path = Path("/proc"),
     max_processes: int = MAX_PROCESSES,
     max_sockets: int = MAX_SOCKETS,
-    clock: Any = time.time,
+    clock: Callable[[], float] = time.time,
 ) -> dict[K, Report]:
     """A report per target network namespace path (one pass over /proc for all). Never raises:
     what cannot be read becomes a report with ``error`` set."""

@@ -30,7 +30,7 @@ from test_agent_kubernetes import ON, KubeEnv, cookie
 from lab.cgroups import Cgroup
 from lab.kubeapi import FakeKubeAPI
 from lab.podlab import APP_UID, Lab, Pod
-from sockops import loader, observe
+from sockops import kubectl_plugin, loader, observe
 from sockops.sources.objects import container_to_workload, pod_to_workload
 from sockops.workload import ANNOTATION, OBSERVE, decide, decide_container
 
@@ -343,6 +343,11 @@ def _observing_everywhere(kube: KubeEnv, agent: AgentProcess, pod: Pod) -> None:
     assert "2 accepted blocking: accelerated but exposed (" in res.stdout
     assert "1 connected blocking: plain TCP (" in res.stdout
     assert "note: not detectable here: splice() readers" in res.stdout
+    found = {"pod": "default/watched", "node": "node-a", "agent": "sockops-system/a", "agent_state": "ok",
+             "workload": mine}  # fmt: skip
+    plugin = kubectl_plugin.render(found)
+    assert plugin.splitlines()[0] == "default/watched: observing"
+    assert "    2 accepted blocking: accelerated but exposed (" in plugin
 
     labels = {"namespace": "default", "pod": "watched"}
     assert agent.metric("sockops_observed_sockets", **labels, role="connected", style="nonblocking",
