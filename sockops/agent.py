@@ -135,6 +135,9 @@ class Agent:
     def pod_labels(self) -> dict[int, tuple[str, str]]:
         return self.reconciler.pod_labels() if self.reconciler else {}
 
+    def observed_sockets(self) -> dict[tuple[str, str], dict[tuple[str, str, str], int]]:
+        return self.reconciler.observed() if self.reconciler else {}
+
     def _count(self, state: str) -> int:
         return sum(s.state == state for s in self.reconciler.snapshot()) if self.reconciler else 0
 

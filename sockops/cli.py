@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from sockops import __version__, config, layout, loader, logs
+from sockops import __version__, config, layout, loader, logs, observe
 from sockops import netns as netns_mod
 from sockops.errors import SockopsError
 
@@ -216,6 +216,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  {'':<36} {'':<12} Istio capture: {w['capture']}")
             for err in w["errors"]:
                 print(f"  {'':<36} {'':<12} ! {err}")
+            if w.get("state") == "observing":
+                for line in observe.render(w.get("observed")):
+                    print(f"  {'':<36} {'':<12} {line}")
         if not workloads:
             print("  (none reported by the sources)")
     print("enabled namespaces:")

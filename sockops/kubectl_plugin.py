@@ -101,6 +101,10 @@ def render(found: dict[str, Any]) -> str:
     lines += [f"  ! {e}" for e in w.get("errors") or []]
     if w.get("capture"):
         lines.append(f"  Istio capture: {w['capture']}")
+    if w.get("state") == "observing":
+        from sockops.observe import render as render_observed
+
+        lines += [f"  {line}" for line in render_observed(w.get("observed"))]
     lines.append(where)
     return "\n".join(lines)
 

@@ -110,6 +110,12 @@ class AgentView(Protocol):
 
     def map_sizes(self) -> MapSizes: ...
 
+    def observed_sockets(self) -> dict[tuple[str, str], dict[tuple[str, str, str], int]]:
+        """(namespace, pod) -> sockets by (role, style, verdict) of pods in observe mode.
+
+        Optional: a view without it exports no ``sockops_observed_sockets`` series."""
+        ...
+
 
 class AgentMetrics:
     """Metrics the agent updates itself. Create one per registry (see :func:`build_registry`).
@@ -266,6 +272,13 @@ class MapCollector(Collector):
             CounterMetricFamily(
                 "sockops_pair_races_lost", "Server ends that joined just after their client chose TCP."
             ),
+            GaugeMetricFamily(
+                "sockops_observed_sockets",
+                "TCP sockets of pods in observe mode (sockops.io/accelerate=observe) as of the last "
+                "scan, by role (connected|accepted), reader style (nonblocking|blocking) and what "
+                "sockops would do (accelerated|plain_tcp|accelerated_exposed).",
+                labels=["namespace", "pod", "role", "style", "verdict"],
+            ),
             GaugeMetricFamily("sockops_pods_accelerated", "Workloads accelerated now."),
             GaugeMetricFamily(
                 "sockops_pods_pending", "Workloads opted in whose network namespace is not resolved yet."
@@ -319,6 +332,10 @@ class MapCollector(Collector):
         supported = safe("kernel support", self.view.kernel_supported, None)
         if supported is not None:
             fams["sockops_kernel_supported"].add_metric([], 1 if supported else 0)
+
+        observed = getattr(self.view, "observed_sockets", None)
+        if observed is not None:
+            self._add_observed(fams, safe("observed pods", observed, {}))
 
         loaded = safe("pinned maps", lambda: self._read_maps(fams, safe), False)
         fams["sockops_maps_loaded"].add_metric([], 1 if loaded else 0)
@@ -381,6 +398,23 @@ class MapCollector(Collector):
         if self.pod_labels == "off":
             return UNKNOWN_POD
         return namespace, pod
+
+    def _add_observed(
+        self, fams: dict[str, Metric], observed: dict[tuple[str, str], dict[tuple[str, str, str], int]]
+    ) -> None:
+        """Observed sockets summed by the pod labels the setting keeps (like :meth:`_add_pods`).
+
+        At most 6 (role, style, verdict) combinations exist per pod (sockops/observe.py), and the
+        program is never a label, so the series stay bounded by the observed pods.
+        """
+        per: dict[tuple[str, ...], int] = {}
+        for workload, groups in observed.items():
+            namespace, pod = self._label_values(workload)
+            for (role, style, verdict), n in groups.items():
+                key = (namespace, pod, role, style, verdict)
+                per[key] = per.get(key, 0) + n
+        for key, n in sorted(per.items()):
+            fams["sockops_observed_sockets"].add_metric(list(key), n)
 
     def _add_pods(
         self, fams: dict[str, Metric], stats: dict[int, dict[str, int]], labels: dict[int, tuple[str, str]]

@@ -11,6 +11,10 @@ affects new connections only. Sockets already in the sockhash stay there with th
 they close; removing a live socket from its last map would purge its unread data (docs/DATAPLANE.md
 F4). Disabling a pod is therefore always safe for its live connections.
 
+A workload in observe mode is resolved like an accelerated one but never enabled: its status is
+``observing`` with a report of its programs' sockets (sockops/observe.py), read at first sight and
+at every full resync, not at every event (a /proc scan per event would cost the churn path).
+
 Entries the agent writes carry NETNS_F_AGENT; entries made by hand (``sockops enable``) do not,
 and the reconciler never removes them. Until every source has completed its first list, the
 reconciler adds but never removes: a restarted agent must not switch a node's pods off for the
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sockops import netns as netns_mod
+from sockops import observe
 from sockops.errors import NetnsNotFound, SockopsError
 from sockops.layout import NetnsSettings, SockKey
 from sockops.workload import Locator, Workload
@@ -41,7 +46,10 @@ ACCELERATED = "accelerated"
 PENDING = "pending"  # opted in, namespace not resolved yet (retried)
 OFF = "off"
 ERROR = "error"  # opted in, but the map write failed (retried)
-STATES = (ACCELERATED, PENDING, OFF, ERROR)
+OBSERVING = "observing"  # observe mode: resolved and reported, never enabled
+STATES = (ACCELERATED, PENDING, OFF, ERROR, OBSERVING)
+
+Scanner = Callable[[Mapping[tuple[str, str], Path]], Mapping[tuple[str, str], observe.Report]]
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class WorkloadStatus:
     cookie: int | None = None
     netns: str | None = None
     capture: str | None = None  # Istio's capture found in the pod: "iptables-legacy 15001/15006"
+    observed: observe.Report | None = None  # observe mode: what its programs' sockets would get
 
     def to_json(self) -> dict[str, object]:
         w = self.workload
@@ -68,6 +77,7 @@ class WorkloadStatus:
             "netns": self.netns,
             "capture": self.capture,
             "errors": list(w.errors),
+            "observed": self.observed.to_json() if self.observed is not None else None,
         }
 
 
@@ -304,8 +314,10 @@ class Reconciler:
         retry: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
+        scanner: Scanner = observe.scan,
     ) -> None:
         self.maps = maps
+        self.scanner = scanner
         self.notifier: Notifier = notifier or _NullNotifier()
         self.resolver = resolver
         self.expected_sources = set(sources)
@@ -319,6 +331,7 @@ class Reconciler:
         self._synced: set[str] = set()
         self._resolved: dict[tuple[str, str], Resolved] = {}
         self._status: dict[tuple[str, str], WorkloadStatus] = {}
+        self._observed: dict[tuple[str, str], tuple[int, observe.Report]] = {}  # key -> (cookie, report)
         self._last_state: str | None = None
         self._written: dict[int, NetnsSettings] | None = None  # what netns_conf holds, as last read
         self._node_pods: dict[str, int] | None = None  # what node_pods holds
@@ -370,6 +383,16 @@ class Reconciler:
             for s in self.snapshot()
             if s.state == ACCELERATED and s.cookie is not None
         }
+
+    def observed(self) -> dict[tuple[str, str], dict[tuple[str, str, str], int]]:
+        """(namespace, pod) -> sockets by (role, style, verdict) of observed workloads (metrics)."""
+        out: dict[tuple[str, str], dict[tuple[str, str, str], int]] = {}
+        for s in self.snapshot():
+            if s.state == OBSERVING and s.observed is not None:
+                acc = out.setdefault((s.workload.namespace, s.workload.name), {})
+                for group, n in s.observed.totals().items():
+                    acc[group] = acc.get(group, 0) + n
+        return out
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, stop: threading.Event, resync: float = 30.0) -> None:
@@ -467,10 +490,11 @@ class Reconciler:
         self.resolver.prefetch(
             w.locator.pod_uid
             for key, w in desired.items()
-            if w.accelerate and w.locator.pod_uid and (full or key not in self._resolved)
+            if (w.accelerate or w.observe) and w.locator.pod_uid and (full or key not in self._resolved)
         )
+        to_scan: dict[tuple[str, str], Path] = {}
         for key, w in desired.items():
-            if not w.accelerate:
+            if not w.accelerate and not w.observe:
                 statuses[key] = WorkloadStatus(w, OFF, w.reason)
                 self._resolved.pop(key, None)
                 continue
@@ -488,6 +512,14 @@ class Reconciler:
                     statuses[key] = WorkloadStatus(w, PENDING, str(e))
                     continue
                 self._resolved[key] = res
+            if not w.accelerate:
+                # Observe mode: resolved (so the report names the right namespace) but never a
+                # map entry. Scanned at first sight, when its namespace changed, and every resync.
+                seen = self._observed.get(key)
+                if full or seen is None or seen[0] != res.cookie:
+                    to_scan[key] = res.path
+                statuses[key] = WorkloadStatus(w, OBSERVING, w.reason, res.cookie, str(res.path), res.capture)
+                continue
             # Two workloads in one namespace (a pod seen by two sources, containers sharing a
             # sandbox) enable it once; the first one's settings win, in a stable order.
             target.setdefault(res.cookie, res.settings)
@@ -495,6 +527,7 @@ class Reconciler:
             statuses[key] = WorkloadStatus(w, ACCELERATED, w.reason, res.cookie, str(res.path), res.capture)
         for key in [k for k in self._resolved if k not in desired]:
             del self._resolved[key]
+        self._observe(to_scan, statuses)
         if full:
             self.resolver.retain({r.cookie for r in self._resolved.values()})
 
@@ -541,7 +574,7 @@ class Reconciler:
         with self._lock:
             for key, st in statuses.items():
                 prev = self._status.get(key)
-                if prev and prev.state == ACCELERATED and st.state == OFF:
+                if prev and prev.state == ACCELERATED and st.state in (OFF, OBSERVING):
                     self.notifier.stopped(st.workload)
                     log.info(
                         "acceleration off for new connections; live ones keep running",
@@ -557,6 +590,39 @@ class Reconciler:
         self.enforced_once = self.enforced_once or synced
         self.last_enforce = self.clock()
         self._write_state()
+
+    def _observe(
+        self, to_scan: Mapping[tuple[str, str], Path], statuses: dict[tuple[str, str], WorkloadStatus]
+    ) -> None:
+        """Scan the observed workloads that need it and attach every observed one's report.
+
+        The scanner never raises by contract; should it anyway, the workloads keep their last
+        report (or none): observe mode must not stop the loop that enables other pods.
+        """
+        if to_scan:
+            try:
+                reports = dict(self.scanner(to_scan))
+            except Exception as e:
+                log.exception("observing failed", extra={"fields": {"error": str(e)}})
+                reports = {}
+            for key, report in reports.items():
+                st = statuses.get(key)
+                if st is None or key not in to_scan:
+                    continue
+                if key not in self._observed:
+                    log.info(
+                        "observing: not accelerated, sockets reported",
+                        extra={
+                            "fields": {**st.workload.log_fields(), "netns": st.netns, "cookie": st.cookie}
+                        },
+                    )
+                self._observed[key] = (st.cookie or 0, report)
+        for key in list(self._observed):
+            st = statuses.get(key)
+            if st is None or st.state != OBSERVING:
+                del self._observed[key]
+        for key, (_, report) in self._observed.items():
+            statuses[key] = replace(statuses[key], observed=report)
 
     def _forget_gone(self, wanted: Set[int]) -> None:
         """Drop per-namespace counters nobody can use any more: not enabled, no socket left.

@@ -6,9 +6,14 @@ are written once and fuzzed once, whichever source read them.
 
 Opt-in rules (the pod annotation wins over the namespace default):
 
-* pod annotation ``sockops.io/accelerate: "true" | "false"``;
+* pod annotation ``sockops.io/accelerate: "true" | "false" | "observe"``;
 * namespace label ``sockops.io/accelerate=enabled | disabled`` sets the default of its pods;
 * anything else: not accelerated.
+
+``observe`` (pod annotation, docker label) never enables the pod: the agent only reports what its
+programs' sockets would get (sockops/observe.py), so a team can look before it opts in
+(docs/DATAPLANE.md, "Observe mode"). The namespace label has no such value: observing is a
+decision about one workload.
 
 A value that is not one of these is a user's mistake, not a reason to guess: the workload is not
 accelerated, and its reason says which value was wrong and what to write instead.
@@ -40,55 +45,76 @@ class InvalidValue(ValueError):
     """A label or annotation value sockops cannot use; the message says what would be valid."""
 
 
+# What the agent does with a workload (Decision.mode, Workload.mode).
+ACCELERATE = "accelerate"
+OBSERVE = "observe"
+OFF = "off"
+
+
 @dataclass(frozen=True)
 class Decision:
-    accelerate: bool
+    accelerate: bool  # enable the namespace in the maps; never true together with observe
     reason: str
     error: str | None = None  # set when a value was invalid (counted and logged by the reconciler)
+    observe: bool = False  # report the pod's sockets, do not enable it
+
+    @property
+    def mode(self) -> str:
+        return ACCELERATE if self.accelerate else OBSERVE if self.observe else OFF
 
 
-def _two_values(value: str, yes: str, no: str, what: str) -> bool:
+def _one_of(value: str, valid: tuple[str, ...], what: str) -> str:
+    """``value`` normalised if it is one of ``valid``, else an error that lists them all."""
     v = value.strip().lower()
-    if v in (yes, no):
-        return v == yes
-    raise InvalidValue(f'{what}="{value[:64]}" is not valid: write "{yes}" or "{no}"')
+    if v in valid:
+        return v
+    # The first two are the on/off pair every value set has; a third is worded as an extra so
+    # that the message stays the one users (and their alerts) already know.
+    hint = f'write "{valid[0]}" or "{valid[1]}"'
+    if len(valid) > 2:
+        hint += ", or " + ", ".join(f'"{x}"' for x in valid[2:]) + " to report without accelerating"
+    raise InvalidValue(f'{what}="{value[:64]}" is not valid: {hint}')
 
 
-def _bool_annotation(value: str) -> bool:
-    return _two_values(value, "true", "false", ANNOTATION)
+WORKLOAD_VALUES = ("true", "false", OBSERVE)  # pod annotation, docker label
+NAMESPACE_VALUES = ("enabled", "disabled")
 
 
-def _namespace_default(value: str) -> bool:
-    return _two_values(value, "enabled", "disabled", f"namespace label {NAMESPACE_LABEL}")
+def _decision(value: str, reason: str) -> Decision:
+    """The decision for a valid workload or namespace value (see the module docstring)."""
+    on = value in ("true", "enabled")
+    return Decision(on, reason, observe=value == OBSERVE)
 
 
 def decide(annotations: Mapping[str, str] | None, namespace_labels: Mapping[str, str] | None) -> Decision:
-    """Whether a pod is accelerated, and why: the one place the opt-in rules live."""
+    """Whether a pod is accelerated (or only observed), and why: the one place the opt-in rules live."""
     # In order of precedence: the pod's annotation wins over its namespace's default.
     rules = (
-        (annotations, ANNOTATION, _bool_annotation, "pod annotation", ("true", "false")),
-        (namespace_labels, NAMESPACE_LABEL, _namespace_default, "namespace label", ("enabled", "disabled")),
-    )
-    for values, key, parse, what, (yes, no) in rules:
+        (annotations, ANNOTATION, WORKLOAD_VALUES, "pod annotation", ANNOTATION),
+        (namespace_labels, NAMESPACE_LABEL, NAMESPACE_VALUES, "namespace label",
+         f"namespace label {NAMESPACE_LABEL}"),
+    )  # fmt: skip
+    for values, key, valid, what, name in rules:
         if values and key in values:
             try:
-                on = parse(str(values[key]))
+                v = _one_of(str(values[key]), valid, name)
             except InvalidValue as e:
                 return Decision(False, f"invalid {what}", str(e))
-            return Decision(on, f"{what} {key}={yes if on else no}")
+            return _decision(v, f"{what} {key}={v}")
     return Decision(False, "not opted in")
 
 
 def decide_container(labels: Mapping[str, str] | None) -> Decision:
-    """Docker: the container label ``sockops.io/accelerate=true`` opts a container in."""
+    """Docker: the container label ``sockops.io/accelerate=true`` opts a container in
+    (``observe``: report only)."""
     labels = labels or {}
     if DOCKER_LABEL not in labels:
         return Decision(False, "not opted in")
     try:
-        on = _bool_annotation(str(labels[DOCKER_LABEL]))
+        v = _one_of(str(labels[DOCKER_LABEL]), WORKLOAD_VALUES, f"label {DOCKER_LABEL}")
     except InvalidValue as e:
-        return Decision(False, "invalid container label", str(e).replace("sockops.io", "label sockops.io", 1))
-    return Decision(on, f"container label {DOCKER_LABEL}={'true' if on else 'false'}")
+        return Decision(False, "invalid container label", str(e))
+    return _decision(v, f"container label {DOCKER_LABEL}={v}")
 
 
 # -- Istio capture annotations -------------------------------------------------------------------
@@ -208,7 +234,8 @@ class Workload:
 
     ``uid`` is unique within its source (pod UID, container id, namespace name). ``sidecar`` is a
     hint from the source (an istio-proxy container was declared); None means read it from the
-    namespace's nat rules.
+    namespace's nat rules. ``observe``: resolve and report the workload's sockets, never enable
+    it (``accelerate`` is then False).
     """
 
     source: str
@@ -221,6 +248,11 @@ class Workload:
     sidecar: bool | None = None
     capture: IstioCapture = field(default_factory=IstioCapture)
     errors: tuple[str, ...] = ()  # invalid annotations or labels, each a message for the user
+    observe: bool = False
+
+    @property
+    def mode(self) -> str:
+        return ACCELERATE if self.accelerate else OBSERVE if self.observe else OFF
 
     @property
     def key(self) -> tuple[str, str]:

@@ -285,6 +285,58 @@ def test_pod_metric_labels_setting_rejects_unknown_modes() -> None:
         build_registry(FakeView(None), "pods")
 
 
+class ObservingView(FakeView):
+    """A view with pods in observe mode (the agent's Agent.observed_sockets)."""
+
+    def __init__(self) -> None:
+        super().__init__(FakeMaps())
+        self.observed = {
+            ("shop", "cart"): {
+                ("connected", "nonblocking", "accelerated"): 5,
+                ("accepted", "blocking", "plain_tcp"): 1,
+            },
+            ("shop", "legacy"): {("connected", "blocking", "plain_tcp"): 2},
+            ("web", "front"): {("accepted", "blocking", "accelerated_exposed"): 3},
+        }
+
+    def observed_sockets(self) -> dict[tuple[str, str], dict[tuple[str, str, str], int]]:
+        self.calls += 1
+        return self.observed
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("pod", {("shop", "cart", "connected", "nonblocking", "accelerated"): 5,
+                 ("shop", "cart", "accepted", "blocking", "plain_tcp"): 1,
+                 ("shop", "legacy", "connected", "blocking", "plain_tcp"): 2,
+                 ("web", "front", "accepted", "blocking", "accelerated_exposed"): 3}),
+        ("namespace", {("shop", "", "connected", "nonblocking", "accelerated"): 5,
+                       ("shop", "", "accepted", "blocking", "plain_tcp"): 1,
+                       ("shop", "", "connected", "blocking", "plain_tcp"): 2,
+                       ("web", "", "accepted", "blocking", "accelerated_exposed"): 3}),
+        ("off", {("", "", "connected", "nonblocking", "accelerated"): 5,
+                 ("", "", "accepted", "blocking", "plain_tcp"): 1,
+                 ("", "", "connected", "blocking", "plain_tcp"): 2,
+                 ("", "", "accepted", "blocking", "accelerated_exposed"): 3}),
+    ],
+)  # fmt: skip
+def test_observed_sockets_follow_the_pod_label_setting(
+    mode: str, expected: dict[tuple[str, ...], int]
+) -> None:
+    """sockops_observed_sockets: one series per pod and (role, style, verdict), no program label,
+    summed over what SOCKOPS_POD_METRIC_LABELS leaves out; a view without it exports none."""
+    view = ObservingView()
+    registry, _ = build_registry(view, mode)
+    s = scrape(registry)
+    names = ("namespace", "pod", "role", "style", "verdict")
+    got = {tuple(dict(k)[n] for n in names): v for k, v in s["sockops_observed_sockets"].items()}
+    assert got == expected
+    assert value(s, "sockops_scrape_errors_total") == 0
+    registry, _, _ = _fake_setup()
+    assert "sockops_observed_sockets" not in scrape(registry)
+
+
 def test_a_pod_that_is_gone_leaves_the_output() -> None:
     registry, _, view = _fake_setup()
     assert value(scrape(registry), "sockops_redirected_bytes_total", namespace="web", pod="front") == 40

@@ -16,7 +16,8 @@ import pytest
 
 from sockops.errors import NetnsNotFound, SockopsError
 from sockops.layout import NetnsSettings
-from sockops.reconciler import ACCELERATED, ERROR, OFF, PENDING, Reconciler, Resolved, Resolver
+from sockops.observe import Report
+from sockops.reconciler import ACCELERATED, ERROR, OBSERVING, OFF, PENDING, Reconciler, Resolved, Resolver
 from sockops.workload import Locator, Workload
 
 
@@ -324,3 +325,69 @@ def test_node_pods_for_marks_shared_addresses() -> None:
         }
     )
     assert got == {"10.244.1.1": 0, "fd00::1": 11, "10.244.1.3": 13}
+
+
+class Notes:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def started(self, w: Workload, cookie: int) -> None:
+        self.seen.append(("started", w.uid))
+
+    def stopped(self, w: Workload) -> None:
+        self.seen.append(("stopped", w.uid))
+
+    def invalid(self, w: Workload) -> None:
+        self.seen.append(("invalid", w.uid))
+
+
+def test_observed_pod_is_resolved_reported_never_enabled(tmp_path: Path) -> None:
+    """Scanned at first sight and at each full resync (not per event); never a map entry; a flip
+    to accelerate enables it, and back to observe disables it (Event: stopped)."""
+    maps, res, notes = FakeMaps(), FakeResolver(), Notes()
+    scans: list[dict[tuple[str, str], Path]] = []
+
+    def scanner(targets: dict[tuple[str, str], Path]) -> dict[tuple[str, str], Report]:
+        scans.append(dict(targets))
+        return {k: Report(at=float(len(scans)), processes=len(scans)) for k in targets}
+
+    r = Reconciler(maps, res, ["kubernetes"], state_file=tmp_path / "s.json", notifier=notes, scanner=scanner)
+    res.cookies.update({"a": 11, "b": 12})
+    watched = pod("a", on=False, observe=True)
+    r.replace("kubernetes", [watched, pod("b")])
+    settle(r)
+    assert set(maps.conf) == {12}
+    (st,) = [s for s in r.snapshot() if s.workload.uid == "a"]
+    assert st.state == OBSERVING and st.cookie == 11 and st.observed is not None
+    assert scans == [{("kubernetes", "a"): Path("/proc/11/ns/net")}]
+    r.upsert(pod("b", on=False))  # an event: no new scan
+    settle(r)
+    assert len(scans) == 1
+    settle(r, full=True)
+    assert len(scans) == 2 and r.observed() == {("default", "pod-a"): {}}
+    doc = json.loads((tmp_path / "s.json").read_text())["workloads"]
+    assert doc[0]["state"] == "observing" and doc[0]["observed"]["processes"] == 2
+    assert r.counts()[OBSERVING] == 1 and r.pod_labels() == {}
+
+    r.upsert(replace(watched, accelerate=True, observe=False))
+    settle(r)
+    assert set(maps.conf) == {11} and r.snapshot()[0].observed is None
+    r.upsert(watched)
+    settle(r)
+    assert set(maps.conf) == set() and ("stopped", "a") in notes.seen
+    assert r.snapshot()[0].state == OBSERVING and len(scans) == 3  # seen again: scanned at once
+
+
+def test_a_failing_scanner_never_stops_the_reconciler(rec) -> None:
+    r, maps, res, _ = rec
+
+    def boom(targets: object) -> dict[tuple[str, str], Report]:
+        raise RuntimeError("scanner bug")
+
+    r.scanner = boom
+    res.cookies.update({"a": 11, "b": 12})
+    r.replace("kubernetes", [pod("a", on=False, observe=True), pod("b")])
+    settle(r)
+    assert set(maps.conf) == {12}
+    states = {s.workload.uid: (s.state, s.observed) for s in r.snapshot()}
+    assert states == {"a": (OBSERVING, None), "b": (ACCELERATED, None)}

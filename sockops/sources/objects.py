@@ -133,6 +133,7 @@ def read_pod(pod: Any, namespace_labels: Callable[[str], Mapping[str, str] | Non
     sidecar: bool | None = None
     capture = IstioCapture()
     problem = _unreadable(pod, namespace, name)
+    observe = False
     if problem is not None:
         accelerate, reason, errors = False, "unreadable pod object", [problem]
     else:
@@ -141,10 +142,11 @@ def read_pod(pod: Any, namespace_labels: Callable[[str], Mapping[str, str] | Non
         decision = decide(annotations, namespace_labels(namespace))
         capture, istio_errors = parse_istio(annotations)
         errors = ([decision.error] if decision.error else []) + istio_errors
-        accelerate, reason = decision.accelerate, decision.reason
+        accelerate, reason, observe = decision.accelerate, decision.reason, decision.observe
         if spec.get("hostNetwork") is True:
-            # The pod's sockets live in the node's netns: accelerating it would accelerate the node.
-            accelerate, reason = False, "host network"
+            # The pod's sockets live in the node's netns: accelerating it would accelerate the node
+            # (and observing it would report the node's programs as the pod's).
+            accelerate, reason, observe = False, "host network", False
         sidecar = True if (ISTIO_SIDECAR_STATUS in annotations or _has_istio_proxy(spec)) else None
     workload = Workload(
         source=KUBERNETES,
@@ -157,6 +159,7 @@ def read_pod(pod: Any, namespace_labels: Callable[[str], Mapping[str, str] | Non
         sidecar=sidecar,
         capture=capture,
         errors=tuple(errors),
+        observe=observe,
     )
     return PodReading(uid, namespace, name, node, workload, problem)
 
@@ -237,11 +240,11 @@ def container_to_workload(info: Mapping[str, Any]) -> Workload | None:
     config = info.get("Config") or {}
     labels = {str(k): str(v) for k, v in (config.get("Labels") or {}).items()}
     decision = decide_container(labels)
-    accelerate, reason = decision.accelerate, decision.reason
+    accelerate, reason, observe = decision.accelerate, decision.reason, decision.observe
     veto = network_mode_veto(str((info.get("HostConfig") or {}).get("NetworkMode") or ""))
     if veto:
-        reason = f"{reason}, but it {veto}" if accelerate else f"{reason}; it {veto}"
-        accelerate = False
+        reason = f"{reason}, but it {veto}" if accelerate or observe else f"{reason}; it {veto}"
+        accelerate = observe = False
     return Workload(
         source=DOCKER,
         uid=str(info["Id"]),
@@ -251,4 +254,5 @@ def container_to_workload(info: Mapping[str, Any]) -> Workload | None:
         reason=reason,
         locator=Locator(pid=pid),
         errors=(decision.error,) if decision.error else (),
+        observe=observe,
     )
