@@ -48,4 +48,26 @@ static __always_inline int reader_style(struct bpf_sock *sk)
 									: READER_BLOCKING;
 }
 
+/*
+ * Has this socket written any byte the TCP way (sent, or still queued in its write queue)?
+ * Nothing written means write_seq == snd_una and bytes_acked counts only the SYN (1).
+ *
+ * Why a client can have: an app that connects non-blocking and then poll()s sees the socket
+ * writable as soon as the SYN-ACK's softirq has set TCP_ESTABLISHED, which is *before* that same
+ * softirq runs the ACTIVE_ESTABLISHED callback that gives the socket its psock. Its send() then
+ * picks plain tcp_sendmsg() (inet_sendmsg reads sk_prot before it waits for the socket lock), and
+ * those bytes go over TCP without any sk_msg program seeing them. Redirecting its next message
+ * would overtake them at the receiver (tcp_bpf_recvmsg reads the psock queue first).
+ * Cannot tell (no tcp_sock): answers yes, which only ever means "do not redirect".
+ */
+static __always_inline int wrote_over_tcp(struct bpf_sock *sk)
+{
+	void *tp = bpf_skc_to_tcp_sock(sk);
+
+	if (!tp)
+		return 1;
+	return KFIELD(tp, KOFF_TP_WRITE_SEQ, __u32) != KFIELD(tp, KOFF_TP_SND_UNA, __u32) ||
+	       KFIELD(tp, KOFF_TP_BYTES_ACKED, __u64) > 1;
+}
+
 #endif /* SOCKOPS_KERNEL_H */

@@ -54,7 +54,7 @@ int sockops_redirect(struct sk_msg_md *msg)
 	if (!st)
 		return SK_PASS;
 	if (st->decision == DECIDE_UNDECIDED) {
-		decide_client(st);	/* sockops.bpf.c: the first message decides */
+		decide_client(st, wrote_over_tcp(msg->sk));	/* sockops.bpf.c: the first message decides */
 		if (st->decision == DECIDE_PASS)
 			count(CNT_PASSED, 1);
 	}

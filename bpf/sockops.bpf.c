@@ -352,8 +352,15 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
  * stay on TCP and mark the tag PASS so a server that joins a moment later withdraws. The
  * compare-and-swap against our own tag is what makes that race safe: exactly one end wins.
  * The caller counts a PASS (connections_passed at a first message, undecided_fin_left at a FIN).
+ *
+ * A client whose first bytes already left over TCP (wrote_over_tcp(), kernel.bpf.h: its send
+ * raced its own psock) never redirects: its messages stay on TCP for good, or the next one would
+ * overtake them. If its server already joined, the server's direction still redirects to us (the
+ * server may have done so already, so we keep the psock; this client reads without sleeping, as
+ * only O_NONBLOCK clients are inserted), and the server end, which never receives a redirected
+ * byte, leaves the sockhash at its FIN through the hand-off.
  */
-static __always_inline void decide_client(struct sock_state *st)
+static __always_inline void decide_client(struct sock_state *st, int early_tcp)
 {
 	__u64 mine = st->cookie << 2;
 	struct pending *p;
@@ -364,8 +371,13 @@ static __always_inline void decide_client(struct sock_state *st)
 	if (!p)
 		return;
 	old = __sync_val_compare_and_swap(&p->tag, mine | PEND_WAITING, mine | PEND_PASS);
-	if (old == (mine | PEND_PAIRED))
+	if (old == (mine | PEND_PAIRED)) {
 		st->decision = DECIDE_REDIRECT;
+		if (early_tcp)
+			st->peer_fin = 1;	/* "send over TCP from now on": see redirect.bpf.c */
+	}
+	if (early_tcp)
+		count(CNT_EARLY_TCP_SEND, 1);
 	if ((old >> 2) == st->cookie)
 		pending.delete(&st->key);	/* decided: the entry has done its job */
 }
@@ -473,7 +485,7 @@ static __always_inline void on_own_fin(struct bpf_sock_ops *skops)
 		 * decide now. Paired: its server may already have redirected to it, so it stays and
 		 * takes the hand-off below like any paired end. Not paired: nothing was ever
 		 * redirected to it, so it leaves the sockhash and reads over plain TCP. */
-		decide_client(st);
+		decide_client(st, wrote_over_tcp(sk));
 		if (st->decision == DECIDE_PASS && st->in_map) {
 			sock_hash.delete(&st->key);
 			st->in_map = 0;

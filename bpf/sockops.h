@@ -189,6 +189,7 @@ struct netns_stats {
 #define CNT_SKIPPED_FASTOPEN 17  /* data rode on the SYN (TCP Fast Open): not accelerated */
 #define CNT_UNDECIDED_FIN 18     /* client sent its FIN before deciding: left if never paired */
 #define CNT_SKIPPED_BLOCKING 19  /* client file without O_NONBLOCK: never given a psock */
+#define CNT_EARLY_TCP_SEND 20    /* client's first bytes left over TCP before its psock: sends stay TCP */
 #define CNT_MAX 24
 
 #endif /* SOCKOPS_H */

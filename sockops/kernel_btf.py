@@ -33,6 +33,8 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("KOFF_TP_COPIED_SEQ", "tcp_sock", "copied_seq"),
     ("KOFF_TP_RCV_NXT", "tcp_sock", "rcv_nxt"),
     ("KOFF_TP_WRITE_SEQ", "tcp_sock", "write_seq"),
+    ("KOFF_TP_SND_UNA", "tcp_sock", "snd_una"),
+    ("KOFF_TP_BYTES_ACKED", "tcp_sock", "bytes_acked"),
 )
 
 

@@ -70,6 +70,7 @@ COUNTERS = {
     "skipped_fastopen": 17,
     "undecided_fin_left": 18,
     "skipped_blocking": 19,
+    "early_tcp_send": 20,
 }
 CNT_MAX = 24
 

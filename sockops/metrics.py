@@ -256,6 +256,11 @@ class MapCollector(Collector):
                 "sockops_connections_paired by how they paired).",
             ),
             CounterMetricFamily(
+                "sockops_early_tcp_sends",
+                "Clients whose first bytes left over TCP before their psock existed (a send that "
+                "raced the handshake's callback): their sends stay on TCP, never overtaking them.",
+            ),
+            CounterMetricFamily(
                 "sockops_halfclose_handoffs",
                 "Sockets that sent their FIN before any byte was redirected to them and left the "
                 "sockhash to read over TCP (the 6.18 blocking-reader EAGAIN guard).",
@@ -387,6 +392,7 @@ class MapCollector(Collector):
         withdrawn = c.get("sockets_withdrawn", 0) + c.get("undecided_fin_left", 0)
         fams["sockops_sockets_withdrawn"].add_metric([], withdrawn)
         fams["sockops_halfclose_handoffs"].add_metric([], c.get("halfclose_left", 0))
+        fams["sockops_early_tcp_sends"].add_metric([], c.get("early_tcp_send", 0))
         fams["sockops_connections_paired_cross_pod"].add_metric([], c.get("paired_cross_pod", 0))
         fams["sockops_connections_passed"].add_metric([], c.get("connections_passed", 0))
         fams["sockops_pair_races_lost"].add_metric([], c.get("pair_race_lost", 0))

@@ -274,7 +274,14 @@ def test_first_send_race(
 ) -> None:
     """The client writes the moment connect() returns, while its server end is being inserted:
     the connection either redirects from its first byte or stays on TCP for good (never starts
-    mid-stream), with plain writes, TCP_NODELAY, MSG_MORE, TCP_CORK and writev."""
+    mid-stream), with plain writes, TCP_NODELAY, MSG_MORE, TCP_CORK and writev.
+
+    The clients connect non-blocking and poll() for writability, which can report the socket
+    writable before the handshake's sock_ops callback has given it a psock: that first send goes
+    over plain TCP unseen by sk_msg (bpf/kernel.bpf.h, wrote_over_tcp). Before the fix, the next
+    message was redirected and overtook it: 1-2 wrong deliveries per 1,000 connections, in 2-3
+    of these 10 cases in every full-profile run; now such a client's sends stay on TCP
+    (``early_tcp_send``)."""
     s = Setup(dataplane, lab, relpeer_bin, path)
     spread_loopback_softirqs(s.pod)
     per_run = 1000 if FULL else 200
@@ -313,6 +320,7 @@ def test_first_send_race(
         faults=c["connections_passed"],
         passed=c["connections_passed"],
         pair_race_lost=c["pair_race_lost"],
+        early_tcp_send=c.get("early_tcp_send", 0),
     )
 
 
