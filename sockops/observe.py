@@ -54,8 +54,8 @@ TCP_LISTEN = 0x0A
 CONNECTION_STATES = frozenset({0x01, 0x04, 0x05, 0x08, 0x09, 0x0B})  # ESTABLISHED and half-closed ones
 
 CAVEATS = (
-    "not detectable here: splice() readers (Go io.Copy between two TCP connections, HAProxy, "
-    "nginx without proxy buffering) wait forever or lose bytes when accelerated on this kernel, "
+    "not detectable here: splice() readers (Go io.Copy between two TCP connections, HAProxy "
+    "with forced splice-request/splice-response) wait forever or lose bytes when accelerated on this kernel, "
     "and only tracing programs could see them (docs/KERNEL-NOTES.md §3, §7): check the programs "
     "above for them before opting in",
     "a connected socket is accelerated only when its server is in this pod, in another enabled "
