@@ -24,12 +24,13 @@ from typing import Any
 import pytest
 from conftest import TEST_PREFIX
 from support.agentproc import AgentProcess, agents, sockops, wait_for
+from support.podtraffic import popen_piped
 from test_agent import Transfer
 from test_agent_kubernetes import ON, KubeEnv, cookie
 
 from lab.cgroups import Cgroup
 from lab.kubeapi import FakeKubeAPI
-from lab.podlab import APP_UID, Lab, Pod
+from lab.podlab import Lab, Pod
 from sockops import kubectl_plugin, loader, observe
 from sockops.sources.objects import container_to_workload, pod_to_workload
 from sockops.workload import ANNOTATION, OBSERVE, decide, decide_container
@@ -130,14 +131,7 @@ class Peers:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[str]:
         argv = [sys.executable, str(PEER), *args, "--name", name, "--hold", "120"]
-        proc = self.pod.popen(
-            argv,
-            uid=APP_UID,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = popen_piped(self.pod, argv)
         self.procs[name] = proc
         assert proc.stdout is not None
         with selectors.DefaultSelector() as sel:

@@ -23,10 +23,11 @@ from conftest import Plane
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lab.podlab import APP_UID, Pod
+from lab.podlab import Pod
 from sockops import libbpf, links
 from sockops.loader import programs_attached
 from sockops.maps import MapSizes, PinnedMaps
+from support.podtraffic import popen_piped
 
 PAIR_TRAFFIC = Path(__file__).resolve().parent / "pair_traffic.py"
 
@@ -109,14 +110,7 @@ class PairTraffic:
         ]  # fmt: skip
         if hold:
             argv.append("--hold")
-        self.proc = pod.popen(
-            argv,
-            uid=APP_UID,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.proc = popen_piped(pod, argv)
 
     def held(self, timeout: float = 30.0) -> dict[str, Any]:
         assert self.proc.stdout is not None

@@ -100,6 +100,19 @@ def start_echo_server(
     return EchoServer(pod, proc, log)
 
 
+def popen_piped(pod: Pod, argv: list[str]) -> subprocess.Popen[str]:
+    """A long-running checking program in the pod as the app UID, all three streams piped (the
+    caller talks to it on stdin and reads its JSON lines)."""
+    return pod.popen(
+        argv,
+        uid=APP_UID,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_client(
     pod: Pod,
     host: str,
@@ -178,14 +191,7 @@ class PinnedClients:
                 flags += [flag, str(value)]
         for tag, pod in self.pods.items():
             argv = [sys.executable, str(PINNED_CLIENT), host, str(port), "--tag", tag, *flags]
-            self.procs[tag] = pod.popen(
-                argv,
-                uid=APP_UID,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            self.procs[tag] = popen_piped(pod, argv)
 
     def wait_held(self, timeout: float = 30.0) -> dict[str, list[int]]:
         """With --hold: wait until every client holds its connections open; their local ports."""
