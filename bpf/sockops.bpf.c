@@ -3,7 +3,8 @@
  * sock_ops hook: decides which sockets join the sockhash, and pairs the two ends of a connection.
  *
  * The life of an accelerated connection (both ends in enabled pods of this node):
- *   1. client ACTIVE_ESTABLISHED: the client joins the sockhash as (conn, CLIENT) and leaves a
+ *   1. client ACTIVE_ESTABLISHED: a client whose file is O_NONBLOCK (an event loop: blocking
+ *      readers stay on TCP, kernel.bpf.h) joins the sockhash as (conn, CLIENT) and leaves a
  *      pending entry under its own 4-tuple, tagged WAITING.
  *   2. server SYN-ACK (synack.bpf.c): conntrack has un-NATed it, so it names the client's 4-tuple;
  *      it is recorded under what the server socket will know (struct synack_key).
