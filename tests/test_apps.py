@@ -86,10 +86,10 @@ def zoo_bin() -> Iterator[Path]:
 # -- running things in the pod ---------------------------------------------------------------------
 
 
-def start(pod: Pod, argv: list[str], port: int, logs: Path, uid: int = APP_UID) -> None:
+def start(pod: Pod, argv: list[str], port: int, work: Path, uid: int = APP_UID) -> None:
     """Start a long-running program in the pod (the Lab kills it at teardown) and wait until it
     listens on ``port``."""
-    log = logs / f"{Path(argv[0]).name}-{port}.log"
+    log = work / f"{Path(argv[0]).name}-{port}.log"
     with open(log, "wb") as f:
         pod.popen(argv, uid=uid, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
     try:
@@ -129,25 +129,16 @@ def loopback_bytes(pod: Pod) -> int:
 # -- the programs --------------------------------------------------------------------------------
 
 
-_WORKDIRS: dict[Path, Path] = {}
-
-
-def workdir(logs: Path) -> Path:
-    """A directory the apps' UID owns, for configs and temp files (pytest's own tmp directories
-    are private to root); removed by the ``_workdirs`` fixture."""
-    if logs not in _WORKDIRS:
-        d = Path(tempfile.mkdtemp(prefix="sockops-test-zoo-work-"))
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """The case's directory for the programs' logs, configs and temp files, owned by the apps'
+    UID (pytest's own tmp directories are private to root); removed at the end."""
+    d = Path(tempfile.mkdtemp(prefix="sockops-test-zoo-work-"))
+    try:
         os.chown(d, APP_UID, APP_UID)
         d.chmod(0o755)
-        _WORKDIRS[logs] = d
-    return _WORKDIRS[logs]
-
-
-@pytest.fixture(autouse=True)
-def _workdirs(logs: Path) -> Iterator[None]:
-    yield
-    d = _WORKDIRS.pop(logs, None)
-    if d:
+        yield d
+    finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -156,19 +147,19 @@ class App:
     """One program of the zoo: how to start it in a pod, and its checking client."""
 
     name: str
-    start: Callable[[Pod, Path, Path], None]  # (pod, zoo_bin, logs)
+    start: Callable[[Pod, Path, Path], None]  # (pod, zoo_bin, work)
     client: Callable[[Pod, str, Path], dict[str, Any]]  # (pod, host, zoo_bin) -> result
     requests: int  # what a clean client run reports as ok
     accelerated: bool = True  # expected to carry >= 90 % of its bytes when on
     splice: bool = False  # reads with splice(): the known kernel gap
 
 
-def echo_backend(pod: Pod, logs: Path) -> None:
+def echo_backend(pod: Pod, work: Path) -> None:
     start(
         pod,
         [sys.executable, "-m", "lab.apps", "server", "--host", "127.0.0.1", "--port", str(BACKEND)],
         BACKEND,
-        logs,
+        work,
     )
 
 
@@ -182,10 +173,7 @@ def lab_client(pod: Pod, host: str, _bin: Path) -> dict[str, Any]:
         sys.executable, "-m", "lab.apps", "client", "--host", host, "--port", str(PORT),
         "--connections", "4", "--requests", "6", "--sizes", LAB_CLIENT_SIZES, "--timeout", "30",
     ]  # fmt: skip
-    res = run_json(pod, argv)
-    if "requests" in res:
-        res["ok"] = res["requests"]
-    return res
+    return run_json(pod, argv)
 
 
 def go_http_client(pod: Pod, host: str, zoo_bin: Path) -> dict[str, Any]:
@@ -198,32 +186,32 @@ def curl_client(pod: Pod, host: str, _bin: Path) -> dict[str, Any]:
     )
 
 
-def start_go_http(pod: Pod, zoo_bin: Path, logs: Path) -> None:
-    start(pod, [str(zoo_bin / "httpecho"), "server", f"0.0.0.0:{PORT}"], PORT, logs)
+def start_go_http(pod: Pod, zoo_bin: Path, work: Path) -> None:
+    start(pod, [str(zoo_bin / "httpecho"), "server", f"0.0.0.0:{PORT}"], PORT, work)
 
 
-def start_go_iocopy(pod: Pod, zoo_bin: Path, logs: Path) -> None:
-    echo_backend(pod, logs)
-    start(pod, [str(zoo_bin / "iocopy"), f"0.0.0.0:{PORT}", f"127.0.0.1:{BACKEND}"], PORT, logs)
+def start_go_iocopy(pod: Pod, zoo_bin: Path, work: Path) -> None:
+    echo_backend(pod, work)
+    start(pod, [str(zoo_bin / "iocopy"), f"0.0.0.0:{PORT}", f"127.0.0.1:{BACKEND}"], PORT, work)
 
 
-def start_asyncio(pod: Pod, _bin: Path, logs: Path) -> None:
-    start(pod, [sys.executable, str(ZOO / "asyncio_echo.py"), "0.0.0.0", str(PORT)], PORT, logs)
+def start_asyncio(pod: Pod, _bin: Path, work: Path) -> None:
+    start(pod, [sys.executable, str(ZOO / "asyncio_echo.py"), "0.0.0.0", str(PORT)], PORT, work)
 
 
-def start_threaded_proxy(pod: Pod, _bin: Path, logs: Path) -> None:
-    echo_backend(pod, logs)
-    start(pod, [sys.executable, str(ZOO / "threaded_proxy.py"), str(PORT), str(BACKEND)], PORT, logs)
+def start_threaded_proxy(pod: Pod, _bin: Path, work: Path) -> None:
+    echo_backend(pod, work)
+    start(pod, [sys.executable, str(ZOO / "threaded_proxy.py"), str(PORT), str(BACKEND)], PORT, work)
 
 
-def start_socat(pod: Pod, _bin: Path, logs: Path) -> None:
-    echo_backend(pod, logs)
-    start(pod, ["socat", f"TCP-LISTEN:{PORT},fork,reuseaddr", f"TCP:127.0.0.1:{BACKEND}"], PORT, logs)
+def start_socat(pod: Pod, _bin: Path, work: Path) -> None:
+    echo_backend(pod, work)
+    start(pod, ["socat", f"TCP-LISTEN:{PORT},fork,reuseaddr", f"TCP:127.0.0.1:{BACKEND}"], PORT, work)
 
 
-def start_haproxy(pod: Pod, _bin: Path, logs: Path) -> None:
-    echo_backend(pod, logs)
-    conf = workdir(logs) / "haproxy.cfg"
+def start_haproxy(pod: Pod, _bin: Path, work: Path) -> None:
+    echo_backend(pod, work)
+    conf = work / "haproxy.cfg"
     conf.write_text(
         f"""global
     maxconn 1000
@@ -241,13 +229,12 @@ backend echo
 """
     )
     conf.chmod(0o644)
-    start(pod, ["haproxy", "-db", "-f", str(conf)], PORT, logs)
+    start(pod, ["haproxy", "-db", "-f", str(conf)], PORT, work)
 
 
-def start_nginx(pod: Pod, zoo_bin: Path, logs: Path) -> None:
+def start_nginx(pod: Pod, zoo_bin: Path, work: Path) -> None:
     """nginx proxy_pass with proxy_buffering off in front of the Go HTTP echo server."""
-    start(pod, [str(zoo_bin / "httpecho"), "server", f"127.0.0.1:{BACKEND}"], BACKEND, logs)
-    work = workdir(logs)
+    start(pod, [str(zoo_bin / "httpecho"), "server", f"127.0.0.1:{BACKEND}"], BACKEND, work)
     conf = work / "nginx.conf"
     conf.write_text(
         f"""daemon off;
@@ -278,17 +265,17 @@ http {{
     )
     conf.chmod(0o644)
     start(
-        pod, ["/usr/sbin/nginx", "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")], PORT, logs
+        pod, ["/usr/sbin/nginx", "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")], PORT, work
     )
 
 
-def start_redis(pod: Pod, _bin: Path, logs: Path) -> None:
+def start_redis(pod: Pod, _bin: Path, work: Path) -> None:
     start(
         pod,
         ["redis-server", "--port", str(PORT), "--bind", "0.0.0.0", "--save", "", "--appendonly", "no",
-         "--protected-mode", "no", "--dir", str(workdir(logs))],
+         "--protected-mode", "no", "--dir", str(work)],
         PORT,
-        logs,
+        work,
     )  # fmt: skip
 
 
@@ -306,8 +293,8 @@ def redis_client(pod: Pod, host: str, _bin: Path) -> dict[str, Any]:
     return run_json(pod, [sys.executable, str(ZOO / "redis_check.py"), host, str(PORT), bench.stdout])
 
 
-def start_server_first(pod: Pod, _bin: Path, logs: Path) -> None:
-    start(pod, [sys.executable, str(ZOO / "server_first.py"), "server", str(PORT)], PORT, logs)
+def start_server_first(pod: Pod, _bin: Path, work: Path) -> None:
+    start(pod, [sys.executable, str(ZOO / "server_first.py"), "server", str(PORT)], PORT, work)
 
 
 def server_first_client(pod: Pod, host: str, _bin: Path) -> dict[str, Any]:
@@ -344,12 +331,12 @@ def report(line: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     "app", [pytest.param(a, id=a.name, marks=[SPLICE_GAP] if a.splice else []) for a in APPS]
 )
-def test_app(dataplane: Plane, lab: Lab, logs: Path, zoo_bin: Path, app: App, path: str) -> None:
+def test_app(dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path, app: App, path: str) -> None:
     """The program is intact with the pod off and on (no lost or changed byte, no error, no hang);
     the event-loop programs have >= 90 % of their bytes redirected after a warm-up."""
     sidecar = path == "sidecar"
     pod = lab.add_pod("app", ip="10.244.1.10", sidecar=sidecar)
-    app.start(pod, zoo_bin, logs)
+    app.start(pod, zoo_bin, work)
     host = pod.service_ip if sidecar else "127.0.0.1"
 
     off = app.client(pod, host, zoo_bin)
