@@ -19,6 +19,8 @@
 		_key_type key;                                                 \
 		int leaf;                                                      \
 		int (*update)(_key_type *, int *);                             \
+		int (*insert)(_key_type *, void *);                            \
+		void *(*lookup)(_key_type *);                                  \
 		int (*delete)(_key_type *);                                    \
 		int (*sock_hash_update)(void *, void *, u64);                  \
 		int (*msg_redirect_hash)(void *, void *, u64);                 \

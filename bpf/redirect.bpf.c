@@ -58,11 +58,12 @@ int sockops_redirect(struct sk_msg_md *msg)
 		if (st->decision == DECIDE_PASS)
 			count(CNT_PASSED, 1);
 	}
-	if (st->decision != DECIDE_REDIRECT || st->peer_fin)
-		return SK_PASS;
-
 	peer = st->key;
 	peer.role ^= 1;
+	/* DECIDE_LATE (a socket that joined after its handshake) sends over TCP until the agent's
+	 * iterator pass has seen its peer read every byte it sent that way (late.bpf.c). */
+	if (st->decision != DECIDE_REDIRECT || st->peer_fin)
+		return SK_PASS;
 	if (!claim_peer(st))
 		return SK_PASS;
 	ns = netns_stats.lookup(&peer.netns);

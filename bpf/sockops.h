@@ -105,7 +105,12 @@ struct sock_state {
 	struct sock_key key;
 	__u32 peer_fin; /* the peer half-closed: send over TCP from now on (see sockops.bpf.c) */
 	__u32 peer_claimed; /* RX_USED is set on the peer's conn_state half: no need to look again */
+	__u32 origin;       /* ORIGIN_*: how the socket joined the sockhash */
+	__u32 pad;
 };
+
+#define ORIGIN_HANDSHAKE 0 /* at its ACTIVE/PASSIVE_ESTABLISHED callback (sockops.bpf.c) */
+#define ORIGIN_LATE 1      /* later, by the agent's iterator pass (late.bpf.c) */
 
 /*
  * The half-close hand-off (sockops.bpf.c on_own_fin, redirect.bpf.c claim_peer). One entry per
@@ -127,6 +132,7 @@ struct conn_state {
 #define DECIDE_UNDECIDED 0
 #define DECIDE_REDIRECT 1
 #define DECIDE_PASS 2
+#define DECIDE_LATE 3 /* joined late: redirect once the peer has read all our TCP bytes */
 
 /*
  * Per-namespace settings, one entry per enabled network namespace (presence = enabled).
@@ -190,6 +196,9 @@ struct netns_stats {
 #define CNT_UNDECIDED_FIN 18     /* client sent its FIN before deciding: left if never paired */
 #define CNT_SKIPPED_BLOCKING 19  /* client file without O_NONBLOCK: never given a psock */
 #define CNT_EARLY_TCP_SEND 20    /* client's first bytes left over TCP before its psock: sends stay TCP */
+#define CNT_LATE_INSERTED 21     /* established socket joined by the iterator pass (late.bpf.c) */
+#define CNT_LATE_SWITCHED 22     /* a late socket's direction moved from TCP to redirect */
+#define CNT_LATE_PRUNED 23       /* a late socket whose peer never joined: left the sockhash */
 #define CNT_MAX 24
 
 #endif /* SOCKOPS_H */

@@ -34,6 +34,18 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("KOFF_TP_WRITE_SEQ", "tcp_sock", "write_seq"),
     ("KOFF_TP_SND_UNA", "tcp_sock", "snd_una"),
     ("KOFF_TP_BYTES_ACKED", "tcp_sock", "bytes_acked"),
+    # late insertion (bpf/late.bpf.c): an iterator has no context fields, only the socket
+    ("KOFF_SKC_DADDR", "sock_common", "skc_daddr"),
+    ("KOFF_SKC_RCV_SADDR", "sock_common", "skc_rcv_saddr"),
+    ("KOFF_SKC_DPORT", "sock_common", "skc_dport"),
+    ("KOFF_SKC_NUM", "sock_common", "skc_num"),
+    ("KOFF_SKC_FAMILY", "sock_common", "skc_family"),
+    ("KOFF_SKC_STATE", "sock_common", "skc_state"),
+    ("KOFF_SKC_NET", "sock_common", "skc_net"),  # possible_net_t: its one member is the pointer
+    ("KOFF_SKC_V6_DADDR", "sock_common", "skc_v6_daddr"),
+    ("KOFF_SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
+    ("KOFF_NET_COOKIE", "net", "net_cookie"),
+    ("KOFF_ICSK_ULP_DATA", "inet_connection_sock", "icsk_ulp_data"),  # tcp_sock starts with it
 )
 
 

@@ -21,6 +21,10 @@ PEND_PASS = 2
 DECIDE_UNDECIDED = 0
 DECIDE_REDIRECT = 1
 DECIDE_PASS = 2
+DECIDE_LATE = 3
+
+ORIGIN_HANDSHAKE = 0
+ORIGIN_LATE = 1
 
 NETNS_F_SIDECAR = 1
 NETNS_F_AGENT = 2
@@ -71,6 +75,9 @@ COUNTERS = {
     "undecided_fin_left": 18,
     "skipped_blocking": 19,
     "early_tcp_send": 20,
+    "late_inserted": 21,
+    "late_switched": 22,
+    "late_pruned": 23,
 }
 CNT_MAX = 24
 
@@ -118,6 +125,8 @@ class SockState(ctypes.Structure):
         ("key", SockKey),
         ("peer_fin", ctypes.c_uint32),
         ("peer_claimed", ctypes.c_uint32),
+        ("origin", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     )
 
 

@@ -24,6 +24,7 @@ from sockops.errors import SockopsError
 BPF_CGROUP_INET_EGRESS = 1
 BPF_CGROUP_SOCK_OPS = 3
 BPF_SK_MSG_VERDICT = 7
+BPF_TRACE_ITER = 28
 
 # attach_flags a cgroup reports for a hook (BPF_PROG_QUERY): 0 is "exclusive", which forbids
 # any other program on the hook and any program below it in the hierarchy.
@@ -117,6 +118,7 @@ def lib() -> ctypes.CDLL:
         "bpf_link_create": [i, i, i, p],
         "bpf_link_update": [i, i, p],
         "bpf_link_detach": [i],
+        "bpf_iter_create": [i],
     }.items():
         fn = getattr(so, name)
         fn.argtypes = argtypes
@@ -285,6 +287,12 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str, busy_
             busy_fix = "this kernel has no BPF links for this hook (cgroup links: 5.7, sockmap links: 6.10)"
         _raise(ret, f"attaching through a BPF link to {what}", busy_fix, attach=True)
     return ret
+
+
+def iter_create(link_fd: int) -> int:
+    """A new pass of an iterator link: an fd whose read()s run the program over the objects
+    (for bpf_iter/tcp: the TCP sockets of the calling thread's network namespace)."""
+    return _check(lib().bpf_iter_create(link_fd), f"starting a pass of iterator link fd {link_fd}", "")
 
 
 def link_update(link_fd: int, prog_fd: int) -> None:

@@ -29,6 +29,7 @@ from sockops.maps import DEFAULT_BPFFS_DIR, MapSizes, PinnedMaps, adopt_sizes
 
 PROG_SOCK_OPS = "sockops_main"
 PROG_SK_MSG = "sockops_redirect"
+PROG_LATE = "bpf_iter__tcp"  # bpf/late.bpf.c; not attached to a hook, run by sockops/late.py
 
 
 def bpf_source_dir() -> Path:
@@ -48,8 +49,9 @@ def program_text(src_dir: Path | None = None) -> str:
     """
     d = src_dir or bpf_source_dir()
     parts = ["#include <uapi/linux/bpf.h>\n"]
-    # sockops.bpf.c before redirect.bpf.c: it defines decide_client(), which both use.
-    for name in ("maps.bpf.h", "sockops.bpf.c", "redirect.bpf.c", "synack.bpf.c"):
+    # sockops.bpf.c first: it defines decide_client() and the address helpers the others use;
+    # late.bpf.c before redirect.bpf.c, which calls its late_ready().
+    for name in ("maps.bpf.h", "sockops.bpf.c", "late.bpf.c", "redirect.bpf.c", "synack.bpf.c"):
         try:
             parts.append(f"/* ---- {name} ---- */\n" + (d / name).read_text())
         except FileNotFoundError as e:
@@ -149,6 +151,10 @@ class DataPlane:
                 programs[att.program] = b.load_func(att.program, getattr(BPF, att.prog_type))
         except Exception as e:  # bcc raises bare Exception with the verifier log on stderr
             raise SockopsError(f"loading the BPF programs failed: {e}") from e
+        try:
+            programs[PROG_LATE] = b.load_func(PROG_LATE, BPF.TRACING)
+        except Exception as e:  # an older kernel: connections are accelerated from their handshake only
+            notes.append(f"late insertion unavailable (the tcp iterator did not load: {e})")
         return cls(bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, programs=programs, notes=notes)
 
     def attach(self, cgroup: Path) -> dict[str, str]:

@@ -41,6 +41,8 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "PEND_PASS",
         "DECIDE_UNDECIDED",
         "DECIDE_REDIRECT",
+        "DECIDE_LATE",
+        "ORIGIN_LATE",
         "DECIDE_PASS",
         "NETNS_F_SIDECAR",
         "NETNS_F_AGENT",
@@ -71,6 +73,8 @@ def test_structs_match_header(tmp_path: Path) -> None:
     assert c["const.PEND_PAIRED"] == layout.PEND_PAIRED
     assert c["const.PEND_PASS"] == layout.PEND_PASS
     assert c["const.DECIDE_REDIRECT"] == layout.DECIDE_REDIRECT
+    assert c["const.DECIDE_LATE"] == layout.DECIDE_LATE
+    assert c["const.ORIGIN_LATE"] == layout.ORIGIN_LATE
     assert c["const.NETNS_F_SIDECAR"] == layout.NETNS_F_SIDECAR
     assert c["const.NETNS_F_AGENT"] == layout.NETNS_F_AGENT
     assert c["const.NETNS_LOCAL_IPS"] == layout.NETNS_LOCAL_IPS

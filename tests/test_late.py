@@ -1,0 +1,199 @@
+"""Late insertion (issue 12): connections established before their pod was enabled get accelerated,
+with every byte in order, and only where that is safe (docs/DATAPLANE.md, "Late insertion").
+
+What a user would check: a keep-alive connection opened before the opt-in carries its later bytes
+through the sockhash (redirected byte counters), the content is exact in both directions across
+the switch, and programs the late path must not touch (blocking readers, connections whose peer
+is outside the node's enabled pods) keep plain TCP and their bytes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.podlab import Lab, Pod
+from sockops import late
+from tests.conftest import Plane
+from tests.support.podtraffic import _read_json_line, last_json, popen_piped
+
+LATE_PEER = Path(__file__).resolve().parent / "support" / "late_peer.py"
+
+pytestmark = pytest.mark.timeout(90)
+
+
+class Held:
+    """tests/support/late_peer.py in a pod: connections opened and used before the test acts."""
+
+    def __init__(self, pod: Pod, *args: str) -> None:
+        self.proc = popen_piped(pod, [sys.executable, str(LATE_PEER), *args])
+        self.pod = pod
+
+    def wait_held(self) -> dict[str, Any]:
+        return _read_json_line(self.proc, 30, f"late_peer in {self.pod.name}")
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float = 60) -> dict[str, Any]:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            pytest.fail(f"late_peer hung: {err}")
+        res = last_json(out)
+        assert res is not None, err
+        return res
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture
+def held() -> Iterator[list[Held]]:
+    made: list[Held] = []
+    yield made
+    for h in made:
+        h.close()
+
+
+@pytest.fixture
+def inserter(dataplane: Plane) -> Iterator[late.LateInserter]:
+    ins = late.inserter(dataplane.dp)
+    assert ins is not None, dataplane.dp.notes
+    yield ins
+    ins.close()
+
+
+def start(held: list[Held], pod: Pod, *args: str) -> Held:
+    h = Held(pod, *args)
+    held.append(h)
+    h.wait_held()
+    return h
+
+
+def assert_exact(res: dict[str, Any]) -> None:
+    assert res["error"] == "" and res["mismatches"] == 0 and res["unread"] == 0, res
+
+
+def test_connection_from_before_the_opt_in_is_accelerated(
+    dataplane: Plane, lab: Lab, inserter: late.LateInserter, held: list[Held]
+) -> None:
+    """Four keep-alive connections carry 10 round trips each before the pod is enabled; after a
+    late pass every later byte both ways is redirected, and the stream is exact."""
+    pod = lab.add_pod("app", ip="10.244.1.10", sidecar=False)
+    conns, size, rounds = 4, 1000, 10
+    h = start(held, pod, "--connections", str(conns), "--size", str(size), "--rounds", str(rounds))
+    cookie = dataplane.enable(pod)
+    assert dataplane.counters()["redirected_bytes"] == 0
+
+    result = inserter.run({cookie: pod.netns_path})
+
+    assert result.namespaces == 1 and result.failed == ()
+    c = dataplane.counters()
+    assert c["late_inserted"] == 2 * conns and c["late_switched"] == 2 * conns, c
+    assert c["late_pruned"] == 0, c
+    h.release()
+    assert_exact(h.result())
+    after = conns * rounds * 2 * size
+    c = dataplane.counters()
+    assert c["redirected_bytes"] == after, c
+    assert dataplane.stats(cookie)["redirected_bytes"] == after
+    assert c["redirect_misses"] == 0, c
+
+
+def test_a_direction_with_unread_tcp_bytes_switches_only_once_they_are_read(
+    dataplane: Plane, lab: Lab, inserter: late.LateInserter, held: list[Held]
+) -> None:
+    """The client ends leave 64 KiB unread at the server ends when the pod is enabled: the first
+    pass switches only the server-to-client direction. The server then reads that backlog (over
+    TCP) and a second pass switches the other direction. No byte overtakes another."""
+    pod = lab.add_pod("app", ip="10.244.1.10", sidecar=False)
+    conns = 3
+    h = start(
+        held, pod, "--connections", str(conns), "--rounds", "5", "--holds", "2", "--backlog", str(64 * 1024)
+    )
+    cookie = dataplane.enable(pod)
+
+    inserter.run({cookie: pod.netns_path})
+    c = dataplane.counters()
+    assert c["late_inserted"] == 2 * conns and c["late_switched"] == conns, c
+
+    h.release()
+    h.wait_held()
+    inserter.run({cookie: pod.netns_path})
+    assert dataplane.counters()["late_switched"] == 2 * conns
+
+    h.release()
+    assert_exact(h.result())
+    assert dataplane.counters()["redirected_bytes"] > 0
+
+
+def test_switching_while_bytes_are_in_flight_keeps_order(
+    dataplane: Plane, lab: Lab, inserter: late.LateInserter, held: list[Held]
+) -> None:
+    """Passes run every 20 ms while eight connections stream both ways at once: each direction
+    switches at whatever moment its receiver has caught up, and every byte arrives in order."""
+    pod = lab.add_pod("app", ip="10.244.1.10", sidecar=False)
+    conns = 8
+    h = start(held, pod, "--connections", str(conns), "--size", "3000", "--rounds", "3", "--stream", "3")
+    cookie = dataplane.enable(pod)
+    h.release()
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        inserter.run({cookie: pod.netns_path})
+        time.sleep(0.02)
+    assert_exact(h.result())
+    c = dataplane.counters()
+    assert c["late_inserted"] == 2 * conns, c
+    assert c["late_switched"] > 0 and c["redirected_bytes"] > 0, c
+
+
+def test_blocking_reader_is_never_inserted_and_its_peer_leaves(
+    dataplane: Plane, lab: Lab, inserter: late.LateInserter, held: list[Held]
+) -> None:
+    """Accepted ends that read blocking (a thread may be asleep in recv(), which would never look at
+    a psock queue) stay out; their event-loop clients join in the insert step and leave in the
+    settle step, as their peer never joined. Everything stays on TCP, exact."""
+    pod = lab.add_pod("app", ip="10.244.1.10", sidecar=False)
+    conns = 4
+    h = start(held, pod, "--connections", str(conns), "--blocking-server")
+    cookie = dataplane.enable(pod)
+
+    inserter.run({cookie: pod.netns_path})
+
+    c = dataplane.counters()
+    assert c["late_inserted"] == conns and c["late_pruned"] == conns and c["late_switched"] == 0, c
+    assert dataplane.maps.sockets() == []
+    h.release()
+    assert_exact(h.result())
+    assert dataplane.counters()["redirected_bytes"] == 0
+
+
+def test_pod_not_enabled_is_left_alone(
+    dataplane: Plane, lab: Lab, inserter: late.LateInserter, held: list[Held]
+) -> None:
+    """A pass over an enabled pod never touches another pod's connections, and a namespace that
+    vanished (a pod that just died) is reported, not fatal."""
+    enabled = lab.add_pod("on", ip="10.244.1.10", sidecar=False)
+    other = lab.add_pod("off", ip="10.244.1.11", sidecar=False)
+    h_other = start(held, other, "--connections", "2")
+    cookie = dataplane.enable(enabled)
+
+    result = inserter.run({cookie: enabled.netns_path, 1: Path("/run/netns/sockops-test-gone")})
+
+    assert result.namespaces == 1 and len(result.failed) == 1
+    assert dataplane.counters()["late_inserted"] == 0
+    h_other.release()
+    assert_exact(h_other.result())
