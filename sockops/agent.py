@@ -286,6 +286,14 @@ class Agent:
         )
         self._report_hooks()
 
+    def _late_inserter(self) -> Any:
+        """sockops/late.py's pass runner, unless switched off or refused by this kernel."""
+        from sockops import late
+
+        if self.config.late_insertion != "on" or self.plane is None:
+            return None
+        return late.inserter(self.plane)
+
     def _report_hooks(self) -> None:
         """Say which other programs share our hooks, and whether that is fine."""
         from sockops import links
@@ -367,6 +375,7 @@ class Agent:
                     observer=observer,
                     state_file=self.config.state_file,
                     notifier=self._event_recorder(),
+                    late=self._late_inserter(),
                 )
                 observer.counts = self.reconciler.counts
                 work = threading.Event()  # ends sources and reconciler: SIGTERM or an uninstall

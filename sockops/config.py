@@ -262,6 +262,15 @@ AGENT = (
         _positive_float,
     ),
     Setting(
+        "--late-insertion",
+        "SOCKOPS_LATE_INSERTION",
+        "on",
+        "on: connections established before their pod was enabled join at the next pass (after "
+        "an enable and at every resync) when both ends are event-loop sockets; off: only at "
+        "their handshake (docs/DATAPLANE.md, Late insertion)",
+        choices=("on", "off"),
+    ),
+    Setting(
         "--metrics-addr",
         "SOCKOPS_METRICS_ADDR",
         "0.0.0.0:9876",
@@ -320,6 +329,7 @@ class AgentConfig:
     kubeconfig: Path | None
     docker_host: str | None
     resync: float
+    late_insertion: str
     metrics_addr: str
     if_unsupported: str
     pod_metric_labels: str

@@ -74,6 +74,7 @@ NOT_ELIGIBLE_REASONS = {
     "skipped_blocking": "blocking_reader",
 }
 PAIRED_HOW = {"paired_mirror": "mirror", "paired_origdst": "origdst"}
+LATE_EVENTS = {"late_inserted": "inserted", "late_switched": "switched", "late_pruned": "pruned"}
 
 UNKNOWN_POD = ("", "")
 # How much of a workload's name the per-pod families carry (SOCKOPS_POD_METRIC_LABELS): the label
@@ -261,6 +262,13 @@ class MapCollector(Collector):
                 "raced the handshake's callback): their sends stay on TCP, never overtaking them.",
             ),
             CounterMetricFamily(
+                "sockops_late_sockets",
+                "Late insertion (connections established before their pod was enabled): sockets "
+                "that joined the sockhash, directions switched to redirect once the receiver had "
+                "read every TCP byte, and sockets that left because their peer never joined.",
+                labels=["event"],
+            ),
+            CounterMetricFamily(
                 "sockops_halfclose_handoffs",
                 "Sockets that sent their FIN before any byte was redirected to them and left the "
                 "sockhash to read over TCP (the 6.18 blocking-reader EAGAIN guard).",
@@ -393,6 +401,8 @@ class MapCollector(Collector):
         fams["sockops_sockets_withdrawn"].add_metric([], withdrawn)
         fams["sockops_halfclose_handoffs"].add_metric([], c.get("halfclose_left", 0))
         fams["sockops_early_tcp_sends"].add_metric([], c.get("early_tcp_send", 0))
+        for name, event in LATE_EVENTS.items():
+            fams["sockops_late_sockets"].add_metric([event], c.get(name, 0))
         fams["sockops_connections_paired_cross_pod"].add_metric([], c.get("paired_cross_pod", 0))
         fams["sockops_connections_passed"].add_metric([], c.get("connections_passed", 0))
         fams["sockops_pair_races_lost"].add_metric([], c.get("pair_race_lost", 0))

@@ -113,6 +113,12 @@ class Observer(Protocol):
     def reconciled(self) -> None: ...
 
 
+class LatePass(Protocol):
+    """Late insertion (sockops/late.py): lets connections that predate an enable join."""
+
+    def run(self, namespaces: Mapping[int, Path]) -> object: ...
+
+
 class Notifier(Protocol):
     """Where the reconciler tells a workload's owner what happened (sockops.events: pod Events)."""
 
@@ -315,8 +321,10 @@ class Reconciler:
         clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
         scanner: Scanner = observe.scan,
+        late: LatePass | None = None,
     ) -> None:
         self.maps = maps
+        self.late = late
         self.scanner = scanner
         self.notifier: Notifier = notifier or _NullNotifier()
         self.resolver = resolver
@@ -486,6 +494,7 @@ class Reconciler:
             synced = self.expected_sources <= self._synced
         statuses: dict[tuple[str, str], WorkloadStatus] = {}
         target: dict[int, NetnsSettings] = {}
+        paths: dict[int, Path] = {}
         owners: dict[int, list[tuple[str, str]]] = {}
         self.resolver.prefetch(
             w.locator.pod_uid
@@ -523,6 +532,7 @@ class Reconciler:
             # Two workloads in one namespace (a pod seen by two sources, containers sharing a
             # sandbox) enable it once; the first one's settings win, in a stable order.
             target.setdefault(res.cookie, res.settings)
+            paths.setdefault(res.cookie, res.path)
             owners.setdefault(res.cookie, []).append(key)
             statuses[key] = WorkloadStatus(w, ACCELERATED, w.reason, res.cookie, str(res.path), res.capture)
         for key in [k for k in self._resolved if k not in desired]:
@@ -586,10 +596,25 @@ class Reconciler:
             self._node_pods = self.maps.sync_node_pods(self._node_pods, current)
         if full and synced:
             self._forget_gone(current.keys() | target.keys())
+        if self.late is not None and paths and (changed or full):
+            self._late_pass({c: p for c, p in paths.items() if c in current})
         # Readiness: true once an enforce has run on every source's complete view.
         self.enforced_once = self.enforced_once or synced
         self.last_enforce = self.clock()
         self._write_state()
+
+    def _late_pass(self, paths: Mapping[int, Path]) -> None:
+        """Connections of the enabled namespaces that predate their enable join now; a direction
+        whose receiver is still behind switches at a later pass (every resync). Never fatal: a
+        failed pass leaves those connections on TCP, where they were."""
+        assert self.late is not None
+        try:
+            result = self.late.run(paths)
+        except (SockopsError, OSError) as e:
+            log.warning("late insertion pass failed", extra={"fields": {"error": str(e)}})
+            return
+        for failure in getattr(result, "failed", ()):
+            log.debug("late insertion skipped a namespace", extra={"fields": {"reason": failure}})
 
     def _observe(
         self, to_scan: Mapping[tuple[str, str], Path], statuses: dict[tuple[str, str], WorkloadStatus]

@@ -9,6 +9,7 @@ is outside the node's enabled pods) keep plain TCP and their bytes.
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 import time
@@ -18,9 +19,11 @@ from typing import Any
 
 import pytest
 
+from lab.cgroups import Cgroup
 from lab.podlab import Lab, Pod
-from sockops import late
-from tests.conftest import Plane
+from sockops import late, loader
+from tests.conftest import TEST_PREFIX, Plane
+from tests.support.agentproc import AgentProcess, agents, wait_for
 from tests.support.podtraffic import _read_json_line, last_json, popen_piped
 
 LATE_PEER = Path(__file__).resolve().parent / "support" / "late_peer.py"
@@ -197,3 +200,37 @@ def test_pod_not_enabled_is_left_alone(
     assert dataplane.counters()["late_inserted"] == 0
     h_other.release()
     assert_exact(h_other.result())
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_agent_accelerates_connections_that_predate_it(
+    cgroup: Cgroup, lab: Lab, tmp_path: Path, held: list[Held], setting: str
+) -> None:
+    """The agent starts after the pod's keep-alive connections were opened and used: with late
+    insertion on (the default) its first enforce lets them join, and the metrics say so; with
+    ``--late-insertion off`` they stay on TCP. Both exact."""
+    pod = lab.add_pod("app", ip="10.244.1.10", sidecar=False)
+    conns, size, rounds = 4, 1000, 10
+    h = start(held, pod, "--connections", str(conns), "--size", str(size), "--rounds", str(rounds))
+    bpffs = Path("/sys/fs/bpf") / f"{TEST_PREFIX}-late-{secrets.token_hex(4)}"
+    with agents(cgroup.path, bpffs) as started:
+        agent = AgentProcess(
+            cgroup.path,
+            bpffs,
+            tmp_path,
+            ["--source", "static", "--netns", pod.netns, "--late-insertion", setting],
+        )
+        started.append(agent)
+        agent.wait_ready()
+        switched = 2 * conns if setting == "on" else 0
+        wait_for(
+            lambda: agent.metric("sockops_late_sockets_total", event="switched") == switched,
+            10,
+            f"{switched} directions switched",
+        )
+        h.release()
+        assert_exact(h.result())
+        with loader.PinnedMaps(bpffs) as maps:
+            redirected = maps.counters()["redirected_bytes"]
+        assert redirected == (conns * rounds * 2 * size if setting == "on" else 0)
+        assert agent.metric("sockops_late_sockets_total", event="inserted") == switched

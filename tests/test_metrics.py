@@ -231,7 +231,7 @@ def test_label_sets_are_bounded() -> None:
     s = scrape(registry)
     allowed = {
         "namespace", "pod", "reason", "how", "program", "source", "le", "version", "kernel",
-        "implementation", "major", "minor", "patchlevel",
+        "implementation", "major", "minor", "patchlevel", "event",
     }  # fmt: skip
     for name, series in s.items():
         for labels in series:
@@ -253,6 +253,7 @@ def test_label_sets_are_bounded() -> None:
         "fastopen",
         "blocking_reader",
     }
+    assert {dict(k)["event"] for k in s["sockops_late_sockets_total"]} == {"inserted", "switched", "pruned"}
     pods = {tuple(v for _, v in k) for k in s["sockops_redirected_bytes_total"]}
     assert pods == {("shop", "cart"), ("web", "front"), ("", "")}
 

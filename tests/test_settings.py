@@ -31,6 +31,7 @@ BAD = {
     "POD_NAME": "Agent_1",
     "POD_NAMESPACE": "Sockops System",
     "SOCKOPS_RESYNC_SECONDS": "thirty",
+    "SOCKOPS_LATE_INSERTION": "yes",
     "SOCKOPS_METRICS_ADDR": "9876",
     "SOCKOPS_IF_UNSUPPORTED": "Idle",
     "SOCKOPS_DRAIN_TIMEOUT": "inf",
