@@ -257,6 +257,17 @@ def dataplane(make_dataplane: Callable[..., Plane]) -> Plane:
     return make_dataplane()
 
 
+@pytest.fixture
+def inserter(dataplane: Plane) -> Iterator[Any]:
+    """Late insertion passes (sockops/late.py) on the test's data plane, as the agent runs them."""
+    from sockops import late
+
+    ins = late.inserter(dataplane.dp)
+    assert ins is not None, dataplane.dp.notes
+    yield ins
+    ins.close()
+
+
 # -- labs ----------------------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from support.podtraffic import APP_UID, last_json
 
 from bench.load import wait_listening
 from lab.podlab import Lab, Pod
+from sockops import late
 
 ZOO = Path(__file__).resolve().parent / "support" / "zoo"
 PORT = 8080  # what the client connects to (through Envoy: the service address)
@@ -152,6 +153,7 @@ class App:
     requests: int  # what a clean client run reports as ok
     accelerated: bool = True  # expected to carry >= 90 % of its bytes when on
     splice: bool = False  # reads with splice(): the known kernel gap
+    pooled: bool = False  # keeps upstream connections open from the run before the enable
 
 
 def echo_backend(pod: Pod, work: Path) -> None:
@@ -232,8 +234,12 @@ backend echo
     start(pod, ["haproxy", "-db", "-f", str(conf)], PORT, work)
 
 
-def start_nginx(pod: Pod, zoo_bin: Path, work: Path) -> None:
-    """nginx proxy_pass with proxy_buffering off in front of the Go HTTP echo server."""
+def start_nginx(pod: Pod, zoo_bin: Path, work: Path, keepalive: bool = False) -> None:
+    """nginx proxy_pass with proxy_buffering off in front of the Go HTTP echo server; with
+    ``keepalive``, nginx keeps a pool of upstream connections open between requests, so the
+    connections made while the pod was off carry the requests after the enable too."""
+    pool = "keepalive 16;" if keepalive else ""
+    reuse = 'proxy_set_header Connection "";' if keepalive else ""
     start(pod, [str(zoo_bin / "httpecho"), "server", f"127.0.0.1:{BACKEND}"], BACKEND, work)
     conf = work / "nginx.conf"
     conf.write_text(
@@ -250,7 +256,7 @@ http {{
     uwsgi_temp_path {work}/uwsgi;
     scgi_temp_path {work}/scgi;
     client_max_body_size 16m;
-    upstream echo {{ server 127.0.0.1:{BACKEND}; }}
+    upstream echo {{ server 127.0.0.1:{BACKEND}; {pool} }}
     server {{
         listen 0.0.0.0:{PORT};
         location / {{
@@ -258,6 +264,7 @@ http {{
             proxy_http_version 1.1;
             proxy_buffering off;
             proxy_request_buffering off;
+            {reuse}
         }}
     }}
 }}
@@ -267,6 +274,10 @@ http {{
     start(
         pod, ["/usr/sbin/nginx", "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")], PORT, work
     )
+
+
+def start_nginx_keepalive(pod: Pod, zoo_bin: Path, work: Path) -> None:
+    start_nginx(pod, zoo_bin, work, keepalive=True)
 
 
 def start_redis(pod: Pod, _bin: Path, work: Path) -> None:
@@ -305,6 +316,7 @@ APPS = [
     App("go-net-http", start_go_http, go_http_client, requests=100),
     App("curl", start_go_http, curl_client, requests=20),
     App("nginx-proxy-pass", start_nginx, go_http_client, requests=100),
+    App("nginx-upstream-keepalive", start_nginx_keepalive, go_http_client, requests=100, pooled=True),
     App("asyncio", start_asyncio, lab_client, requests=24),
     App("redis", start_redis, redis_client, requests=1),
     App("python-threaded-proxy", start_threaded_proxy, lab_client, requests=24, accelerated=False),
@@ -331,9 +343,13 @@ def report(line: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     "app", [pytest.param(a, id=a.name, marks=[SPLICE_GAP] if a.splice else []) for a in APPS]
 )
-def test_app(dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path, app: App, path: str) -> None:
+def test_app(
+    dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path, inserter: late.LateInserter, app: App, path: str
+) -> None:
     """The program is intact with the pod off and on (no lost or changed byte, no error, no hang);
-    the event-loop programs have >= 90 % of their bytes redirected after a warm-up."""
+    the event-loop programs have >= 90 % of their bytes redirected after a warm-up. As the agent
+    does, a late-insertion pass follows the enable: connections the programs keep open from the
+    run before (nginx's upstream pool) join it (docs/DATAPLANE.md, "Late insertion")."""
     sidecar = path == "sidecar"
     pod = lab.add_pod("app", ip="10.244.1.10", sidecar=sidecar)
     app.start(pod, zoo_bin, work)
@@ -343,6 +359,7 @@ def test_app(dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path, app: App, pa
     assert intact(off, app.requests), ("off", off)
 
     cookie = dataplane.enable(pod)
+    inserter.run({cookie: pod.netns_path})
     warm = app.client(pod, host, zoo_bin)
     before = dataplane.stats(cookie) or {}
     lo_before = loopback_bytes(pod)
@@ -361,6 +378,7 @@ def test_app(dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path, app: App, pa
         "errors": (warm.get("errors") or [])[:3] + (on.get("errors") or [])[:3],
         "redirected_share": round(share, 3),
         "skipped_blocking": c.get("skipped_blocking", 0),
+        "late_switched": c.get("late_switched", 0),
     }
     report(line)
     if app.splice and not line["intact_on"]:
@@ -369,4 +387,7 @@ def test_app(dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path, app: App, pa
     assert intact(on, app.requests), ("on", on, c)
     if app.accelerated:
         assert share >= 0.9, line
-    wait_drained(dataplane)
+    if app.pooled:
+        assert line["late_switched"] > 0, line
+    else:
+        wait_drained(dataplane)  # a pool stays open, and in the sockhash, until the pod ends

@@ -71,14 +71,6 @@ def held() -> Iterator[list[Held]]:
         h.close()
 
 
-@pytest.fixture
-def inserter(dataplane: Plane) -> Iterator[late.LateInserter]:
-    ins = late.inserter(dataplane.dp)
-    assert ins is not None, dataplane.dp.notes
-    yield ins
-    ins.close()
-
-
 def start(held: list[Held], pod: Pod, *args: str) -> Held:
     h = Held(pod, *args)
     held.append(h)
