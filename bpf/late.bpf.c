@@ -13,11 +13,13 @@
  * Who joins: an established TCP socket of an enabled namespace that sockops has never touched
  * (no sock_state), whose file is O_NONBLOCK (a reader already asleep in plain tcp_recvmsg() when a
  * psock appears would never look at the psock queue: only an event-loop socket is safe), and
- * whose peer can be in this node without NAT in between: loopback, the pod's own address, or an
- * enabled pod of the node. Both ends of such a connection see mirrored 4-tuples, and a live
- * 4-tuple is unique in its namespace, so the two ends name one connection exactly: the endpoint
- * that sorts lower plays the client of struct sock_key, in its own namespace. A connection that
- * Istio's REDIRECT made asymmetric has no mirror, never pairs, and its sockets are pruned.
+ * whose peer is in an enabled namespace of this node. Two ways to name its connection exactly:
+ * - through a NAT (Istio's REDIRECT): the agent wrote the name from conntrack (late_nat);
+ * - else the peer must be loopback, the pod's own address or an enabled pod of the node, with no
+ *   NAT in between: both ends then see mirrored 4-tuples, and a live 4-tuple is unique in its
+ *   namespace, so the two ends name one connection: the endpoint that sorts lower plays the
+ *   client of struct sock_key, in its own namespace.
+ * A socket whose peer never joins under the same name is taken out again (late_settle).
  *
  * Joining changes nothing yet: a late socket sends over TCP until its peer has joined too and has
  * read every byte this socket sent over TCP; only then can a redirected byte not overtake a TCP
@@ -64,6 +66,9 @@ static __always_inline void late_record(void *tp, struct sock_state *st)
 
 	late_seqs.update(&st->key, &copied);
 }
+
+/* Sockets of connections through a NAT, named from conntrack by the agent (struct late_tuple). */
+BPF_HASH(late_nat, struct late_tuple, struct sock_key, SOCKOPS_PENDING_MAX);
 
 /* This socket's addresses as struct sock_key stores them (IPv6, IPv4 mapped; host-order ports). */
 static __always_inline int late_addrs(void *sk, __u32 *local_ip, __u32 *local_port, __u32 *remote_ip,
@@ -115,7 +120,8 @@ static __always_inline __u64 late_netns(void *sk)
 static __always_inline void late_insert(void *tp)
 {
 	__u32 local_ip[4], local_port, remote_ip[4], remote_port;
-	struct sock_key key = {};
+	struct late_tuple t = {};
+	struct sock_key key = {}, *named;
 	struct netns_conf *conf;
 	struct sock_state *st;
 	__u64 netns, peer_netns;
@@ -140,28 +146,38 @@ static __always_inline void late_insert(void *tp)
 		return;
 	if (late_addrs(tp, local_ip, &local_port, remote_ip, &remote_port))
 		return;
-	if (is_loopback(remote_ip) || is_pod_ip(conf, remote_ip))
-		peer_netns = netns;
-	else
-		peer_netns = node_pod(remote_ip);
-	if (!peer_netns)
-		return;	/* the peer is not a socket of an enabled namespace of this node */
-	if (endpoint_lt(local_ip, local_port, remote_ip, remote_port)) {
-		key.netns = netns;
-		__builtin_memcpy(key.client_ip, local_ip, sizeof(key.client_ip));
-		key.client_port = local_port;
-		__builtin_memcpy(key.dest_ip, remote_ip, sizeof(key.dest_ip));
-		key.dest_port = remote_port;
-		key.role = ROLE_CLIENT;
-	} else if (endpoint_lt(remote_ip, remote_port, local_ip, local_port)) {
-		key.netns = peer_netns;
-		__builtin_memcpy(key.client_ip, remote_ip, sizeof(key.client_ip));
-		key.client_port = remote_port;
-		__builtin_memcpy(key.dest_ip, local_ip, sizeof(key.dest_ip));
-		key.dest_port = local_port;
-		key.role = ROLE_SERVER;
+	__builtin_memcpy(t.local_ip, local_ip, sizeof(t.local_ip));
+	__builtin_memcpy(t.remote_ip, remote_ip, sizeof(t.remote_ip));
+	t.netns = netns;
+	t.local_port = local_port;
+	t.remote_port = remote_port;
+	named = late_nat.lookup(&t);
+	if (named) {
+		key = *named;	/* through a NAT: conntrack named the connection */
 	} else {
-		return;	/* connected to itself */
+		if (is_loopback(remote_ip) || is_pod_ip(conf, remote_ip))
+			peer_netns = netns;
+		else
+			peer_netns = node_pod(remote_ip);
+		if (!peer_netns)
+			return;	/* the peer is not a socket of an enabled namespace of this node */
+		if (endpoint_lt(local_ip, local_port, remote_ip, remote_port)) {
+			key.netns = netns;
+			__builtin_memcpy(key.client_ip, local_ip, sizeof(key.client_ip));
+			key.client_port = local_port;
+			__builtin_memcpy(key.dest_ip, remote_ip, sizeof(key.dest_ip));
+			key.dest_port = remote_port;
+			key.role = ROLE_CLIENT;
+		} else if (endpoint_lt(remote_ip, remote_port, local_ip, local_port)) {
+			key.netns = peer_netns;
+			__builtin_memcpy(key.client_ip, remote_ip, sizeof(key.client_ip));
+			key.client_port = remote_port;
+			__builtin_memcpy(key.dest_ip, local_ip, sizeof(key.dest_ip));
+			key.dest_port = local_port;
+			key.role = ROLE_SERVER;
+		} else {
+			return;	/* connected to itself */
+		}
 	}
 	st = sock_state.sk_storage_get(tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st)

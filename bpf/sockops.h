@@ -165,6 +165,21 @@ struct pod_ip {
 	__u32 ip[4];
 };
 
+/*
+ * Late insertion through a NAT (bpf/late.bpf.c, sockops/late.py). Istio's REDIRECT leaves the two
+ * ends of a connection without mirrored 4-tuples, but the namespace's conntrack entry names both:
+ * before each pass the agent writes, for each such entry, what each end sees (its namespace, its
+ * local and remote address) -> the connection's name as the client sees it (struct sock_key) with
+ * that end's role. A socket the pass finds here joins under that name.
+ */
+struct late_tuple {
+	__u64 netns;
+	__u32 local_ip[4];
+	__u32 remote_ip[4];
+	__u32 local_port;
+	__u32 remote_port;
+};
+
 /* Per-namespace counters (a per-CPU hash; the agent creates the entry when it enables). */
 struct netns_stats {
 	__u64 redirected_bytes;

@@ -13,20 +13,28 @@ direction to redirect once its receiver has caught up and takes out the sockets 
 join. A direction whose receiver is still reading TCP bytes at that moment switches at a later
 pass. The kernel walks the sockets of the namespace that *creates* the iterator, so each visit
 starts inside the namespace (netns.entered) and reads outside it.
+
+Connections through a NAT (Istio's REDIRECT: app to Envoy through 15001, Envoy to Envoy through
+15006) have no mirrored 4-tuples, so before the insert step the agent names them from each
+namespace's conntrack table (pyroute2's conntrack netlink): conntrack keeps the client's own
+4-tuple (the original direction) and the server's (the reply direction) in one entry, and keeps
+every reply tuple unique, so the two views it gives name the two ends of one connection exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import logging
 import os
+import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sockops import libbpf, netns
+from sockops import layout, libbpf, netns
 from sockops.errors import SockopsError
 
 log = logging.getLogger(__name__)
@@ -34,6 +42,82 @@ log = logging.getLogger(__name__)
 PROGRAM = "bpf_iter__tcp"  # BPF_ITER(tcp) in bpf/late.bpf.c
 MODE_MAP = "late_mode"
 MODE_INSERT, MODE_SETTLE = 0, 1  # LATE_INSERT / LATE_SETTLE in bpf/late.bpf.c
+NAT_MAP = "late_nat"
+
+Endpoint = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class NatConnection:
+    """One conntrack entry whose reply is not its original direction reversed: a NAT changed it."""
+
+    client: Endpoint  # the client socket's local address (original source)
+    dest: Endpoint  # what the client connected to (original destination)
+    server: Endpoint  # the server socket's local address (reply source)
+    server_sees: Endpoint  # the client as the server socket sees it (reply destination)
+
+
+def nat_connections(path: Path) -> list[NatConnection]:
+    """The NATed TCP connections in one namespace's conntrack table."""
+    from pyroute2 import Conntrack
+
+    with netns.entered(path):  # the netlink socket is made, and bound, at its first request
+        ct = Conntrack()
+        try:
+            entries = list(ct.dump_entries())
+        finally:
+            ct.close()
+    found = []
+    for e in entries:
+        o, r = e.tuple_orig, e.tuple_reply
+        if o.proto != socket.IPPROTO_TCP:
+            continue
+        if (r.saddr, r.sport, r.daddr, r.dport) == (o.daddr, o.dport, o.saddr, o.sport):
+            continue  # no NAT: the iterator pairs mirrored tuples by itself
+        found.append(
+            NatConnection((o.saddr, o.sport), (o.daddr, o.dport), (r.saddr, r.sport), (r.daddr, r.dport))
+        )
+    return found
+
+
+def _owner(ip: str, here: int, node_pods: Mapping[str, int]) -> int:
+    """The enabled namespace an address of a connection seen in namespace ``here`` belongs to."""
+    if ipaddress.ip_address(ip).is_loopback:
+        return here
+    return node_pods.get(ip, 0)
+
+
+def _tuple(ns: int, local: Endpoint, remote: Endpoint) -> layout.LateTuple:
+    return layout.LateTuple(
+        ns, layout.ip_to_words(local[0]), layout.ip_to_words(remote[0]), local[1], remote[1]
+    )
+
+
+def nat_names(
+    found: Mapping[int, list[NatConnection]], node_pods: Mapping[str, int]
+) -> list[tuple[layout.LateTuple, layout.SockKey]]:
+    """What each end of each NATed connection sees -> the connection's name and that end's role
+    (struct late_tuple). Both ends must be in enabled namespaces of this node, else neither is
+    named (a named end whose peer never joins would only be taken out again)."""
+    names = []
+    for here, conns in found.items():
+        for c in conns:
+            client_ns = _owner(c.client[0], here, node_pods)
+            server_ns = _owner(c.server[0], here, node_pods)
+            if not client_ns or not server_ns:
+                continue
+            key = layout.SockKey(
+                client_ns,
+                layout.ip_to_words(c.client[0]),
+                layout.ip_to_words(c.dest[0]),
+                c.client[1],
+                c.dest[1],
+            )
+            server_key = layout.SockKey.from_buffer_copy(key)
+            key.role, server_key.role = layout.ROLE_CLIENT, layout.ROLE_SERVER
+            names.append((_tuple(client_ns, c.client, c.dest), key))
+            names.append((_tuple(server_ns, c.server, c.server_sees), server_key))
+    return names
 
 
 @dataclass(frozen=True)
@@ -51,8 +135,9 @@ class LateInserter:
     makes its own. Passes are serialized (one lock), so the steps of two passes never interleave.
     """
 
-    def __init__(self, prog_fd: int, mode_table: object) -> None:
+    def __init__(self, prog_fd: int, mode_table: object, nat_table: object) -> None:
         self._mode = mode_table
+        self._nat = nat_table
         self._lock = threading.Lock()
         self._link = libbpf.link_create(
             prog_fd, 0, libbpf.BPF_TRACE_ITER, "the tcp iterator", "this kernel has no bpf_iter/tcp (5.9)"
@@ -64,14 +149,23 @@ class LateInserter:
                 os.close(self._link)
                 self._link = -1
 
-    def run(self, namespaces: Mapping[int, Path]) -> PassResult:
-        """One pass over the enabled namespaces ({netns cookie: path}). Never raises for a
-        namespace that vanished: the pass goes on with the others (a pod can die at any time)."""
+    def run(self, namespaces: Mapping[int, Path], node_pods: Mapping[str, int] | None = None) -> PassResult:
+        """One pass over the enabled namespaces ({netns cookie: path}); ``node_pods`` maps the
+        enabled pods' IPs to their cookies (the node_pods map), to place the ends of NATed
+        connections. Never raises for a namespace that vanished: the pass goes on with the others
+        (a pod can die at any time)."""
         with self._lock:
             if self._link < 0:
                 raise SockopsError("late insertion was closed")
-            failed: list[str] = []
+            failed: dict[Path, str] = {}  # the first error of each namespace
             visited = 0
+            found: dict[int, list[NatConnection]] = {}
+            for cookie, path in namespaces.items():
+                try:
+                    found[cookie] = nat_connections(path)
+                except (OSError, SockopsError) as e:
+                    failed[path] = f"{path}: reading conntrack: {e}"
+            self._name_nat(nat_names(found, node_pods or {}))
             for mode in (MODE_INSERT, MODE_SETTLE):
                 self._set_mode(mode)
                 for path in namespaces.values():
@@ -79,10 +173,15 @@ class LateInserter:
                         self._visit(path)
                         visited += mode == MODE_INSERT
                     except (OSError, SockopsError) as e:
-                        if mode == MODE_INSERT:
-                            failed.append(f"{path}: {e}")
+                        failed.setdefault(path, f"{path}: {e}")
             self._set_mode(MODE_INSERT)
-            return PassResult(visited, tuple(failed))
+            return PassResult(visited, tuple(failed.values()))
+
+    def _name_nat(self, names: list[tuple[layout.LateTuple, layout.SockKey]]) -> None:
+        table = self._nat
+        table.clear()  # type: ignore[attr-defined]
+        for t, key in names:
+            table[t] = key  # type: ignore[index]
 
     def _set_mode(self, mode: int) -> None:
         self._mode[ctypes.c_int(0)] = ctypes.c_uint32(mode)  # type: ignore[index]
@@ -106,7 +205,8 @@ def inserter(plane: object) -> LateInserter | None:
     if prog is None:
         return None
     try:
-        return LateInserter(prog.fd, plane.bpf[MODE_MAP])  # type: ignore[attr-defined]
+        bpf = plane.bpf  # type: ignore[attr-defined]
+        return LateInserter(prog.fd, bpf[MODE_MAP], bpf[NAT_MAP])
     except SockopsError as e:
         log.warning("late insertion unavailable", extra={"fields": {"error": str(e)}})
         return None

@@ -96,6 +96,16 @@ class SockKey(ctypes.Structure):
     )
 
 
+class LateTuple(ctypes.Structure):
+    _fields_ = (
+        ("netns", ctypes.c_uint64),
+        ("local_ip", Ip6),
+        ("remote_ip", Ip6),
+        ("local_port", ctypes.c_uint32),
+        ("remote_port", ctypes.c_uint32),
+    )
+
+
 class SynackKey(ctypes.Structure):
     _fields_ = (
         ("netns", ctypes.c_uint64),

@@ -116,7 +116,7 @@ class Observer(Protocol):
 class LatePass(Protocol):
     """Late insertion (sockops/late.py): lets connections that predate an enable join."""
 
-    def run(self, namespaces: Mapping[int, Path]) -> object: ...
+    def run(self, namespaces: Mapping[int, Path], node_pods: Mapping[str, int]) -> object: ...
 
 
 class Notifier(Protocol):
@@ -609,7 +609,7 @@ class Reconciler:
         failed pass leaves those connections on TCP, where they were."""
         assert self.late is not None
         try:
-            result = self.late.run(paths)
+            result = self.late.run(paths, self._node_pods or {})
         except (SockopsError, OSError) as e:
             log.warning("late insertion pass failed", extra={"fields": {"error": str(e)}})
             return

@@ -194,6 +194,74 @@ def test_pod_not_enabled_is_left_alone(
     assert_exact(h_other.result())
 
 
+@pytest.mark.envoy
+def test_connections_through_envoy_from_before_the_opt_in(
+    dataplane: Plane, lab: Lab, inserter: late.LateInserter, held: list[Held]
+) -> None:
+    """In a sidecar pod, an app connection to a service is three connections (the three-leg path
+    of lab.podlab): app -> Envoy through Istio's REDIRECT to 15001, Envoy -> Envoy through the
+    REDIRECT to 15006 (neither has mirrored tuples: named from conntrack), and Envoy -> app from
+    127.0.0.6 (mirrored). All were opened and used before the enable; after one pass every
+    direction of each is redirected, and the streams are exact."""
+    pod = lab.add_pod("app", ip="10.244.1.10", sidecar=True)
+    conns, size, rounds = 3, 1000, 10
+    h = start(
+        held, pod, "--connections", str(conns), "--host", "0.0.0.0", "--port", "8080",
+        "--connect", f"{pod.service_ip}:8080", "--size", str(size), "--rounds", str(rounds),
+    )  # fmt: skip
+    cookie = dataplane.enable(pod)
+
+    inserter.run({cookie: pod.netns_path}, dataplane.maps.node_pods())
+
+    c = dataplane.counters()
+    assert c["late_inserted"] == 6 * conns and c["late_switched"] == 6 * conns, c
+    assert c["late_pruned"] == 0, c
+    h.release()
+    assert_exact(h.result())
+    assert dataplane.counters()["redirected_bytes"] == 3 * conns * rounds * 2 * size
+
+
+def test_nat_names_place_each_end_in_its_namespace() -> None:
+    """What the agent writes from conntrack: the client's view under the client's namespace, the
+    server's (after REDIRECT) under the server's, one connection name with two roles; an entry
+    whose client is not in an enabled pod of the node names nothing."""
+    from sockops import layout
+
+    here, other = 11, 22
+    redirect = late.NatConnection(
+        ("10.244.1.10", 40000), ("10.96.0.1", 80), ("127.0.0.1", 15001), ("10.244.1.10", 40000)
+    )
+    inbound = late.NatConnection(
+        ("10.244.2.20", 50000), ("10.244.1.10", 8080), ("10.244.1.10", 15006), ("10.244.2.20", 50000)
+    )
+    outside = late.NatConnection(
+        ("10.1.1.1", 50001), ("10.244.1.10", 8080), ("10.244.1.10", 15006), ("10.1.1.1", 50001)
+    )
+    pods = {"10.244.1.10": here, "10.244.2.20": other}
+
+    names = late.nat_names({here: [redirect, inbound, outside]}, pods)
+
+    seen = [
+        (
+            t.netns,
+            layout.words_to_ip(t.local_ip),
+            t.local_port,
+            k.netns,
+            layout.words_to_ip(k.client_ip),
+            k.client_port,
+            k.dest_port,
+            k.role,
+        )
+        for t, k in names
+    ]
+    assert seen == [
+        (here, "10.244.1.10", 40000, here, "10.244.1.10", 40000, 80, layout.ROLE_CLIENT),
+        (here, "127.0.0.1", 15001, here, "10.244.1.10", 40000, 80, layout.ROLE_SERVER),
+        (other, "10.244.2.20", 50000, other, "10.244.2.20", 50000, 8080, layout.ROLE_CLIENT),
+        (here, "10.244.1.10", 15006, other, "10.244.2.20", 50000, 8080, layout.ROLE_SERVER),
+    ]
+
+
 @pytest.mark.parametrize("setting", ["on", "off"])
 def test_agent_accelerates_connections_that_predate_it(
     cgroup: Cgroup, lab: Lab, tmp_path: Path, held: list[Held], setting: str

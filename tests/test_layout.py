@@ -23,6 +23,7 @@ STRUCTS = {
     "netns_conf": layout.NetnsConf,
     "netns_stats": layout.NetnsStats,
     "pod_ip": layout.PodIp,
+    "late_tuple": layout.LateTuple,
 }
 
 

@@ -14,6 +14,9 @@ unread TCP bytes, and a switch made too early would deliver the newer bytes firs
 reader thread per direction, the sender up to 64 KiB ahead) while the caller runs passes, so a
 switch happens with bytes in flight. The last stdout line is the JSON result.
 
+``--connect`` dials another address than the listener (a service address a sidecar captures),
+one connection at a time, so each accepted end belongs to the connection just dialled.
+
 Sockets with a timeout (O_NONBLOCK files waiting in poll()), the event-loop style that late
 insertion accepts; ``--blocking-server`` leaves the accepted ends blocking.
 """
@@ -128,16 +131,22 @@ def main() -> int:
     p.add_argument("--holds", type=int, default=1)
     p.add_argument("--backlog", type=int, default=0)
     p.add_argument("--stream", type=float, default=0.0)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address the server ends listen on")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--connect", default="", help="HOST:PORT the client ends dial (default: the listener)")
     p.add_argument("--blocking-server", action="store_true")
     args = p.parse_args()
 
     listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    listener.bind((args.host, 0))
+    listener.bind((args.host, args.port))
     listener.listen(64)
+    target = listener.getsockname()[:2]
+    if args.connect:
+        host, _, port = args.connect.rpartition(":")
+        target = (host, int(port))
     pairs = []
     for _ in range(args.connections):
-        client = socket.create_connection(listener.getsockname()[:2], timeout=20)
+        client = socket.create_connection(target, timeout=20)
         server, _ = listener.accept()
         server.settimeout(None if args.blocking_server else 20)
         pairs.append((Direction(client, server), Direction(server, client)))
