@@ -48,8 +48,12 @@ struct bpf_iter__tcp {
 #define LATE_INSERT 0
 #define LATE_SETTLE 1
 
-/* Written by the agent before each pass (sockops/late.py); not pinned: each agent loads its own. */
-BPF_ARRAY(late_mode, __u32, 1);
+/* [LATE_SLOT_MODE]: written by the agent before each step (sockops/late.py); [LATE_SLOT_WAITING]:
+ * late directions the settle step left on TCP because their reader was still behind, so the agent
+ * knows to come back soon. Not pinned: each agent loads its own. */
+#define LATE_SLOT_MODE 0
+#define LATE_SLOT_WAITING 1
+BPF_ARRAY(late_mode, __u32, 2);
 
 /*
  * What each late socket in the sockhash had read (its copied_seq) when a pass last visited it,
@@ -229,6 +233,11 @@ static __always_inline void late_settle(void *tp)
 		if (*copied == KFIELD(tp, KOFF_TP_WRITE_SEQ, __u32)) {
 			st->decision = DECIDE_REDIRECT;
 			count(CNT_LATE_SWITCHED, 1);
+		} else {
+			__u32 slot = LATE_SLOT_WAITING, *waiting = late_mode.lookup(&slot);
+
+			if (waiting)
+				__sync_fetch_and_add(waiting, 1);
 		}
 		return;
 	}
@@ -242,7 +251,7 @@ static __always_inline void late_settle(void *tp)
 BPF_ITER(tcp)
 {
 	struct sock_common *skc = ctx->sk_common;
-	__u32 zero = 0, *mode;
+	__u32 slot = LATE_SLOT_MODE, *mode;
 	void *tp;
 
 	if (!skc)
@@ -250,7 +259,7 @@ BPF_ITER(tcp)
 	tp = bpf_skc_to_tcp_sock(skc);	/* NULL for request and time-wait sockets */
 	if (!tp)
 		return 0;
-	mode = late_mode.lookup(&zero);
+	mode = late_mode.lookup(&slot);
 	if (mode && *mode == LATE_SETTLE)
 		late_settle(tp);
 	else

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 PROGRAM = "bpf_iter__tcp"  # BPF_ITER(tcp) in bpf/late.bpf.c
 MODE_MAP = "late_mode"
 MODE_INSERT, MODE_SETTLE = 0, 1  # LATE_INSERT / LATE_SETTLE in bpf/late.bpf.c
+SLOT_MODE, SLOT_WAITING = 0, 1  # LATE_SLOT_* of the mode map
 NAT_MAP = "late_nat"
 
 Endpoint = tuple[str, int]
@@ -126,6 +127,7 @@ class PassResult:
 
     namespaces: int
     failed: tuple[str, ...] = ()  # namespaces that could not be entered (a pod that just went away)
+    waiting: int = 0  # directions left on TCP because their reader was behind: pass again soon
 
 
 class LateInserter:
@@ -168,14 +170,16 @@ class LateInserter:
             self._name_nat(nat_names(found, node_pods or {}))
             for mode in (MODE_INSERT, MODE_SETTLE):
                 self._set_mode(mode)
+                self._mode[ctypes.c_int(SLOT_WAITING)] = ctypes.c_uint32(0)  # type: ignore[index]
                 for path in namespaces.values():
                     try:
                         self._visit(path)
                         visited += mode == MODE_INSERT
                     except (OSError, SockopsError) as e:
                         failed.setdefault(path, f"{path}: {e}")
+            waiting = self._mode[ctypes.c_int(SLOT_WAITING)].value  # type: ignore[index]
             self._set_mode(MODE_INSERT)
-            return PassResult(visited, tuple(failed.values()))
+            return PassResult(visited, tuple(failed.values()), waiting)
 
     def _name_nat(self, names: list[tuple[layout.LateTuple, layout.SockKey]]) -> None:
         table = self._nat
@@ -184,7 +188,7 @@ class LateInserter:
             table[t] = key  # type: ignore[index]
 
     def _set_mode(self, mode: int) -> None:
-        self._mode[ctypes.c_int(0)] = ctypes.c_uint32(mode)  # type: ignore[index]
+        self._mode[ctypes.c_int(SLOT_MODE)] = ctypes.c_uint32(mode)  # type: ignore[index]
 
     def _visit(self, path: Path) -> None:
         with netns.entered(path):

@@ -343,6 +343,7 @@ class Reconciler:
         self._last_state: str | None = None
         self._written: dict[int, NetnsSettings] | None = None  # what netns_conf holds, as last read
         self._node_pods: dict[str, int] | None = None  # what node_pods holds
+        self._late_waiting = False  # the last late pass left directions whose reader was behind
         self.enforced_once = False
         self.last_enforce: float | None = None
 
@@ -425,6 +426,10 @@ class Reconciler:
         return min(until_resync, self.retry) if self._unresolved() else until_resync
 
     def _unresolved(self) -> bool:
+        """Something to retry before the next resync: a workload not resolved yet, or a late
+        pass that left a direction waiting for its reader to catch up."""
+        if self._late_waiting:
+            return True
         with self._lock:
             return any(s.state in (PENDING, ERROR) for s in self._status.values())
 
@@ -596,7 +601,7 @@ class Reconciler:
             self._node_pods = self.maps.sync_node_pods(self._node_pods, current)
         if full and synced:
             self._forget_gone(current.keys() | target.keys())
-        if self.late is not None and paths and (changed or full):
+        if self.late is not None and paths and (changed or full or self._late_waiting):
             self._late_pass({c: p for c, p in paths.items() if c in current})
         # Readiness: true once an enforce has run on every source's complete view.
         self.enforced_once = self.enforced_once or synced
@@ -605,14 +610,17 @@ class Reconciler:
 
     def _late_pass(self, paths: Mapping[int, Path]) -> None:
         """Connections of the enabled namespaces that predate their enable join now; a direction
-        whose receiver is still behind switches at a later pass (every resync). Never fatal: a
+        whose receiver is still behind switches at a later pass (every ``retry`` seconds while
+        some wait, else every resync). Never fatal: a
         failed pass leaves those connections on TCP, where they were."""
         assert self.late is not None
+        self._late_waiting = False
         try:
             result = self.late.run(paths, self._node_pods or {})
         except (SockopsError, OSError) as e:
             log.warning("late insertion pass failed", extra={"fields": {"error": str(e)}})
             return
+        self._late_waiting = bool(getattr(result, "waiting", 0))
         for failure in getattr(result, "failed", ()):
             log.debug("late insertion skipped a namespace", extra={"fields": {"reason": failure}})
 

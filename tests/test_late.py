@@ -121,13 +121,14 @@ def test_a_direction_with_unread_tcp_bytes_switches_only_once_they_are_read(
     )
     cookie = dataplane.enable(pod)
 
-    inserter.run({cookie: pod.netns_path})
+    first = inserter.run({cookie: pod.netns_path})
     c = dataplane.counters()
     assert c["late_inserted"] == 2 * conns and c["late_switched"] == conns, c
+    assert first.waiting == conns  # the agent comes back within its retry interval
 
     h.release()
     h.wait_held()
-    inserter.run({cookie: pod.netns_path})
+    assert inserter.run({cookie: pod.netns_path}).waiting == 0
     assert dataplane.counters()["late_switched"] == 2 * conns
 
     h.release()

@@ -391,3 +391,48 @@ def test_a_failing_scanner_never_stops_the_reconciler(rec) -> None:
     assert set(maps.conf) == {12}
     states = {s.workload.uid: (s.state, s.observed) for s in r.snapshot()}
     assert states == {"a": (OBSERVING, None), "b": (ACCELERATED, None)}
+
+
+class FakeLate:
+    """Records each late-insertion pass; ``waiting`` is what the next pass reports back."""
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[dict[int, Path], dict[str, int]]] = []
+        self.waiting = 0
+        self.fail = False
+
+    def run(self, namespaces, node_pods):  # type: ignore[no-untyped-def]
+        from sockops.late import PassResult
+
+        self.passes.append((dict(namespaces), dict(node_pods)))
+        if self.fail:
+            raise SockopsError("iterator gone")
+        return PassResult(len(namespaces), (), self.waiting)
+
+
+def test_late_pass_after_an_enable_again_while_directions_wait_and_never_fatal(tmp_path: Path) -> None:
+    """Connections that predate an enable join at a pass right after it (docs/DATAPLANE.md, "Late
+    insertion"); a pass that left directions waiting for their reader makes the loop come back
+    within ``retry`` instead of the next resync; a failing pass leaves the pod accelerated."""
+    maps, res, late = FakeMaps(), FakeResolver(), FakeLate()
+    r = Reconciler(maps, res, ["kubernetes"], state_file=tmp_path / "s.json", late=late, retry=0.5)
+    res.cookies.update({"a": 11})
+    res.settings[11] = ("10.244.1.10",)
+    r.replace("kubernetes", [pod("a")])
+    late.waiting = 2
+    settle(r)
+    assert late.passes == [({11: Path("/proc/11/ns/net")}, {"10.244.1.10": 11})]
+    assert r._wait_time(r.clock() + 30) == 0.5  # directions wait: back soon
+
+    late.waiting = 0
+    settle(r)  # nothing changed, but directions were waiting
+    assert len(late.passes) == 2
+    assert r._wait_time(r.clock() + 30) > 25
+    settle(r)  # nothing changed, nothing waiting: no pass
+    assert len(late.passes) == 2
+
+    late.fail = True
+    settle(r, full=True)
+    assert len(late.passes) == 3
+    assert {s.workload.uid: s.state for s in r.snapshot()} == {"a": ACCELERATED}
+    assert set(maps.conf) == {11}
