@@ -53,22 +53,39 @@ struct bpf_iter__tcp {
  * knows to come back soon. Not pinned: each agent loads its own. */
 #define LATE_SLOT_MODE 0
 #define LATE_SLOT_WAITING 1
-BPF_ARRAY(late_mode, __u32, 2);
+#define LATE_SLOT_PASS 2 /* the pass's number, bumped by the agent before each pass */
+BPF_ARRAY(late_mode, __u32, 3);
+
+static __always_inline __u32 late_slot(__u32 slot)
+{
+	__u32 *v = late_mode.lookup(&slot);
+
+	return v ? *v : 0;
+}
 
 /*
- * What each late socket in the sockhash had read (its copied_seq) when a pass last visited it,
- * under its own name. Why a map: neither an iterator nor sk_msg may hold a reference to another
- * socket (they can look one up in the sockhash but not release it), so the peer's progress is
- * read from here. A value can only be old, never ahead: copied_seq only grows, so a stale one
- * only delays a switch to a later pass. LRU: entries of closed sockets age out.
+ * What each late socket in the sockhash had read (its copied_seq) when this pass visited it, under
+ * its own name. Why a map: neither an iterator nor sk_msg may hold a reference to another socket
+ * (they can look one up in the sockhash but not release it), so the peer's progress is read from
+ * here. A value can only be old, never ahead: copied_seq only grows, so an old one only delays a
+ * switch to a later pass. Only this pass's records count (`pass`): every live late socket records
+ * in the insert step, so a record of an earlier pass is a closed socket's (LRU: they age out), and
+ * its name may come back with a new connection. User space never reads this map.
  */
-BPF_TABLE("lru_hash", struct sock_key, __u32, late_seqs, SOCKOPS_SOCKHASH_MAX);
+struct late_seq {
+	__u32 copied_seq;
+	__u32 pass;
+};
+BPF_TABLE("lru_hash", struct sock_key, struct late_seq, late_seqs, SOCKOPS_SOCKHASH_MAX);
 
 static __always_inline void late_record(void *tp, struct sock_state *st)
 {
-	__u32 copied = KFIELD(tp, KOFF_TP_COPIED_SEQ, __u32);
+	struct late_seq rec = {
+		.copied_seq = KFIELD(tp, KOFF_TP_COPIED_SEQ, __u32),
+		.pass = late_slot(LATE_SLOT_PASS),
+	};
 
-	late_seqs.update(&st->key, &copied);
+	late_seqs.update(&st->key, &rec);
 }
 
 /* Sockets of connections through a NAT, named from conntrack by the agent (struct late_tuple). */
@@ -205,21 +222,23 @@ static __always_inline void late_insert(void *tp)
 
 /*
  * The second step of a pass, for each late socket still sending over TCP:
- * - its peer joined and had read every byte this socket ever sent over TCP (the peer's recorded
- *   copied_seq equals our write_seq: it cannot be ahead of it): switch this direction to redirect. The socket is locked
- *   while it is visited, so no send of it runs between this check and the switch, and after it
- *   every send is redirected: the peer's TCP queue holds nothing from us any more, and
- *   tcp_bpf_recvmsg() reads the psock queue, where the redirected bytes go, in order.
- * - its peer joined but is still reading our TCP bytes: try again at the next pass;
- * - its peer never joined (blocking, NATed, not enabled): leave the sockhash. Nothing was ever
- *   redirected to it (only a joined late peer redirects to a late socket), so leaving loses
- *   nothing, and it stops paying for a psock.
+ * - its peer joined and had read every byte this socket ever sent over TCP (the peer's copied_seq
+ *   recorded in this pass equals our write_seq; it cannot be ahead of it): switch this direction
+ *   to redirect. The socket is locked while it is visited, so no send of it runs between this
+ *   check and the switch, and after it every send is redirected: the peer's TCP queue holds
+ *   nothing from us any more, and tcp_bpf_recvmsg() reads the psock queue, where the redirected
+ *   bytes go, in order.
+ * - its peer joined but is still reading our TCP bytes: try again at the next pass (counted in
+ *   LATE_SLOT_WAITING, so the agent comes back soon);
+ * - its peer never joined (a blocking reader, not in an enabled pod of the node): leave the
+ *   sockhash. Nothing was ever redirected to it (only a joined late peer redirects to a late
+ *   socket), so leaving loses nothing, and it stops paying for a psock.
  */
 static __always_inline void late_settle(void *tp)
 {
 	struct sock_state *st = sock_state.sk_storage_get(tp, 0, 0);
 	struct sock_key peer;
-	__u32 *copied;
+	struct late_seq *rec;
 
 	if (!st || st->origin != ORIGIN_LATE || !st->in_map)
 		return;
@@ -228,13 +247,14 @@ static __always_inline void late_settle(void *tp)
 		return;
 	peer = st->key;
 	peer.role ^= 1;
-	copied = late_seqs.lookup(&peer);
-	if (copied) {
-		if (*copied == KFIELD(tp, KOFF_TP_WRITE_SEQ, __u32)) {
+	rec = late_seqs.lookup(&peer);
+	if (rec && rec->pass == late_slot(LATE_SLOT_PASS)) {
+		if (rec->copied_seq == KFIELD(tp, KOFF_TP_WRITE_SEQ, __u32)) {
 			st->decision = DECIDE_REDIRECT;
 			count(CNT_LATE_SWITCHED, 1);
 		} else {
-			__u32 slot = LATE_SLOT_WAITING, *waiting = late_mode.lookup(&slot);
+			__u32 slot = LATE_SLOT_WAITING;
+			__u32 *waiting = late_mode.lookup(&slot);
 
 			if (waiting)
 				__sync_fetch_and_add(waiting, 1);

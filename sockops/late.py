@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 PROGRAM = "bpf_iter__tcp"  # BPF_ITER(tcp) in bpf/late.bpf.c
 MODE_MAP = "late_mode"
 MODE_INSERT, MODE_SETTLE = 0, 1  # LATE_INSERT / LATE_SETTLE in bpf/late.bpf.c
-SLOT_MODE, SLOT_WAITING = 0, 1  # LATE_SLOT_* of the mode map
+SLOT_MODE, SLOT_WAITING, SLOT_PASS = 0, 1, 2  # LATE_SLOT_* of the mode map
 NAT_MAP = "late_nat"
 
 Endpoint = tuple[str, int]
@@ -140,6 +140,7 @@ class LateInserter:
     def __init__(self, prog_fd: int, mode_table: object, nat_table: object) -> None:
         self._mode = mode_table
         self._nat = nat_table
+        self._pass = 0
         self._lock = threading.Lock()
         self._link = libbpf.link_create(
             prog_fd, 0, libbpf.BPF_TRACE_ITER, "the tcp iterator", "this kernel has no bpf_iter/tcp (5.9)"
@@ -168,6 +169,8 @@ class LateInserter:
                 except (OSError, SockopsError) as e:
                     failed[path] = f"{path}: reading conntrack: {e}"
             self._name_nat(nat_names(found, node_pods or {}))
+            self._pass = (self._pass + 1) & 0xFFFFFFFF
+            self._mode[ctypes.c_int(SLOT_PASS)] = ctypes.c_uint32(self._pass)  # type: ignore[index]
             for mode in (MODE_INSERT, MODE_SETTLE):
                 self._set_mode(mode)
                 self._mode[ctypes.c_int(SLOT_WAITING)] = ctypes.c_uint32(0)  # type: ignore[index]

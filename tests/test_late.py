@@ -10,6 +10,7 @@ is outside the node's enabled pods) keep plain TCP and their bytes.
 from __future__ import annotations
 
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -295,3 +296,35 @@ def test_agent_accelerates_connections_that_predate_it(
             redirected = maps.counters()["redirected_bytes"]
         assert redirected == (conns * rounds * 2 * size if setting == "on" else 0)
         assert agent.metric("sockops_late_sockets_total", event="inserted") == switched
+
+
+def test_a_peer_that_closed_since_the_last_pass_is_not_waited_for(
+    dataplane: Plane, lab: Lab, inserter: late.LateInserter
+) -> None:
+    """A late socket whose reader was behind at one pass, and whose peer then read everything and
+    closed, must not wait for that peer at the next pass (its record of progress is a closed
+    socket's): it leaves the sockhash, and the agent stops coming back for it."""
+    from sockops import netns
+
+    pod = lab.add_pod("app", ip="10.244.1.10", sidecar=False)
+    with netns.entered(pod.netns_path):
+        listener = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        server, _ = listener.accept()
+    with listener, client, server:
+        server.settimeout(5)
+        client.sendall(b"x" * 65536)
+        cookie = dataplane.enable(pod)
+        assert inserter.run({cookie: pod.netns_path}).waiting == 1
+
+        got = b""
+        while len(got) < 65536:
+            got += server.recv(65536)
+        server.close()  # read everything, then closed: the client is left in CLOSE_WAIT
+        assert client.recv(1) == b""
+
+        result = inserter.run({cookie: pod.netns_path})
+        assert result.waiting == 0
+        c = dataplane.counters()
+        assert c["late_pruned"] == 1 and c["late_switched"] == 1, c
+        assert dataplane.maps.sockets() == []
