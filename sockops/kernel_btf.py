@@ -34,6 +34,9 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("KOFF_TP_WRITE_SEQ", "tcp_sock", "write_seq"),
     ("KOFF_TP_SND_UNA", "tcp_sock", "snd_una"),
     ("KOFF_TP_BYTES_ACKED", "tcp_sock", "bytes_acked"),
+    ("KOFF_SK_USER_DATA", "sock", "sk_user_data"),
+    ("KOFF_SK_MSG_SK_REDIR", "sk_msg", "sk_redir"),
+    ("KOFF_PSOCK_MSG_TOT_LEN", "sk_psock", "msg_tot_len"),
 )
 
 
