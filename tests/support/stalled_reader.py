@@ -20,6 +20,7 @@ two digests are equal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -113,20 +114,16 @@ def main() -> int:
     listener.listen(1)
     client = socket.socket()
     client.setblocking(False)
-    try:
+    with contextlib.suppress(BlockingIOError):
         client.connect(listener.getsockname())
-    except BlockingIOError:
-        pass
     server, _ = listener.accept()  # joined the sockhash before the client's first send
     server.setblocking(False)
     select.select([], [client], [], 10)
 
     sender = Sender(client, args.total)
     held = stall(sender, args.stall_ms)
-    print(
-        json.dumps({"pid": os.getpid(), "comm": COMM.decode(), "accepted": sender.sent, "backpressure": held}),
-        flush=True,
-    )
+    stalled = {"pid": os.getpid(), "comm": COMM.decode(), "accepted": sender.sent, "backpressure": held}
+    print(json.dumps(stalled), flush=True)
     if args.hold:
         sys.stdin.readline()
     received, sha = resume(sender, server, time.monotonic() + args.timeout)
