@@ -19,12 +19,20 @@
 #define SK_USER_DATA_PSOCK_ 4UL
 #define SK_USER_DATA_FLAGS_ 7UL
 
+/*
+ * bpf_probe_read_kernel() called by its helper number: run with the DaemonSet's capabilities
+ * (tests/test_manifests.py), bcc turned calls by that name into the old bpf_probe_read(),
+ * which sk_msg programs may not use; bpf_probe_read_kernel() they may (CAP_SYS_ADMIN or
+ * CAP_PERFMON).
+ */
+static long (*read_kernel)(void *dst, __u32 size, const void *src) = (void *)BPF_FUNC_probe_read_kernel;
+
 /* The psock behind a struct sock's sk_user_data (the kernel address `sk`), 0 when it has none. */
 static __always_inline __u64 psock_of(__u64 sk)
 {
 	__u64 data = 0;
 
-	bpf_probe_read_kernel(&data, sizeof(data), (void *)(sk + KOFF_SK_USER_DATA));
+	read_kernel(&data, sizeof(data), (void *)(sk + KOFF_SK_USER_DATA));
 	return (data & SK_USER_DATA_PSOCK_) ? data & ~SK_USER_DATA_FLAGS_ : 0;
 }
 
@@ -36,20 +44,20 @@ static __always_inline __u64 psock_of(__u64 sk)
  * period, so both stay valid here. Why not look the peer up ourselves: a sockhash lookup returns
  * a referenced socket that an sk_msg program has no bpf_sk_release() for (the verifier refuses
  * it, kernel 6.18). sk_user_data is a plain `void *` with flag bits, not a BTF-typed pointer, so
- * every step is a bpf_probe_read_kernel(), which cannot fault; an unreadable step reads as 0.
+ * every step is a bpf_probe_read_kernel() (read_kernel), which cannot fault; an unreadable step reads as 0.
  */
 static __always_inline __u32 target_queued(struct sk_msg_md *msg)
 {
 	__u64 peer = 0, peer_psock;
 	__u32 queued = 0;
 
-	bpf_probe_read_kernel(&peer, sizeof(peer), (void *)msg + KOFF_SK_MSG_SK_REDIR);
+	read_kernel(&peer, sizeof(peer), (void *)msg + KOFF_SK_MSG_SK_REDIR);
 	if (!peer)
 		return 0;
 	peer_psock = psock_of(peer);
 	if (!peer_psock)
 		return 0;
-	bpf_probe_read_kernel(&queued, sizeof(queued), (void *)(peer_psock + KOFF_PSOCK_MSG_TOT_LEN));
+	read_kernel(&queued, sizeof(queued), (void *)(peer_psock + KOFF_PSOCK_MSG_TOT_LEN));
 	return queued;
 }
 

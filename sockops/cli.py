@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("agent", help="load and attach the programs, reconcile pods until SIGTERM")
     _common(a)
     _sizes(a)
-    for setting in config.AGENT:
+    for setting in (*config.AGENT, *config.GUARD):
         setting.add_to(a)
     config.STATE_FILE.add_to(a)
     config.DRAIN_TIMEOUT.add_to(a)
