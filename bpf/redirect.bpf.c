@@ -44,7 +44,8 @@ static __always_inline __u64 psock_of(__u64 sk)
  * period, so both stay valid here. Why not look the peer up ourselves: a sockhash lookup returns
  * a referenced socket that an sk_msg program has no bpf_sk_release() for (the verifier refuses
  * it, kernel 6.18). sk_user_data is a plain `void *` with flag bits, not a BTF-typed pointer, so
- * every step is a bpf_probe_read_kernel() (read_kernel), which cannot fault; an unreadable step reads as 0.
+ * every step is a bpf_probe_read_kernel() (read_kernel), which cannot fault; an unreadable
+ * step reads as 0.
  */
 static __always_inline __u32 target_queued(struct sk_msg_md *msg)
 {
