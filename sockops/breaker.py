@@ -30,10 +30,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sockops.layout import ANOMALIES
-from sockops.maps import Anomalies
 from sockops.workload import RESET_ANNOTATION
+
+if TYPE_CHECKING:  # the kubectl plugin renders trips without the map code
+    from sockops.maps import Anomalies
 
 KINDS = tuple(ANOMALIES)
 DEFAULT_THRESHOLDS: dict[str, int] = {"queue_over_budget": 1, "redirect_miss": 0, "early_tcp_send": 0}
@@ -80,6 +83,14 @@ class Trip:
 
     def to_json(self) -> dict[str, object]:
         return {"kind": self.kind, "pid": self.pid, "comm": self.comm, "count": self.count}
+
+
+def render(trip: Mapping[str, object]) -> str:
+    """A suspended workload's breaker (Trip.to_json()) and how to reset it, for status output."""
+    return (
+        f"breaker: {trip['kind']} by {trip['comm']} (pid {trip['pid']}), {trip['count']} time(s); "
+        f"reset: kubectl annotate pod NAME {RESET_ANNOTATION}=$(date +%s) --overwrite"
+    )
 
 
 @dataclass(frozen=True)

@@ -643,7 +643,9 @@ class Reconciler:
             # Pod IPs of the node for cross-pod pairing, derived from what netns_conf holds.
             self._node_pods = self.maps.sync_node_pods(self._node_pods, current)
         if full and synced:
-            self._forget_gone(current.keys() | target.keys())
+            # A suspended pod keeps its counters: it comes back (reset) with the same namespace.
+            held = {st.cookie for st in statuses.values() if st.state == SUSPENDED and st.cookie}
+            self._forget_gone(current.keys() | target.keys() | held)
         # Readiness: true once an enforce has run on every source's complete view.
         self.enforced_once = self.enforced_once or synced
         self.last_enforce = self.clock()

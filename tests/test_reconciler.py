@@ -40,6 +40,7 @@ class FakeMaps:
         self.writes = 0
         self.pods: dict[str, int] = {}
         self.anomaly_counts: dict[int, Anomalies] = {}
+        self.forgotten: list[int] = []
 
     def enable(self, cookie: int, settings: NetnsSettings, sync: bool = True) -> None:
         if self.fail:
@@ -54,13 +55,13 @@ class FakeMaps:
         return dict(self.conf)
 
     def netns_stats(self) -> dict[int, dict[str, int]]:
-        return {}
+        return {c: {} for c in self.anomaly_counts}  # counters exist where anomalies do
 
     def sockets(self) -> list[object]:
         return []
 
     def forget(self, cookie: int) -> None:
-        pass
+        self.forgotten.append(cookie)
 
     def anomalies(self) -> dict[int, Anomalies]:
         return dict(self.anomaly_counts)
@@ -546,8 +547,9 @@ def test_breaker_cooldown(tmp_path: Path) -> None:
     maps.anomaly_counts[11] = over_budget(1)
     settle(r)
     now[0] += 59
-    settle(r)
+    settle(r, full=True)
     assert states(r) == {"a": SUSPENDED}
+    assert maps.forgotten == []  # a suspended pod keeps its counters
     now[0] += 1
     settle(r)
     assert states(r) == {"a": ACCELERATED} and set(maps.conf) == {11}
