@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Plane, wait_drained
+from support.metrics_view import run_pairs
 from support.podtraffic import _read_json_line, popen_piped
 from support.stalled_reader import CHUNK
 
@@ -68,4 +69,19 @@ def test_stalled_reader_gets_backpressure_and_every_byte(dataplane: Plane, lab: 
     # Every byte, in order, once the reader resumed.
     assert done["received"] == done["sent"] == TOTAL, done
     assert done["sha_received"] == done["sha_sent"], done
+    wait_drained(dataplane)
+
+
+@pytest.mark.timeout(120)
+def test_a_reader_that_keeps_up_never_crosses_the_budget(dataplane: Plane, lab: Lab) -> None:
+    """32 MiB each way on one connection, 1 MiB at a time, every message read before the next:
+    the psock queue never holds more than one message, so the whole stream stays redirected
+    (the count the budget reads goes down as the reader reads)."""
+    pod = lab.add_pod("app", ip="10.244.1.10")
+    cookie = dataplane.enable(pod)
+    res = run_pairs(pod, connections=1, size=1 << 20, rounds=32)
+    assert res["mismatches"] == 0, res
+    c = dataplane.counters()
+    assert c["queue_over_budget"] == 0, c
+    assert dataplane.stats(cookie)["redirected_bytes"] == 2 * 32 << 20
     wait_drained(dataplane)
