@@ -73,6 +73,11 @@ BPF_TABLE_PINNED("percpu_hash", __u64, struct netns_stats, netns_stats, SOCKOPS_
 BPF_TABLE_PINNED("hash", __u64, struct conn_state, conns, SOCKOPS_SOCKHASH_MAX, PIN(conns),
 		 BPF_F_NO_PREALLOC);
 
+/* What went wrong in apps' traffic, per sending namespace (struct netns_anomalies); entries
+ * created by the agent beside netns_stats, only updated here. */
+BPF_TABLE_PINNED("hash", __u64, struct netns_anomalies, anomalies, SOCKOPS_NETNS_MAX,
+		 PIN(anomalies));
+
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, CNT_MAX, PIN(counters));
 
 SK_STORAGE_PINNED(sock_state, struct sock_state);

@@ -13,6 +13,69 @@
 #include "maps.bpf.h"
 
 /*
+ * sk_user_data of a socket with a psock is the psock's address with flag bits in its low bits
+ * (SK_USER_DATA_NOCOPY 1, _BPF 2, _PSOCK 4); the kernel masks them off before using it.
+ */
+#define SK_USER_DATA_PSOCK_ 4UL
+#define SK_USER_DATA_FLAGS_ 7UL
+
+/*
+ * bpf_probe_read_kernel() called by its helper number: run with the DaemonSet's capabilities
+ * (tests/test_manifests.py), bcc turned calls by that name into the old bpf_probe_read(),
+ * which sk_msg programs may not use; bpf_probe_read_kernel() they may (CAP_SYS_ADMIN or
+ * CAP_PERFMON).
+ */
+static long (*read_kernel)(void *dst, __u32 size, const void *src) = (void *)BPF_FUNC_probe_read_kernel;
+
+/* The psock behind a struct sock's sk_user_data (the kernel address `sk`), 0 when it has none. */
+static __always_inline __u64 psock_of(__u64 sk)
+{
+	__u64 data = 0;
+
+	read_kernel(&data, sizeof(data), (void *)(sk + KOFF_SK_USER_DATA));
+	return (data & SK_USER_DATA_PSOCK_) ? data & ~SK_USER_DATA_FLAGS_ : 0;
+}
+
+/*
+ * Bytes the redirect target holds unread in its psock ingress queue (sk_psock.msg_tot_len),
+ * called right after a successful bpf_msg_redirect_hash(). That helper stored the target socket
+ * in the kernel's struct sk_msg behind our context (sk_redir), found in the sockhash under RCU;
+ * this program still runs inside that RCU read section, and a psock is freed only after a grace
+ * period, so both stay valid here. Why not look the peer up ourselves: a sockhash lookup returns
+ * a referenced socket that an sk_msg program has no bpf_sk_release() for (the verifier refuses
+ * it, kernel 6.18). sk_user_data is a plain `void *` with flag bits, not a BTF-typed pointer, so
+ * every step is a bpf_probe_read_kernel() (read_kernel), which cannot fault; an unreadable
+ * step reads as 0.
+ */
+static __always_inline __u32 target_queued(struct sk_msg_md *msg)
+{
+	__u64 peer = 0, peer_psock;
+	__u32 queued = 0;
+
+	read_kernel(&peer, sizeof(peer), (void *)msg + KOFF_SK_MSG_SK_REDIR);
+	if (!peer)
+		return 0;
+	peer_psock = psock_of(peer);
+	if (!peer_psock)
+		return 0;
+	read_kernel(&queued, sizeof(queued), (void *)(peer_psock + KOFF_PSOCK_MSG_TOT_LEN));
+	return queued;
+}
+
+/* Count one anomaly of `kind` for the sending namespace, naming the sending process. */
+static __always_inline void anomaly(struct sk_msg_md *msg, __u32 kind)
+{
+	__u64 netns = bpf_get_netns_cookie(msg);
+	struct netns_anomalies *a = anomalies.lookup(&netns);
+
+	if (!a || kind >= ANOM_MAX)
+		return;
+	__sync_fetch_and_add(&a->count[kind], 1);
+	a->pid[kind] = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(a->comm[kind], ANOM_COMM_LEN);
+}
+
+/*
  * Before the first redirect to the peer, mark RX_USED on the peer's half of the connection's
  * hand-off bits (struct conn_state; the receiving side is sockops.bpf.c on_own_fin). Returns 0
  * when the peer already half-closed with nothing ever redirected to it (it is leaving the
@@ -54,9 +117,13 @@ int sockops_redirect(struct sk_msg_md *msg)
 	if (!st)
 		return SK_PASS;
 	if (st->decision == DECIDE_UNDECIDED) {
-		decide_client(st, wrote_over_tcp(msg->sk));	/* sockops.bpf.c: the first message decides */
+		int early = wrote_over_tcp(msg->sk);
+
+		decide_client(st, early);	/* sockops.bpf.c: the first message decides */
 		if (st->decision == DECIDE_PASS)
 			count(CNT_PASSED, 1);
+		if (early)
+			anomaly(msg, ANOM_EARLY_TCP_SEND);
 	}
 	peer = st->key;
 	peer.role ^= 1;
@@ -74,10 +141,24 @@ int sockops_redirect(struct sk_msg_md *msg)
 			ns->redirected_msgs++;
 			ns->redirected_bytes += size;
 		}
+		/*
+		 * A redirected byte bypasses TCP's flow control: it is queued on the peer's psock
+		 * whether or not the peer reads, without limit. Once the peer holds more than the
+		 * budget unread (this message included, which is already on its way), this socket
+		 * sends over TCP for good, where a full receive window blocks the sender again. Order
+		 * is kept as after a peer's FIN: the reader drains its psock queue (older bytes)
+		 * before its TCP queue (newer ones). docs/DATAPLANE.md, "The queue budget".
+		 */
+		if (target_queued(msg) + size > SOCKOPS_QUEUE_BUDGET) {
+			st->peer_fin = 1;
+			count(CNT_QUEUE_OVER_BUDGET, 1);
+			anomaly(msg, ANOM_QUEUE_OVER_BUDGET);
+		}
 	} else {
 		count(CNT_MISSES, 1);
 		if (ns)
 			ns->misses++;
+		anomaly(msg, ANOM_REDIRECT_MISS);
 	}
 	return SK_PASS;
 }

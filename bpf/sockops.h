@@ -9,6 +9,8 @@
  *   SOCKOPS_SOCKHASH_MAX sockets the sockhash can hold
  *   SOCKOPS_PENDING_MAX  connections that can wait for their peer at once
  *   SOCKOPS_NETNS_MAX    network namespaces that can be enabled
+ *   SOCKOPS_QUEUE_BUDGET bytes a receiver may hold unread in its psock queue before its peer's
+ *                        sends go over TCP (redirect.bpf.c, over_budget; docs/DATAPLANE.md)
  *   KOFF_*               offsets of kernel-internal fields, read from the running kernel's BTF
  *                        (sockops/kernel_btf.py; no default: see kernel.bpf.h)
  */
@@ -26,6 +28,9 @@
 #endif
 #ifndef SOCKOPS_NETNS_MAX
 #define SOCKOPS_NETNS_MAX 1024
+#endif
+#ifndef SOCKOPS_QUEUE_BUDGET
+#define SOCKOPS_QUEUE_BUDGET (4 << 20)
 #endif
 
 /*
@@ -214,6 +219,27 @@ struct netns_stats {
 #define CNT_LATE_INSERTED 21     /* established socket joined by the iterator pass (late.bpf.c) */
 #define CNT_LATE_SWITCHED 22     /* a late socket's direction moved from TCP to redirect */
 #define CNT_LATE_PRUNED 23       /* a late socket whose peer never joined: left the sockhash */
-#define CNT_MAX 24
+#define CNT_QUEUE_OVER_BUDGET 24 /* a peer held more than the budget unread: sends went to TCP */
+#define CNT_MAX 25
+
+/*
+ * What went wrong in an app's traffic, per sending network namespace (the `anomalies` map, a
+ * plain hash keyed by netns cookie, entry created by the agent when it enables the namespace).
+ * The agent's breaker (sockops/breaker.py) turns a rise of these into "stop accelerating this
+ * pod". pid (the thread group id) and comm are of the last sending process that hit each kind:
+ * an sk_msg program runs in the sender's syscall. Written without a lock: a pid and comm of two
+ * racing senders may mix, the counts never (atomic adds).
+ */
+#define ANOM_QUEUE_OVER_BUDGET 0 /* the peer held more than the budget unread: sends went to TCP */
+#define ANOM_REDIRECT_MISS 1     /* the redirect target was gone (normal when a peer closes) */
+#define ANOM_EARLY_TCP_SEND 2    /* the client's first bytes left over TCP before its psock */
+#define ANOM_MAX 4
+#define ANOM_COMM_LEN 16
+
+struct netns_anomalies {
+	__u64 count[ANOM_MAX];
+	__u32 pid[ANOM_MAX];
+	char comm[ANOM_MAX][ANOM_COMM_LEN];
+};
 
 #endif /* SOCKOPS_H */

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from sockops import layout, loader
+from sockops.breaker import Breaker
 from sockops.config import AgentConfig
 from sockops.errors import SockopsError
 from sockops.reconciler import ACCELERATED, PENDING, Reconciler, Resolver
@@ -134,6 +135,9 @@ class Agent:
 
     def pod_labels(self) -> dict[int, tuple[str, str]]:
         return self.reconciler.pod_labels() if self.reconciler else {}
+
+    def breakers(self) -> dict[tuple[str, str], bool]:
+        return self.reconciler.breakers() if self.reconciler else {}
 
     def observed_sockets(self) -> dict[tuple[str, str], dict[tuple[str, str, str], int]]:
         return self.reconciler.observed() if self.reconciler else {}
@@ -257,7 +261,7 @@ class Agent:
             # Checked before the compile: attaching is what needs it, and a load that fails only
             # at attach has already pinned the maps.
             loader.check_cgroup_v2(self.cgroup)
-            plane = loader.DataPlane.load(self.bpffs, self.sizes)
+            plane = loader.DataPlane.load(self.bpffs, self.sizes, queue_budget=self.config.queue_budget)
             done = plane.attach(self.cgroup)
             self.plane = plane
         except SockopsError as e:
@@ -376,6 +380,7 @@ class Agent:
                     state_file=self.config.state_file,
                     notifier=self._event_recorder(),
                     late=self._late_inserter(),
+                    breaker=Breaker(self.config.breaker_thresholds, self.config.breaker_cooldown),
                 )
                 observer.counts = self.reconciler.counts
                 work = threading.Event()  # ends sources and reconciler: SIGTERM or an uninstall

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from sockops import __version__, config, layout, loader, logs, observe
+from sockops import __version__, breaker, config, layout, loader, logs, observe
 from sockops import netns as netns_mod
 from sockops.errors import SockopsError
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("agent", help="load and attach the programs, reconcile pods until SIGTERM")
     _common(a)
     _sizes(a)
-    for setting in config.AGENT:
+    for setting in (*config.AGENT, *config.GUARD):
         setting.add_to(a)
     config.STATE_FILE.add_to(a)
     config.DRAIN_TIMEOUT.add_to(a)
@@ -165,6 +165,7 @@ def status_report(
         counters = maps.counters()
         enabled = maps.enabled()
         stats = maps.netns_stats()
+        anomalies = maps.anomalies()
         sockets = maps.sockets()
         pending = maps.pending()
     names = _netns_names()
@@ -182,6 +183,7 @@ def status_report(
                 "capture_ports": [s.capture_out, s.capture_in],
                 "local_ips": list(s.local_ips),
                 **stats.get(c, {}),
+                "anomalies": anomalies[c].counts if c in anomalies else {},
             }
             for c, s in sorted(enabled.items())
         ],
@@ -219,6 +221,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             if w.get("state") == "observing":
                 for line in observe.render(w.get("observed")):
                     print(f"  {'':<36} {'':<12} {line}")
+            if w.get("breaker"):
+                print(f"  {'':<36} {'':<12} {breaker.render(w['breaker'])}")
         if not workloads:
             print("  (none reported by the sources)")
     print("enabled namespaces:")
@@ -227,6 +231,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  {ns['name'] or '-':<20} cookie={ns['cookie']:<8} "
             f"sidecar={'yes' if ns['sidecar'] else 'no':<3} "
             f"redirected_bytes={ns.get('redirected_bytes', 0)} misses={ns.get('misses', 0)}"
+            + "".join(f" {k}={v}" for k, v in ns.get("anomalies", {}).items() if v)
         )
     if not report["enabled_netns"]:
         print("  (none)")

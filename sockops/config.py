@@ -151,6 +151,34 @@ def _positive_float(v: str) -> float:
     return n
 
 
+def _non_negative_float(v: str) -> float:
+    try:
+        n = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
+    if not n >= 0 or n == float("inf"):
+        raise argparse.ArgumentTypeError(f"{v} must be 0 or a positive number of seconds")
+    return n
+
+
+def _queue_budget(v: str) -> int:
+    n = _positive_int(v)
+    if n < 65536 or n >= 1 << 31:
+        raise argparse.ArgumentTypeError(
+            f"{v} is outside 65536 (one message) .. 2147483647 bytes (the kernel counts it in 32 bits)"
+        )
+    return n
+
+
+def _thresholds(v: str) -> dict[str, int]:
+    from sockops.breaker import InvalidThresholds, parse_thresholds
+
+    try:
+        return parse_thresholds(v)
+    except InvalidThresholds as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _address(v: str) -> str:
     from sockops.health import parse_addr
 
@@ -295,6 +323,34 @@ AGENT = (
     ),
 )
 
+# The guard of issue 12: the data plane's queue budget and the per-pod breaker (sockops/breaker.py).
+GUARD = (
+    Setting(
+        "--queue-budget",
+        "SOCKOPS_QUEUE_BUDGET",
+        "4194304",
+        "bytes a receiver may hold unread on its psock before its peer sends over TCP (where flow "
+        "control holds the sender back); docs/DATAPLANE.md, the queue budget",
+        _queue_budget,
+    ),
+    Setting(
+        "--breaker-thresholds",
+        "SOCKOPS_BREAKER_THRESHOLDS",
+        "queue_over_budget=1,redirect_miss=0,early_tcp_send=0",
+        "anomalies of a kind, since the pod was first seen or reset, that suspend its acceleration "
+        "(kind=N,...; 0 never trips)",
+        _thresholds,
+    ),
+    Setting(
+        "--breaker-cooldown",
+        "SOCKOPS_BREAKER_COOLDOWN",
+        "0",
+        "seconds after which a suspended pod is accelerated again (0: only a new value of its "
+        "sockops.io/breaker-reset annotation resets it)",
+        _non_negative_float,
+    ),
+)
+
 DRAIN_TIMEOUT = Setting(
     "--drain-timeout",
     "SOCKOPS_DRAIN_TIMEOUT",
@@ -333,6 +389,9 @@ class AgentConfig:
     metrics_addr: str
     if_unsupported: str
     pod_metric_labels: str
+    queue_budget: int
+    breaker_thresholds: dict[str, int]
+    breaker_cooldown: float
     drain_timeout: float
 
     @classmethod
@@ -342,4 +401,4 @@ class AgentConfig:
 
 
 # Every setting of `sockops agent` (cli.py adds these to its parser; AgentConfig holds their values).
-AGENT_SETTINGS = (BPFFS, *SIZES, *AGENT, STATE_FILE, DRAIN_TIMEOUT)
+AGENT_SETTINGS = (BPFFS, *SIZES, *AGENT, *GUARD, STATE_FILE, DRAIN_TIMEOUT)

@@ -1,11 +1,12 @@
 """Kubernetes Events on the pods the agent accelerates or refuses: what an app team can read.
 
 ``kubectl describe pod`` (or ``kubectl get events``) is where an app team looks, and they cannot
-exec into the agent; so the agent says there when it starts or stops accelerating a pod and why
-an annotation is refused. Events are written from one background thread through a bounded queue,
-never from the reconciler's path (a slow or absent API server must not delay a map write), and
-rate-limited twice, as client-go's event correlator does for the same reason (an agent restart or
-a flapping annotation must not flood etcd):
+exec into the agent; so the agent says there when it starts or stops accelerating a pod, why
+an annotation is refused, and why its breaker suspended it (sockops/breaker.py). Events are
+written from one background thread through a bounded queue, never from the reconciler's path
+(a slow or absent API server must not delay a map write), and rate-limited twice, as
+client-go's event correlator does for the same reason (an agent restart or a flapping
+annotation must not flood etcd):
 
 * the same (pod, reason, message) is sent once per ``repeat_after`` seconds;
 * per pod at most ``burst`` events, refilled at one per ``refill`` seconds.
@@ -24,12 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sockops.breaker import Trip
 from sockops.workload import Workload
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "sockops-agent"
 STARTED, STOPPED, INVALID = "AccelerationStarted", "AccelerationStopped", "InvalidAnnotation"
+SUSPENDED = "AccelerationSuspended"
 
 
 @dataclass
@@ -85,6 +88,15 @@ class EventRecorder:
 
     def invalid(self, w: Workload) -> None:
         self._pod_event(w, "Warning", INVALID, "; ".join(w.errors))
+
+    def suspended(self, w: Workload, trip: Trip) -> None:
+        self._pod_event(
+            w,
+            "Warning",
+            SUSPENDED,
+            f"sockops stopped accelerating new connections of this pod on node {self.node} "
+            f"({trip.reason()}); live ones keep running",
+        )
 
     def _allowed(self, uid: str, reason: str, message: str) -> bool:
         now = self.clock()

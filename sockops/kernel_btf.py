@@ -46,6 +46,9 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("KOFF_SKC_V6_RCV_SADDR", "sock_common", "skc_v6_rcv_saddr"),
     ("KOFF_NET_COOKIE", "net", "net_cookie"),
     ("KOFF_ICSK_ULP_DATA", "inet_connection_sock", "icsk_ulp_data"),  # tcp_sock starts with it
+    ("KOFF_SK_USER_DATA", "sock", "sk_user_data"),
+    ("KOFF_SK_MSG_SK_REDIR", "sk_msg", "sk_redir"),
+    ("KOFF_PSOCK_MSG_TOT_LEN", "sk_psock", "msg_tot_len"),
 )
 
 

@@ -105,6 +105,10 @@ def render(found: dict[str, Any]) -> str:
         from sockops.observe import render as render_observed
 
         lines += [f"  {line}" for line in render_observed(w.get("observed"))]
+    if w.get("breaker"):
+        from sockops.breaker import render as render_breaker
+
+        lines.append(f"  {render_breaker(w['breaker'])}")
     lines.append(where)
     return "\n".join(lines)
 

@@ -166,8 +166,8 @@ class LateInserter:
             for cookie, path in namespaces.items():
                 try:
                     found[cookie] = nat_connections(path)
-                except (OSError, SockopsError) as e:
-                    failed[path] = f"{path}: reading conntrack: {e}"
+                except Exception as e:  # pyroute2's NetlinkError is no OSError; never fatal
+                    failed[path] = f"{path}: reading conntrack (needs CAP_NET_ADMIN): {e}"
             self._name_nat(nat_names(found, node_pods or {}))
             self._pass = (self._pass + 1) & 0xFFFFFFFF
             self._mode[ctypes.c_int(SLOT_PASS)] = ctypes.c_uint32(self._pass)  # type: ignore[index]

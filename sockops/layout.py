@@ -40,6 +40,7 @@ MAP_SOCK_STATE = "sock_state"
 MAP_CONNS = "conns"
 MAP_NODE_PODS = "node_pods"
 MAP_SYNACKS = "synacks"
+MAP_ANOMALIES = "anomalies"
 ALL_MAPS = (
     MAP_SOCKHASH,
     MAP_PENDING,
@@ -50,6 +51,7 @@ ALL_MAPS = (
     MAP_CONNS,
     MAP_NODE_PODS,
     MAP_SYNACKS,
+    MAP_ANOMALIES,
 )
 
 # Counter indexes (CNT_* in the header) and the names user space reports them under.
@@ -78,8 +80,19 @@ COUNTERS = {
     "late_inserted": 21,
     "late_switched": 22,
     "late_pruned": 23,
+    "queue_over_budget": 24,
 }
-CNT_MAX = 24
+CNT_MAX = 25
+
+# Anomaly kinds (ANOM_* in the header): indexes into struct netns_anomalies, by metric label.
+ANOMALIES = {
+    "queue_over_budget": 0,
+    "redirect_miss": 1,
+    "early_tcp_send": 2,
+}
+ANOM_MAX = 4
+ANOM_COMM_LEN = 16
+DEFAULT_QUEUE_BUDGET = 4 << 20  # SOCKOPS_QUEUE_BUDGET
 
 Ip6 = ctypes.c_uint32 * 4
 
@@ -162,6 +175,16 @@ class NetnsStats(ctypes.Structure):
         ("misses", ctypes.c_uint64),
         ("sockets_inserted", ctypes.c_uint64),
         ("connections_passed", ctypes.c_uint64),
+    )
+
+
+class NetnsAnomalies(ctypes.Structure):
+    """Per sending namespace: count, last pid and last comm of each anomaly kind (ANOMALIES)."""
+
+    _fields_ = (
+        ("count", ctypes.c_uint64 * ANOM_MAX),
+        ("pid", ctypes.c_uint32 * ANOM_MAX),
+        ("comm", (ctypes.c_char * ANOM_COMM_LEN) * ANOM_MAX),
     )
 
 

@@ -61,13 +61,19 @@ def program_text(src_dir: Path | None = None) -> str:
     return "\n".join(parts)
 
 
-def cflags(bpffs_dir: Path, sizes: MapSizes, src_dir: Path | None = None) -> list[str]:
+def cflags(
+    bpffs_dir: Path,
+    sizes: MapSizes,
+    src_dir: Path | None = None,
+    queue_budget: int = layout.DEFAULT_QUEUE_BUDGET,
+) -> list[str]:
     return [
         f"-I{src_dir or bpf_source_dir()}",
         f'-DSOCKOPS_PIN_DIR="{bpffs_dir}"',
         f"-DSOCKOPS_SOCKHASH_MAX={sizes.sockhash}",
         f"-DSOCKOPS_PENDING_MAX={sizes.pending}",
         f"-DSOCKOPS_NETNS_MAX={sizes.netns}",
+        f"-DSOCKOPS_QUEUE_BUDGET={queue_budget}",
         *kernel_offsets().cflags(),
     ]
 
@@ -122,9 +128,14 @@ class DataPlane:
 
     @classmethod
     def load(
-        cls, bpffs_dir: Path = DEFAULT_BPFFS_DIR, sizes: MapSizes | None = None, debug_text: bool = False
+        cls,
+        bpffs_dir: Path = DEFAULT_BPFFS_DIR,
+        sizes: MapSizes | None = None,
+        debug_text: bool = False,
+        queue_budget: int = layout.DEFAULT_QUEUE_BUDGET,
     ) -> DataPlane:
-        """Compile and load; create or re-open the pinned maps."""
+        """Compile and load; create or re-open the pinned maps. ``queue_budget``: bytes a
+        receiver may hold unread before its peer sends over TCP (docs/DATAPLANE.md)."""
         sizes = sizes or MapSizes()
         check_bpffs(bpffs_dir)
         if os.geteuid() != 0:
@@ -146,7 +157,7 @@ class DataPlane:
             print(text)
         programs: dict[str, object] = {}
         try:
-            b = BPF(text=text, cflags=cflags(bpffs_dir, sizes))
+            b = BPF(text=text, cflags=cflags(bpffs_dir, sizes, queue_budget=queue_budget))
             for att in links.ATTACHMENTS:
                 programs[att.program] = b.load_func(att.program, getattr(BPF, att.prog_type))
         except Exception as e:  # bcc raises bare Exception with the verifier log on stderr

@@ -63,6 +63,7 @@ _LAYOUTS = {
     layout.MAP_NETNS_CONF: (8, ctypes.sizeof(layout.NetnsConf)),
     layout.MAP_NETNS_STATS: (8, ctypes.sizeof(layout.NetnsStats)),
     layout.MAP_SOCK_STATE: (4, ctypes.sizeof(layout.SockState)),
+    layout.MAP_ANOMALIES: (8, ctypes.sizeof(layout.NetnsAnomalies)),
 }
 
 
@@ -102,6 +103,25 @@ def adopt_sizes(bpffs_dir: Path, wanted: MapSizes) -> tuple[MapSizes, list[str]]
                 f"(maps in use cannot be resized; `sockops uninstall` then restart to resize)"
             )
     return MapSizes(**effective), notes
+
+
+@dataclass(frozen=True)
+class Anomalies:
+    """One namespace's anomaly counts by kind (layout.ANOMALIES) and, for each kind seen, the
+    last sending process that hit it: (pid, comm)."""
+
+    counts: dict[str, int]
+    last: dict[str, tuple[int, str]]
+
+    @classmethod
+    def from_struct(cls, v: layout.NetnsAnomalies) -> Anomalies:
+        counts = {kind: int(v.count[i]) for kind, i in layout.ANOMALIES.items()}
+        last = {
+            kind: (int(v.pid[i]), v.comm[i].value.decode(errors="replace"))
+            for kind, i in layout.ANOMALIES.items()
+            if counts[kind]
+        }
+        return cls(counts, last)
 
 
 class PinnedMaps:
@@ -181,6 +201,8 @@ class PinnedMaps:
         if self._percpu(layout.MAP_NETNS_STATS, key, layout.NetnsStats) is None:
             zero = (ctypes.c_uint8 * (((ctypes.sizeof(layout.NetnsStats) + 7) // 8 * 8) * self.ncpus))()
             self._update(layout.MAP_NETNS_STATS, key, zero)
+        if not self._lookup(layout.MAP_ANOMALIES, key, layout.NetnsAnomalies()):
+            self._update(layout.MAP_ANOMALIES, key, layout.NetnsAnomalies())
         self._update(layout.MAP_NETNS_CONF, key, settings.to_struct())
         if sync:
             self.sync_node_pods()
@@ -198,6 +220,7 @@ class PinnedMaps:
     def forget(self, cookie: int) -> None:
         """Drop a namespace's counters (the namespace is gone)."""
         self._delete(layout.MAP_NETNS_STATS, ctypes.c_uint64(cookie))
+        self._delete(layout.MAP_ANOMALIES, ctypes.c_uint64(cookie))
 
     def mark_uninstalling(self) -> None:
         """Tell running agents to stop writing: `sockops uninstall` is draining these maps.
@@ -262,6 +285,15 @@ class PinnedMaps:
             if per_cpu is None:
                 continue
             out[key.value] = {f: sum(getattr(v, f) for v in per_cpu) for f, _ in layout.NetnsStats._fields_}
+        return out
+
+    def anomalies(self) -> dict[int, Anomalies]:
+        """What went wrong in each enabled namespace's traffic (struct netns_anomalies)."""
+        out = {}
+        for key in self._keys(layout.MAP_ANOMALIES, ctypes.c_uint64):
+            value = layout.NetnsAnomalies()
+            if self._lookup(layout.MAP_ANOMALIES, key, value):
+                out[key.value] = Anomalies.from_struct(value)
         return out
 
     # -- counters -------------------------------------------------------------------------------

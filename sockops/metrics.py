@@ -49,7 +49,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 import sockops
-from sockops.maps import MapSizes, PinnedMaps
+from sockops.maps import Anomalies, MapSizes, PinnedMaps
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,12 @@ class AgentView(Protocol):
         """(namespace, pod) -> sockets by (role, style, verdict) of pods in observe mode.
 
         Optional: a view without it exports no ``sockops_observed_sockets`` series."""
+        ...
+
+    def breakers(self) -> dict[tuple[str, str], bool]:
+        """(namespace, pod) -> breaker open, for accelerated and suspended pods (sockops/breaker.py).
+
+        Optional: a view without it exports no ``sockops_breaker_open`` series."""
         ...
 
 
@@ -292,6 +298,19 @@ class MapCollector(Collector):
                 "sockops would do (accelerated|plain_tcp|accelerated_exposed).",
                 labels=["namespace", "pod", "role", "style", "verdict"],
             ),
+            CounterMetricFamily(
+                "sockops_app_anomalies",
+                "What went wrong in a pod's traffic, counted by the data plane per sending pod, by "
+                "kind: queue_over_budget (a peer held more than the queue budget unread: sends "
+                "moved to TCP), redirect_miss (the peer was gone: sent over TCP), early_tcp_send.",
+                labels=["namespace", "pod", "kind"],
+            ),
+            GaugeMetricFamily(
+                "sockops_breaker_open",
+                "1 while the pod's breaker keeps its new connections off acceleration (status "
+                "suspended: kind, program and pid in `sockops status`), 0 while it is accelerated.",
+                labels=["namespace", "pod"],
+            ),
             GaugeMetricFamily("sockops_pods_accelerated", "Workloads accelerated now."),
             GaugeMetricFamily(
                 "sockops_pods_pending", "Workloads opted in whose network namespace is not resolved yet."
@@ -349,6 +368,9 @@ class MapCollector(Collector):
         observed = getattr(self.view, "observed_sockets", None)
         if observed is not None:
             self._add_observed(fams, safe("observed pods", observed, {}))
+        breakers = getattr(self.view, "breakers", None)
+        if breakers is not None:
+            self._add_breakers(fams, safe("breakers", breakers, {}))
 
         loaded = safe("pinned maps", lambda: self._read_maps(fams, safe), False)
         fams["sockops_maps_loaded"].add_metric([], 1 if loaded else 0)
@@ -372,9 +394,12 @@ class MapCollector(Collector):
             if counters is not None:
                 self._add_counters(fams, counters)
             stats = safe("netns stats", maps.netns_stats, None)
+            labels = safe("pod labels", self.view.pod_labels, {})
             if stats is not None:
-                labels = safe("pod labels", self.view.pod_labels, {})
                 self._add_pods(fams, stats, labels)
+            anomalies = safe("anomalies", maps.anomalies, None)
+            if anomalies is not None:
+                self._add_anomalies(fams, anomalies, labels)
             sockets = safe("sockhash", lambda: len(maps.sockets()), None)
             if sockets is not None:
                 fams["sockops_sockets_active"].add_metric([], sockets)
@@ -431,6 +456,27 @@ class MapCollector(Collector):
                 per[key] = per.get(key, 0) + n
         for key, n in sorted(per.items()):
             fams["sockops_observed_sockets"].add_metric(list(key), n)
+
+    def _add_anomalies(
+        self, fams: dict[str, Metric], anomalies: dict[int, Anomalies], labels: dict[int, tuple[str, str]]
+    ) -> None:
+        """Anomaly counts summed by (namespace, pod) like :meth:`_add_pods`, every kind present."""
+        per: dict[tuple[str, str, str], int] = {}
+        for cookie, a in anomalies.items():
+            namespace, pod = self._label_values(labels.get(cookie, UNKNOWN_POD))
+            for kind, n in a.counts.items():
+                per[(namespace, pod, kind)] = per.get((namespace, pod, kind), 0) + n
+        for key, n in sorted(per.items()):
+            fams["sockops_app_anomalies"].add_metric(list(key), n)
+
+    def _add_breakers(self, fams: dict[str, Metric], breakers: dict[tuple[str, str], bool]) -> None:
+        """Open breakers by the pod labels the setting keeps: max over the pods summed into one."""
+        per: dict[tuple[str, str], int] = {}
+        for workload, is_open in breakers.items():
+            key = self._label_values(workload)
+            per[key] = max(per.get(key, 0), 1 if is_open else 0)
+        for key, v in sorted(per.items()):
+            fams["sockops_breaker_open"].add_metric(list(key), v)
 
     def _add_pods(
         self, fams: dict[str, Metric], stats: dict[int, dict[str, int]], labels: dict[int, tuple[str, str]]

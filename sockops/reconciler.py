@@ -11,6 +11,11 @@ affects new connections only. Sockets already in the sockhash stay there with th
 they close; removing a live socket from its last map would purge its unread data (docs/DATAPLANE.md
 F4). Disabling a pod is therefore always safe for its live connections.
 
+A pod whose traffic goes wrong (sockops/breaker.py) is taken out of ``netns_conf`` like a pod
+that opted out, and reported ``suspended`` with the reason until its breaker resets; the
+anomaly counts are read at every pass, and the loop wakes every ``breaker_poll`` seconds while
+any pod is accelerated or suspended.
+
 A workload in observe mode is resolved like an accelerated one but never enabled: its status is
 ``observing`` with a report of its programs' sockets (sockops/observe.py), read at first sight and
 at every full resync, not at every event (a /proc scan per event would cost the churn path).
@@ -36,8 +41,10 @@ from typing import Any, Protocol
 
 from sockops import netns as netns_mod
 from sockops import observe
+from sockops.breaker import Breaker, Trip
 from sockops.errors import NetnsNotFound, SockopsError
 from sockops.layout import NetnsSettings, SockKey
+from sockops.maps import Anomalies
 from sockops.workload import Locator, Workload
 
 log = logging.getLogger("sockops.reconciler")
@@ -47,7 +54,8 @@ PENDING = "pending"  # opted in, namespace not resolved yet (retried)
 OFF = "off"
 ERROR = "error"  # opted in, but the map write failed (retried)
 OBSERVING = "observing"  # observe mode: resolved and reported, never enabled
-STATES = (ACCELERATED, PENDING, OFF, ERROR, OBSERVING)
+SUSPENDED = "suspended"  # opted in, but its breaker tripped (sockops/breaker.py): not enabled
+STATES = (ACCELERATED, PENDING, OFF, ERROR, OBSERVING, SUSPENDED)
 
 Scanner = Callable[[Mapping[tuple[str, str], Path]], Mapping[tuple[str, str], observe.Report]]
 
@@ -63,6 +71,7 @@ class WorkloadStatus:
     netns: str | None = None
     capture: str | None = None  # Istio's capture found in the pod: "iptables-legacy 15001/15006"
     observed: observe.Report | None = None  # observe mode: what its programs' sockets would get
+    breaker: Trip | None = None  # suspended: why
 
     def to_json(self) -> dict[str, object]:
         w = self.workload
@@ -78,6 +87,7 @@ class WorkloadStatus:
             "capture": self.capture,
             "errors": list(w.errors),
             "observed": self.observed.to_json() if self.observed is not None else None,
+            "breaker": self.breaker.to_json() if self.breaker is not None else None,
         }
 
 
@@ -99,6 +109,8 @@ class MapWriter(Protocol):
     def sockets(self) -> list[SockKey]: ...
 
     def forget(self, cookie: int) -> None: ...
+
+    def anomalies(self) -> dict[int, Anomalies]: ...
 
 
 class Observer(Protocol):
@@ -128,6 +140,8 @@ class Notifier(Protocol):
 
     def invalid(self, w: Workload) -> None: ...
 
+    def suspended(self, w: Workload, trip: Trip) -> None: ...
+
 
 class _NullNotifier:
     def started(self, w: Workload, cookie: int) -> None:
@@ -137,6 +151,9 @@ class _NullNotifier:
         pass
 
     def invalid(self, w: Workload) -> None:
+        pass
+
+    def suspended(self, w: Workload, trip: Trip) -> None:
         pass
 
 
@@ -322,9 +339,13 @@ class Reconciler:
         notifier: Notifier | None = None,
         scanner: Scanner = observe.scan,
         late: LatePass | None = None,
+        breaker: Breaker | None = None,
+        breaker_poll: float = 1.0,
     ) -> None:
         self.maps = maps
         self.late = late
+        self.breaker = breaker or Breaker(clock=clock)
+        self.breaker_poll = breaker_poll
         self.scanner = scanner
         self.notifier: Notifier = notifier or _NullNotifier()
         self.resolver = resolver
@@ -386,11 +407,20 @@ class Reconciler:
         return out
 
     def pod_labels(self) -> dict[int, tuple[str, str]]:
-        """netns cookie -> (namespace, pod) of accelerated workloads, for per-pod metrics."""
+        """netns cookie -> (namespace, pod) of accelerated (or suspended) workloads, for per-pod
+        metrics: a suspended pod's live connections still count, and so do its anomalies."""
         return {
             s.cookie: (s.workload.namespace, s.workload.name)
             for s in self.snapshot()
-            if s.state == ACCELERATED and s.cookie is not None
+            if s.state in (ACCELERATED, SUSPENDED) and s.cookie is not None
+        }
+
+    def breakers(self) -> dict[tuple[str, str], bool]:
+        """(namespace, pod) -> breaker open, for every accelerated or suspended workload."""
+        return {
+            (s.workload.namespace, s.workload.name): s.state == SUSPENDED
+            for s in self.snapshot()
+            if s.state in (ACCELERATED, SUSPENDED)
         }
 
     def observed(self) -> dict[tuple[str, str], dict[tuple[str, str, str], int]]:
@@ -423,7 +453,11 @@ class Reconciler:
 
     def _wait_time(self, next_resync: float) -> float:
         until_resync = max(0.0, next_resync - self.clock())
-        return min(until_resync, self.retry) if self._unresolved() else until_resync
+        if self._unresolved():
+            until_resync = min(until_resync, self.retry)
+        if self._guarded():
+            until_resync = min(until_resync, self.breaker_poll)
+        return until_resync
 
     def _unresolved(self) -> bool:
         """Something to retry before the next resync: a workload not resolved yet, or a late
@@ -432,6 +466,11 @@ class Reconciler:
             return True
         with self._lock:
             return any(s.state in (PENDING, ERROR) for s in self._status.values())
+
+    def _guarded(self) -> bool:
+        """Some pod's breaker may trip or reset: its anomalies are read at every pass."""
+        with self._lock:
+            return any(s.state in (ACCELERATED, SUSPENDED) for s in self._status.values())
 
     def _drain(self, timeout: float) -> list[_Event]:
         batch: list[_Event] = []
@@ -507,7 +546,10 @@ class Reconciler:
             if (w.accelerate or w.observe) and w.locator.pod_uid and (full or key not in self._resolved)
         )
         to_scan: dict[tuple[str, str], Path] = {}
+        anomalies = self._anomalies()
         for key, w in desired.items():
+            if not w.accelerate:
+                self.breaker.forget(key)  # opting out (and in again) resets the breaker
             if not w.accelerate and not w.observe:
                 statuses[key] = WorkloadStatus(w, OFF, w.reason)
                 self._resolved.pop(key, None)
@@ -534,6 +576,21 @@ class Reconciler:
                     to_scan[key] = res.path
                 statuses[key] = WorkloadStatus(w, OBSERVING, w.reason, res.cookie, str(res.path), res.capture)
                 continue
+            if anomalies is None:  # unreadable this pass: nothing trips or resets
+                trip, tripped = self.breaker.open_trip(key), False
+            else:
+                trip, tripped = self.breaker.check(key, res.cookie, w.reset, anomalies.get(res.cookie))
+            if trip is not None:
+                statuses[key] = WorkloadStatus(
+                    w, SUSPENDED, trip.reason(), res.cookie, str(res.path), res.capture, breaker=trip
+                )
+                if tripped:
+                    self.notifier.suspended(w, trip)
+                    log.warning(
+                        "acceleration suspended for new connections; live ones keep running",
+                        extra={"fields": {**w.log_fields(), "cookie": res.cookie, **trip.to_json()}},
+                    )
+                continue
             # Two workloads in one namespace (a pod seen by two sources, containers sharing a
             # sandbox) enable it once; the first one's settings win, in a stable order.
             target.setdefault(res.cookie, res.settings)
@@ -542,6 +599,7 @@ class Reconciler:
             statuses[key] = WorkloadStatus(w, ACCELERATED, w.reason, res.cookie, str(res.path), res.capture)
         for key in [k for k in self._resolved if k not in desired]:
             del self._resolved[key]
+        self.breaker.retain(desired.keys())
         self._observe(to_scan, statuses)
         if full:
             self.resolver.retain({r.cookie for r in self._resolved.values()})
@@ -600,7 +658,9 @@ class Reconciler:
             # Pod IPs of the node for cross-pod pairing, derived from what netns_conf holds.
             self._node_pods = self.maps.sync_node_pods(self._node_pods, current)
         if full and synced:
-            self._forget_gone(current.keys() | target.keys())
+            # A suspended pod keeps its counters: it comes back (reset) with the same namespace.
+            held = {st.cookie for st in statuses.values() if st.state == SUSPENDED and st.cookie}
+            self._forget_gone(current.keys() | target.keys() | held)
         if self.late is not None and paths and (changed or full or self._late_waiting):
             self._late_pass({c: p for c, p in paths.items() if c in current})
         # Readiness: true once an enforce has run on every source's complete view.
@@ -611,18 +671,27 @@ class Reconciler:
     def _late_pass(self, paths: Mapping[int, Path]) -> None:
         """Connections of the enabled namespaces that predate their enable join now; a direction
         whose receiver is still behind switches at a later pass (every ``retry`` seconds while
-        some wait, else every resync). Never fatal: a
-        failed pass leaves those connections on TCP, where they were."""
+        some wait, else every resync). Never fatal: a failed pass leaves those connections on
+        TCP, where they were."""
         assert self.late is not None
         self._late_waiting = False
         try:
             result = self.late.run(paths, self._node_pods or {})
-        except (SockopsError, OSError) as e:
-            log.warning("late insertion pass failed", extra={"fields": {"error": str(e)}})
+        except Exception as e:  # whatever it is, the loop that enables pods goes on
+            log.warning("late insertion pass failed", extra={"fields": {"error": f"{type(e).__name__}: {e}"}})
             return
         self._late_waiting = bool(getattr(result, "waiting", 0))
         for failure in getattr(result, "failed", ()):
-            log.debug("late insertion skipped a namespace", extra={"fields": {"reason": failure}})
+            log.info("late insertion skipped a namespace", extra={"fields": {"reason": failure}})
+
+    def _anomalies(self) -> dict[int, Anomalies] | None:
+        """The anomaly counts of every namespace; None when they cannot be read (logged): the
+        breakers then keep their state for this pass, as a missing count must not look like 0."""
+        try:
+            return self.maps.anomalies()
+        except (SockopsError, OSError) as e:
+            log.warning("cannot read the anomaly counts", extra={"fields": {"error": str(e)}})
+            return None
 
     def _observe(
         self, to_scan: Mapping[tuple[str, str], Path], statuses: dict[tuple[str, str], WorkloadStatus]

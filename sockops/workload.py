@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 ANNOTATION = "sockops.io/accelerate"
 NAMESPACE_LABEL = "sockops.io/accelerate"
 DOCKER_LABEL = "sockops.io/accelerate"
+# A new value (any: a date, a counter) resets the pod's breaker (sockops/breaker.py).
+RESET_ANNOTATION = "sockops.io/breaker-reset"
 
 # Istio's per-pod capture annotations (docs/DATAPLANE.md, "Istio's capture").
 ISTIO_INCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/includeOutboundPorts"
@@ -249,6 +251,7 @@ class Workload:
     capture: IstioCapture = field(default_factory=IstioCapture)
     errors: tuple[str, ...] = ()  # invalid annotations or labels, each a message for the user
     observe: bool = False
+    reset: str = ""  # its sockops.io/breaker-reset annotation (label): a new value resets its breaker
 
     @property
     def mode(self) -> str:

@@ -6,7 +6,10 @@ the agent finds their network namespaces exactly as on a node: by scanning /proc
 
 from __future__ import annotations
 
+import json
 import secrets
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from conftest import TEST_PREFIX
-from support.agentproc import AgentProcess, agents, wait_for
-from support.podtraffic import start_echo_server
+from support.agentproc import SOCKOPS, AgentProcess, agents, wait_for
+from support.podtraffic import _read_json_line, popen_piped, start_echo_server
 from test_agent import Transfer
 
 from lab.cgroups import Cgroup
@@ -51,13 +54,14 @@ class KubeEnv:
         self.api.add_pod(name, namespace, node, annotations=annotations, uid=uid)
         return uid, pod
 
-    def agent(self) -> AgentProcess:
+    def agent(self, *extra: str) -> AgentProcess:
         a = AgentProcess(
             self.cgroup.path,
             self.bpffs,
             self.tmp,
-            ["--source", "kubernetes", "--node-name", "node-a", "--kubeconfig", str(self.kubeconfig())],
-        )
+            ["--source", "kubernetes", "--node-name", "node-a", "--kubeconfig", str(self.kubeconfig()),
+             *extra],
+        )  # fmt: skip
         self.started.append(a)
         return a
 
@@ -167,3 +171,111 @@ def test_api_outage_keeps_acceleration_and_recovers(kube: KubeEnv) -> None:
     kube.api.update_pod(uid, annotations=OFF)
     wait_for(lambda: cookie(pod) not in kube.enabled(), 45, "change after the outage")
     assert (agent.metric("sockops_watch_restarts_total", source="kubernetes") or 0) > restarts0
+
+
+# -- the breaker (issue 12, item 2; sockops/breaker.py) -------------------------------------------
+
+STALLED_READER = Path(__file__).resolve().parent / "support" / "stalled_reader.py"
+RESET = "sockops.io/breaker-reset"
+
+
+class StalledReader:
+    """tests/support/stalled_reader.py in the pod: a connection whose reader stops reading while
+    its sender writes 32 MiB (over the 4 MiB queue budget), held until :meth:`finish`."""
+
+    def __init__(self, pod: Pod) -> None:
+        self.proc = popen_piped(
+            pod, [sys.executable, str(STALLED_READER), "--total", str(32 << 20), "--hold"]
+        )
+        self.stalled = _read_json_line(self.proc, 60, "stalled reader")
+
+    def finish(self) -> dict[str, object]:
+        """Let the reader read: every byte must arrive in order (sha256 of both ends)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        try:
+            out, err = self.proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            pytest.fail("the stalled reader's resumed transfer hung")
+        assert self.proc.returncode == 0, err
+        done = json.loads(out.strip().splitlines()[-1])
+        assert done["received"] == done["sent"] == 32 << 20, done
+        assert done["sha_received"] == done["sha_sent"], done
+        return done
+
+
+def suspended(agent: AgentProcess, name: str) -> bool:
+    return agent.state().get(name, {}).get("state") == "suspended"
+
+
+def test_breaker_suspends_a_pod_that_does_not_read_and_the_annotation_resets_it(kube: KubeEnv) -> None:
+    kube.api.add_namespace("default")
+    uid, pod = kube.pod("stuck", "default", {**ON, RESET: "0"})
+    agent = kube.agent().wait_ready()
+    assert cookie(pod) in kube.enabled()
+    live = Transfer(pod, seconds=6.0)  # a connection of the pod that runs across the trip
+
+    stuck = StalledReader(pod)
+    assert stuck.stalled["backpressure"], stuck.stalled
+    wait_for(lambda: suspended(agent, "stuck"), 15, "the pod suspended")
+    st = agent.state()["stuck"]
+    assert st["breaker"]["kind"] == "queue_over_budget", st
+    assert st["breaker"]["pid"] == stuck.stalled["pid"] and st["breaker"]["comm"] == "stalled-sender", st
+    assert "stalled-sender" in st["reason"] and str(stuck.stalled["pid"]) in st["reason"], st
+    assert cookie(pod) not in kube.enabled()  # new connections of the pod are not accelerated
+    m = {"namespace": "default", "pod": "stuck"}
+    assert agent.metric("sockops_app_anomalies_total", **m, kind="queue_over_budget") == 1
+    assert agent.metric("sockops_breaker_open", **m) == 1
+
+    # `sockops status`, the agent's /status (the kubectl plugin's source), and the pod's Event
+    out = subprocess.run(
+        [*SOCKOPS, "status", "--bpffs", str(kube.bpffs), "--state-file", str(agent.state_file),
+         "--cgroup", str(kube.cgroup.path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if "default/stuck" in x)
+    assert "suspended" in line and "stalled-sender" in line, out.stdout
+    assert f"breaker: queue_over_budget by stalled-sender (pid {stuck.stalled['pid']})" in out.stdout
+    status = json.loads(agent.get("/status")[1])
+    assert [w["state"] for w in status["workloads"] if w["name"] == "stuck"] == ["suspended"]
+
+    def suspended_events() -> list[dict[str, object]]:
+        return [e for e in kube.api.events if e["reason"] == "AccelerationSuspended"]
+
+    wait_for(suspended_events, 10, "the AccelerationSuspended Event")
+    ev = suspended_events()[0]
+    assert ev["type"] == "Warning" and ev["involvedObject"]["uid"] == uid, ev
+    assert "stalled-sender" in ev["message"] and str(stuck.stalled["pid"]) in ev["message"], ev
+
+    # the live connections stayed intact: the stalled one reads every byte in order, the other too
+    stuck.finish()
+    live.assert_intact()
+    assert suspended(agent, "stuck")  # no cool-down: only the annotation resets it
+
+    kube.api.update_pod(uid, annotations={**ON, RESET: "1"})
+    wait_for(lambda: cookie(pod) in kube.enabled(), 10, "the reset annotation re-enables the pod")
+    wait_for(lambda: agent.state()["stuck"]["state"] == "accelerated", 10, "accelerated again")
+    assert agent.metric("sockops_breaker_open", **m) == 0
+    Transfer(pod, seconds=0.5).assert_intact()
+
+
+def test_breaker_cooldown_reenables_the_pod(kube: KubeEnv) -> None:
+    kube.api.add_namespace("default")
+    _, pod = kube.pod("stuck", "default", ON)
+    agent = kube.agent("--breaker-cooldown", "3").wait_ready()
+    stuck = StalledReader(pod)
+    wait_for(lambda: suspended(agent, "stuck"), 15, "the pod suspended")
+    assert cookie(pod) not in kube.enabled()
+    stuck.finish()
+    wait_for(lambda: cookie(pod) in kube.enabled(), 15, "the cool-down re-enables the pod")
+    assert agent.state()["stuck"]["state"] == "accelerated"
+    assert (
+        agent.metric(
+            "sockops_app_anomalies_total", namespace="default", pod="stuck", kind="queue_over_budget"
+        )
+        == 1
+    )

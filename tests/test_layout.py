@@ -24,6 +24,7 @@ STRUCTS = {
     "netns_stats": layout.NetnsStats,
     "pod_ip": layout.PodIp,
     "late_tuple": layout.LateTuple,
+    "netns_anomalies": layout.NetnsAnomalies,
 }
 
 
@@ -49,6 +50,12 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "NETNS_F_AGENT",
         "NETNS_LOCAL_IPS",
         "CNT_MAX",
+        "ANOM_QUEUE_OVER_BUDGET",
+        "ANOM_REDIRECT_MISS",
+        "ANOM_EARLY_TCP_SEND",
+        "ANOM_MAX",
+        "ANOM_COMM_LEN",
+        "SOCKOPS_QUEUE_BUDGET",
     ]
     for c in consts:
         lines.append(f'printf("const.{c} %d\\n", (int){c});')
@@ -80,6 +87,11 @@ def test_structs_match_header(tmp_path: Path) -> None:
     assert c["const.NETNS_F_AGENT"] == layout.NETNS_F_AGENT
     assert c["const.NETNS_LOCAL_IPS"] == layout.NETNS_LOCAL_IPS
     assert c["const.CNT_MAX"] == layout.CNT_MAX
+    for kind, idx in layout.ANOMALIES.items():
+        assert c[f"const.ANOM_{kind.upper()}"] == idx, kind
+    assert c["const.ANOM_MAX"] == layout.ANOM_MAX
+    assert c["const.ANOM_COMM_LEN"] == layout.ANOM_COMM_LEN
+    assert c["const.SOCKOPS_QUEUE_BUDGET"] == layout.DEFAULT_QUEUE_BUDGET
 
 
 def test_counter_indexes_match_header() -> None:

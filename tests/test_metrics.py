@@ -28,7 +28,7 @@ from support.metrics_view import PairTraffic, plane_view, run_pairs, scrape, val
 from lab.cgroups import Cgroup
 from lab.podlab import Lab
 from sockops import layout
-from sockops.maps import MapSizes
+from sockops.maps import Anomalies, MapSizes
 from sockops.metrics import ENFORCE_LATENCY_BUCKETS, AgentMetrics, MapCollector, build_registry
 
 CONTRACT = {
@@ -63,6 +63,7 @@ class FakeMaps:
         self.n_pending = pending
         self.counters_value = {name: 10 + idx for name, idx in layout.COUNTERS.items()}
         self.fail: set[str] = set()
+        self.anomaly_counts: dict[int, Anomalies] = {}
 
     def _maybe_fail(self, what: str) -> None:
         if what in self.fail:
@@ -86,6 +87,10 @@ class FakeMaps:
     def pending(self) -> list[object]:
         return [object()] * self.n_pending
 
+    def anomalies(self) -> dict[int, Anomalies]:
+        self._maybe_fail("anomalies")
+        return dict(self.anomaly_counts)
+
 
 def _stats(b: int, m: int, miss: int) -> dict[str, int]:
     return {
@@ -105,6 +110,7 @@ class FakeView:
         self.supported = True
         self.sizes = MapSizes(sockhash=100, pending=50, netns=10)
         self.calls = 0
+        self.breakers_value: dict[tuple[str, str], bool] = {}
 
     @contextlib.contextmanager
     def open_maps(self) -> Iterator[Any]:
@@ -134,6 +140,10 @@ class FakeView:
     def map_sizes(self) -> MapSizes:
         self.calls += 1
         return self.sizes
+
+    def breakers(self) -> dict[tuple[str, str], bool]:
+        self.calls += 1
+        return dict(self.breakers_value)
 
 
 class ExplodingView:
@@ -230,7 +240,7 @@ def test_label_sets_are_bounded() -> None:
     view.attached = {"sock_ops": True, "sk_msg": False, "something_else": True}
     s = scrape(registry)
     allowed = {
-        "namespace", "pod", "reason", "how", "program", "source", "le", "version", "kernel",
+        "namespace", "pod", "reason", "how", "program", "source", "le", "version", "kernel", "kind",
         "implementation", "major", "minor", "patchlevel", "event",
     }  # fmt: skip
     for name, series in s.items():
@@ -279,6 +289,30 @@ def test_pod_metric_labels_setting_bounds_the_series(mode: str, expected: dict[t
         assert {tuple(dict(k)[n] for n in ("namespace", "pod")) for k in s[family]} == set(expected), family
     got = {(dict(k)["namespace"], dict(k)["pod"]): v for k, v in s["sockops_redirected_bytes_total"].items()}
     assert got == expected
+
+
+def test_anomalies_and_breakers_per_pod() -> None:
+    """sockops_app_anomalies_total by pod and kind (every kind present, cookies of one pod summed,
+    unknown cookies under ""), and sockops_breaker_open per accelerated or suspended pod."""
+    registry, _, view = _fake_setup()
+    assert view.maps is not None
+    view.maps.anomaly_counts = {
+        101: Anomalies({"queue_over_budget": 1, "redirect_miss": 3, "early_tcp_send": 0}, {}),
+        102: Anomalies({"queue_over_budget": 2, "redirect_miss": 0, "early_tcp_send": 1}, {}),
+        103: Anomalies({"queue_over_budget": 0, "redirect_miss": 5, "early_tcp_send": 0}, {}),
+    }
+    view.breakers_value = {("shop", "cart"): True, ("web", "front"): False}
+    s = scrape(registry)
+    assert (
+        value(s, "sockops_app_anomalies_total", namespace="shop", pod="cart", kind="queue_over_budget") == 3
+    )
+    assert value(s, "sockops_app_anomalies_total", namespace="shop", pod="cart", kind="redirect_miss") == 3
+    assert value(s, "sockops_app_anomalies_total", namespace="shop", pod="cart", kind="early_tcp_send") == 1
+    assert value(s, "sockops_app_anomalies_total", namespace="", pod="", kind="redirect_miss") == 5
+    assert {dict(k)["kind"] for k in s["sockops_app_anomalies_total"]} == set(layout.ANOMALIES)
+    assert value(s, "sockops_breaker_open", namespace="shop", pod="cart") == 1
+    assert value(s, "sockops_breaker_open", namespace="web", pod="front") == 0
+    assert value(s, "sockops_scrape_errors_total") == 0
 
 
 def test_pod_metric_labels_setting_rejects_unknown_modes() -> None:

@@ -14,10 +14,22 @@ from pathlib import Path
 
 import pytest
 
+from sockops.breaker import Breaker, Trip
 from sockops.errors import NetnsNotFound, SockopsError
 from sockops.layout import NetnsSettings
+from sockops.maps import Anomalies
 from sockops.observe import Report
-from sockops.reconciler import ACCELERATED, ERROR, OBSERVING, OFF, PENDING, Reconciler, Resolved, Resolver
+from sockops.reconciler import (
+    ACCELERATED,
+    ERROR,
+    OBSERVING,
+    OFF,
+    PENDING,
+    SUSPENDED,
+    Reconciler,
+    Resolved,
+    Resolver,
+)
 from sockops.workload import Locator, Workload
 
 
@@ -27,6 +39,8 @@ class FakeMaps:
         self.fail = False
         self.writes = 0
         self.pods: dict[str, int] = {}
+        self.anomaly_counts: dict[int, Anomalies] = {}
+        self.forgotten: list[int] = []
 
     def enable(self, cookie: int, settings: NetnsSettings, sync: bool = True) -> None:
         if self.fail:
@@ -41,13 +55,16 @@ class FakeMaps:
         return dict(self.conf)
 
     def netns_stats(self) -> dict[int, dict[str, int]]:
-        return {}
+        return {c: {} for c in self.anomaly_counts}  # counters exist where anomalies do
 
     def sockets(self) -> list[object]:
         return []
 
     def forget(self, cookie: int) -> None:
-        pass
+        self.forgotten.append(cookie)
+
+    def anomalies(self) -> dict[int, Anomalies]:
+        return dict(self.anomaly_counts)
 
     def sync_node_pods(
         self, current: dict[str, int] | None = None, enabled: dict[int, NetnsSettings] | None = None
@@ -406,7 +423,7 @@ class FakeLate:
 
         self.passes.append((dict(namespaces), dict(node_pods)))
         if self.fail:
-            raise SockopsError("iterator gone")
+            raise RuntimeError("netlink said no")
         return PassResult(len(namespaces), (), self.waiting)
 
 
@@ -422,17 +439,185 @@ def test_late_pass_after_an_enable_again_while_directions_wait_and_never_fatal(t
     late.waiting = 2
     settle(r)
     assert late.passes == [({11: Path("/proc/11/ns/net")}, {"10.244.1.10": 11})]
-    assert r._wait_time(r.clock() + 30) == 0.5  # directions wait: back soon
+    assert r._unresolved() and r._wait_time(r.clock() + 30) <= 0.5  # directions wait: back soon
 
     late.waiting = 0
     settle(r)  # nothing changed, but directions were waiting
     assert len(late.passes) == 2
-    assert r._wait_time(r.clock() + 30) > 25
+    assert not r._unresolved()
     settle(r)  # nothing changed, nothing waiting: no pass
     assert len(late.passes) == 2
 
-    late.fail = True
+    late.fail = True  # a conntrack or iterator error of any kind
     settle(r, full=True)
     assert len(late.passes) == 3
     assert {s.workload.uid: s.state for s in r.snapshot()} == {"a": ACCELERATED}
     assert set(maps.conf) == {11}
+
+
+# -- the breaker (sockops/breaker.py) --------------------------------------------------------------
+
+
+def over_budget(n: int, pid: int = 4242, comm: str = "stuck-app") -> Anomalies:
+    counts = {"queue_over_budget": n, "redirect_miss": 7 * n, "early_tcp_send": 0}
+    return Anomalies(counts, {"queue_over_budget": (pid, comm)} if n else {})
+
+
+class Notifications:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def started(self, w: Workload, cookie: int) -> None:
+        self.seen.append(("started", w.uid))
+
+    def stopped(self, w: Workload) -> None:
+        self.seen.append(("stopped", w.uid))
+
+    def invalid(self, w: Workload) -> None:
+        self.seen.append(("invalid", w.uid))
+
+    def suspended(self, w: Workload, trip: Trip) -> None:
+        self.seen.append(("suspended", f"{w.uid} {trip.kind} {trip.comm} {trip.pid}"))
+
+
+def breaker_rec(
+    tmp_path: Path, cooldown: float = 0.0
+) -> tuple[Reconciler, FakeMaps, Notifications, list[float]]:
+    now = [100.0]
+    maps, res, notes = FakeMaps(), FakeResolver(), Notifications()
+    res.cookies.update({"a": 11, "b": 12})
+    r = Reconciler(
+        maps,
+        res,
+        ["kubernetes"],
+        state_file=tmp_path / "state.json",
+        notifier=notes,
+        clock=lambda: now[0],
+        breaker=Breaker(cooldown=cooldown, clock=lambda: now[0]),
+    )
+    return r, maps, notes, now
+
+
+def states(r: Reconciler) -> dict[str, str]:
+    return {s.workload.uid: s.state for s in r.snapshot()}
+
+
+def test_breaker_trips_on_a_rise_and_names_the_program(tmp_path: Path) -> None:
+    r, maps, notes, _ = breaker_rec(tmp_path)
+    r.replace("kubernetes", [pod("a"), pod("b")])
+    settle(r)
+    assert set(maps.conf) == {11, 12}
+    maps.anomaly_counts[11] = over_budget(1)
+    settle(r)
+    assert states(r) == {"a": SUSPENDED, "b": ACCELERATED}
+    assert set(maps.conf) == {12}  # disabled for new connections; b untouched
+    assert ("suspended", "a queue_over_budget stuck-app 4242") in notes.seen
+    st = next(s for s in r.snapshot() if s.workload.uid == "a")
+    assert "queue_over_budget" in st.reason and "stuck-app" in st.reason and "4242" in st.reason
+    doc = json.loads((tmp_path / "state.json").read_text())
+    a = next(w for w in doc["workloads"] if w["uid"] == "a")
+    assert a["state"] == SUSPENDED
+    assert a["breaker"] == {"kind": "queue_over_budget", "pid": 4242, "comm": "stuck-app", "count": 1}
+    assert r.breakers() == {("default", "pod-a"): True, ("default", "pod-b"): False}
+    assert r.pod_labels() == {11: ("default", "pod-a"), 12: ("default", "pod-b")}
+    settle(r, full=True)  # a resync keeps it suspended, and says so once
+    assert states(r)["a"] == SUSPENDED and set(maps.conf) == {12}
+    assert [n for n in notes.seen if n[0] == "suspended"] == [
+        ("suspended", "a queue_over_budget stuck-app 4242")
+    ]
+
+
+def test_breaker_ignores_counts_from_before_it_saw_the_pod(tmp_path: Path) -> None:
+    r, maps, _, _ = breaker_rec(tmp_path)
+    maps.anomaly_counts[11] = over_budget(5)  # an earlier agent's, or before this pod opted in
+    r.replace("kubernetes", [pod("a")])
+    settle(r)
+    settle(r)
+    assert states(r) == {"a": ACCELERATED}
+    maps.anomaly_counts[11] = over_budget(6)
+    settle(r)
+    assert states(r) == {"a": SUSPENDED}
+
+
+def test_redirect_misses_alone_never_trip(tmp_path: Path) -> None:
+    r, maps, _, _ = breaker_rec(tmp_path)
+    r.replace("kubernetes", [pod("a")])
+    settle(r)
+    maps.anomaly_counts[11] = Anomalies(
+        {"queue_over_budget": 0, "redirect_miss": 10**6, "early_tcp_send": 9}, {}
+    )
+    settle(r)
+    assert states(r) == {"a": ACCELERATED}
+
+
+def test_breaker_resets_on_a_new_reset_annotation(tmp_path: Path) -> None:
+    r, maps, notes, _ = breaker_rec(tmp_path)
+    r.replace("kubernetes", [pod("a", reset="1")])
+    settle(r)
+    maps.anomaly_counts[11] = over_budget(1)
+    settle(r)
+    assert states(r) == {"a": SUSPENDED}
+    r.upsert(pod("a", reset="1"))  # another change of the pod, same reset value: stays
+    settle(r)
+    assert states(r) == {"a": SUSPENDED}
+    r.upsert(pod("a", reset="2"))
+    settle(r)
+    assert states(r) == {"a": ACCELERATED} and set(maps.conf) == {11}
+    assert notes.seen[-1] == ("started", "a")
+    settle(r)  # the old count is the new baseline
+    assert states(r) == {"a": ACCELERATED}
+    maps.anomaly_counts[11] = over_budget(2)
+    settle(r)
+    assert states(r) == {"a": SUSPENDED}
+
+
+def test_breaker_resets_when_the_pod_opts_out_and_in(tmp_path: Path) -> None:
+    r, maps, _, _ = breaker_rec(tmp_path)
+    r.replace("kubernetes", [pod("a")])
+    settle(r)
+    maps.anomaly_counts[11] = over_budget(1)
+    settle(r)
+    r.upsert(pod("a", on=False))
+    settle(r)
+    assert states(r) == {"a": OFF}
+    r.upsert(pod("a"))
+    settle(r)
+    assert states(r) == {"a": ACCELERATED} and set(maps.conf) == {11}
+
+
+def test_breaker_cooldown(tmp_path: Path) -> None:
+    r, maps, _, now = breaker_rec(tmp_path, cooldown=60.0)
+    r.replace("kubernetes", [pod("a")])
+    settle(r)
+    maps.anomaly_counts[11] = over_budget(1)
+    settle(r)
+    now[0] += 59
+    settle(r, full=True)
+    assert states(r) == {"a": SUSPENDED}
+    assert maps.forgotten == []  # a suspended pod keeps its counters
+    now[0] += 1
+    settle(r)
+    assert states(r) == {"a": ACCELERATED} and set(maps.conf) == {11}
+
+
+def test_breaker_keeps_its_state_when_the_counts_cannot_be_read(tmp_path: Path) -> None:
+    r, maps, _, _ = breaker_rec(tmp_path)
+    r.replace("kubernetes", [pod("a")])
+    settle(r)
+    maps.anomaly_counts[11] = over_budget(3)
+    settle(r)
+
+    def unreadable() -> dict[int, Anomalies]:
+        raise SockopsError("map anomalies: Operation not permitted")
+
+    maps.anomalies = unreadable  # type: ignore[method-assign]
+    settle(r)
+    assert states(r) == {"a": SUSPENDED}
+
+
+def test_run_loop_polls_the_breaker(tmp_path: Path) -> None:
+    r, _, _, _ = breaker_rec(tmp_path)
+    r.breaker_poll = 0.5
+    r.replace("kubernetes", [pod("a")])
+    settle(r)
+    assert r._wait_time(next_resync=r.clock() + 30) == 0.5

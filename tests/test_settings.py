@@ -36,6 +36,9 @@ BAD = {
     "SOCKOPS_IF_UNSUPPORTED": "Idle",
     "SOCKOPS_DRAIN_TIMEOUT": "inf",
     "SOCKOPS_POD_METRIC_LABELS": "Pod",
+    "SOCKOPS_QUEUE_BUDGET": "1000",
+    "SOCKOPS_BREAKER_THRESHOLDS": "queue_over_budget=-1",
+    "SOCKOPS_BREAKER_COOLDOWN": "-1",
 }
 # env -> why any string is a value the flag takes too (then env and flag must give the same)
 FREE = {

@@ -14,6 +14,8 @@ from typing import Any
 from sockops.workload import (
     ISTIO_PROXY_CONTAINER,
     ISTIO_SIDECAR_STATUS,
+    MAX_ANNOTATION_LEN,
+    RESET_ANNOTATION,
     IstioCapture,
     Locator,
     Workload,
@@ -134,11 +136,13 @@ def read_pod(pod: Any, namespace_labels: Callable[[str], Mapping[str, str] | Non
     capture = IstioCapture()
     problem = _unreadable(pod, namespace, name)
     observe = False
+    reset = ""
     if problem is not None:
         accelerate, reason, errors = False, "unreadable pod object", [problem]
     else:
         spec = pod.get("spec") or {}
         annotations = pod["metadata"].get("annotations") or {}
+        reset = str(annotations.get(RESET_ANNOTATION, ""))[:MAX_ANNOTATION_LEN]
         decision = decide(annotations, namespace_labels(namespace))
         capture, istio_errors = parse_istio(annotations)
         errors = ([decision.error] if decision.error else []) + istio_errors
@@ -160,6 +164,7 @@ def read_pod(pod: Any, namespace_labels: Callable[[str], Mapping[str, str] | Non
         capture=capture,
         errors=tuple(errors),
         observe=observe,
+        reset=reset,
     )
     return PodReading(uid, namespace, name, node, workload, problem)
 
@@ -255,4 +260,5 @@ def container_to_workload(info: Mapping[str, Any]) -> Workload | None:
         locator=Locator(pid=pid),
         errors=(decision.error,) if decision.error else (),
         observe=observe,
+        reset=labels.get(RESET_ANNOTATION, "")[:MAX_ANNOTATION_LEN],
     )

@@ -69,6 +69,10 @@ class PlaneView:
     def map_sizes(self) -> MapSizes:
         return self.sizes
 
+    def breakers(self) -> dict[tuple[str, str], bool]:
+        """Every labelled pod accelerated, none suspended (the agent's reconciler decides that)."""
+        return dict.fromkeys(self.labels.values(), False)
+
 
 def plane_view(plane: Plane, sizes: MapSizes, labels: dict[int, tuple[str, str]]) -> PlaneView:
     return PlaneView(bpffs_dir=plane.bpffs_dir, cgroup=plane.cgroup, sizes=sizes, labels=dict(labels))
