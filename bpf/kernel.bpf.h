@@ -70,4 +70,28 @@ static __always_inline int wrote_over_tcp(struct bpf_sock *sk)
 	       KFIELD(tp, KOFF_TP_BYTES_ACKED, __u64) > 1;
 }
 
+/*
+ * sk_user_data of a socket with a psock is the psock's address with flag bits in its low bits
+ * (SK_USER_DATA_NOCOPY 1, _BPF 2, _PSOCK 4); the kernel masks them off before using it.
+ */
+#define SK_USER_DATA_PSOCK_ 4UL
+#define SK_USER_DATA_FLAGS_ 7UL
+
+/*
+ * bpf_probe_read_kernel() called by its helper number: run with the DaemonSet's capabilities
+ * (tests/test_manifests.py), bcc turned calls by that name into the old bpf_probe_read(),
+ * which sk_msg programs may not use; bpf_probe_read_kernel() they may (CAP_SYS_ADMIN or
+ * CAP_PERFMON).
+ */
+static long (*read_kernel)(void *dst, __u32 size, const void *src) = (void *)BPF_FUNC_probe_read_kernel;
+
+/* The psock behind a struct sock's sk_user_data (the kernel address `sk`), 0 when it has none. */
+static __always_inline __u64 psock_of(__u64 sk)
+{
+	__u64 data = 0;
+
+	read_kernel(&data, sizeof(data), (void *)(sk + KOFF_SK_USER_DATA));
+	return (data & SK_USER_DATA_PSOCK_) ? data & ~SK_USER_DATA_FLAGS_ : 0;
+}
+
 #endif /* SOCKOPS_KERNEL_H */

@@ -90,4 +90,17 @@ static __always_inline void count(__u32 idx, __u64 n)
 		*v += n; /* per-CPU slot: no atomic needed */
 }
 
+/* Count one anomaly of `kind` for namespace `netns`, naming the current process (the sender in
+ * sk_msg, the caller of the syscall in the splice guard). */
+static __always_inline void anomaly_at(__u64 netns, __u32 kind)
+{
+	struct netns_anomalies *a = anomalies.lookup(&netns);
+
+	if (!a || kind >= ANOM_MAX)
+		return;
+	__sync_fetch_and_add(&a->count[kind], 1);
+	a->pid[kind] = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(a->comm[kind], ANOM_COMM_LEN);
+}
+
 #endif /* SOCKOPS_MAPS_H */

@@ -13,30 +13,6 @@
 #include "maps.bpf.h"
 
 /*
- * sk_user_data of a socket with a psock is the psock's address with flag bits in its low bits
- * (SK_USER_DATA_NOCOPY 1, _BPF 2, _PSOCK 4); the kernel masks them off before using it.
- */
-#define SK_USER_DATA_PSOCK_ 4UL
-#define SK_USER_DATA_FLAGS_ 7UL
-
-/*
- * bpf_probe_read_kernel() called by its helper number: run with the DaemonSet's capabilities
- * (tests/test_manifests.py), bcc turned calls by that name into the old bpf_probe_read(),
- * which sk_msg programs may not use; bpf_probe_read_kernel() they may (CAP_SYS_ADMIN or
- * CAP_PERFMON).
- */
-static long (*read_kernel)(void *dst, __u32 size, const void *src) = (void *)BPF_FUNC_probe_read_kernel;
-
-/* The psock behind a struct sock's sk_user_data (the kernel address `sk`), 0 when it has none. */
-static __always_inline __u64 psock_of(__u64 sk)
-{
-	__u64 data = 0;
-
-	read_kernel(&data, sizeof(data), (void *)(sk + KOFF_SK_USER_DATA));
-	return (data & SK_USER_DATA_PSOCK_) ? data & ~SK_USER_DATA_FLAGS_ : 0;
-}
-
-/*
  * Bytes the redirect target holds unread in its psock ingress queue (sk_psock.msg_tot_len),
  * called right after a successful bpf_msg_redirect_hash(). That helper stored the target socket
  * in the kernel's struct sk_msg behind our context (sk_redir), found in the sockhash under RCU;
@@ -65,14 +41,7 @@ static __always_inline __u32 target_queued(struct sk_msg_md *msg)
 /* Count one anomaly of `kind` for the sending namespace, naming the sending process. */
 static __always_inline void anomaly(struct sk_msg_md *msg, __u32 kind)
 {
-	__u64 netns = bpf_get_netns_cookie(msg);
-	struct netns_anomalies *a = anomalies.lookup(&netns);
-
-	if (!a || kind >= ANOM_MAX)
-		return;
-	__sync_fetch_and_add(&a->count[kind], 1);
-	a->pid[kind] = bpf_get_current_pid_tgid() >> 32;
-	bpf_get_current_comm(a->comm[kind], ANOM_COMM_LEN);
+	anomaly_at(bpf_get_netns_cookie(msg), kind);
 }
 
 /*

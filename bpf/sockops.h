@@ -233,6 +233,7 @@ struct netns_stats {
 #define ANOM_QUEUE_OVER_BUDGET 0 /* the peer held more than the budget unread: sends went to TCP */
 #define ANOM_REDIRECT_MISS 1     /* the redirect target was gone (normal when a peer closes) */
 #define ANOM_EARLY_TCP_SEND 2    /* the client's first bytes left over TCP before its psock */
+#define ANOM_SPLICE_READER 3     /* splice() on a socket with a psock: it never reads that queue */
 #define ANOM_MAX 4
 #define ANOM_COMM_LEN 16
 

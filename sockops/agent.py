@@ -290,6 +290,17 @@ class Agent:
         )
         self._report_hooks()
 
+    def _splice_guard(self) -> Any:
+        """sockops/guard.py's raw tracepoint, unless switched off or refused by this kernel."""
+        from sockops import guard
+
+        if self.config.splice_guard != "on" or self.plane is None:
+            return None
+        attached = guard.attach(self.plane)
+        if attached is not None:
+            log.info("splice guard attached", extra={"fields": {"tracepoint": guard.TRACEPOINT}})
+        return attached
+
     def _late_inserter(self) -> Any:
         """sockops/late.py's pass runner, unless switched off or refused by this kernel."""
         from sockops import late
@@ -382,6 +393,7 @@ class Agent:
                     late=self._late_inserter(),
                     breaker=Breaker(self.config.breaker_thresholds, self.config.breaker_cooldown),
                 )
+                guard = self._splice_guard()
                 observer.counts = self.reconciler.counts
                 work = threading.Event()  # ends sources and reconciler: SIGTERM or an uninstall
                 threads = [
@@ -395,7 +407,11 @@ class Agent:
                 )
                 for t in threads:
                     t.start()
-                self.reconciler.run(work, self.config.resync)
+                try:
+                    self.reconciler.run(work, self.config.resync)
+                finally:
+                    if guard is not None:
+                        guard.close()
                 work.set()
                 # Sources return within about a second of ``work`` (sockops.sources); one that does
                 # not is a daemon thread and does not hold the exit.

@@ -16,9 +16,15 @@ pod: counts that predate the agent (a restart) or the pod's acceleration never t
 
 Thresholds, per kind (``--breaker-thresholds``, ``kind=N``; 0 never trips):
 
-* ``queue_over_budget`` = 1: a receiver held more than the queue budget unread. The data plane
-  already moved that connection to TCP; tripping stops the next ones from being redirected at
-  all, and tells the pod's owner which program does not read.
+* ``splice_reader`` = 1: a program splice()s from an accelerated socket (bpf/guard.bpf.c). A
+  splice reader never reads the psock queue: its connection waits for redirected bytes it will
+  not see, or reads past them. Certain, and the one I/O style sockops cannot carry, so the pod's
+  next connections must stay on TCP.
+* ``queue_over_budget`` = 0: a receiver held more than the queue budget unread. The data plane
+  already moved that connection to TCP (flow control holds the sender again), and ordinary large
+  transfers do it (a reader slower than one big write: measured through Envoy with 8 MiB
+  requests), so by default it is counted, not tripped; ``queue_over_budget=1`` suspends a pod at
+  its first slow reader.
 * ``redirect_miss`` = 0: a miss happens whenever a peer closes while its partner still sends
   (a normal race, handled by sending over TCP), so its count grows with traffic, not with a
   fault: no count separates a broken pod from a busy one.
@@ -39,7 +45,12 @@ if TYPE_CHECKING:  # the kubectl plugin renders trips without the map code
     from sockops.maps import Anomalies
 
 KINDS = tuple(ANOMALIES)
-DEFAULT_THRESHOLDS: dict[str, int] = {"queue_over_budget": 1, "redirect_miss": 0, "early_tcp_send": 0}
+DEFAULT_THRESHOLDS: dict[str, int] = {
+    "queue_over_budget": 0,
+    "redirect_miss": 0,
+    "early_tcp_send": 0,
+    "splice_reader": 1,
+}
 
 Key = tuple[str, str]  # Workload.key
 

@@ -299,6 +299,15 @@ AGENT = (
         choices=("on", "off"),
     ),
     Setting(
+        "--splice-guard",
+        "SOCKOPS_SPLICE_GUARD",
+        "on",
+        "on: a raw tracepoint on sys_enter counts splice(2) on accelerated sockets as a "
+        "splice_reader anomaly of the pod (its breaker then suspends it); off: no tracepoint "
+        "(docs/DATAPLANE.md, The breaker)",
+        choices=("on", "off"),
+    ),
+    Setting(
         "--metrics-addr",
         "SOCKOPS_METRICS_ADDR",
         "0.0.0.0:9876",
@@ -336,7 +345,7 @@ GUARD = (
     Setting(
         "--breaker-thresholds",
         "SOCKOPS_BREAKER_THRESHOLDS",
-        "queue_over_budget=1,redirect_miss=0,early_tcp_send=0",
+        "splice_reader=1,queue_over_budget=0,redirect_miss=0,early_tcp_send=0",
         "anomalies of a kind, since the pod was first seen or reset, that suspend its acceleration "
         "(kind=N,...; 0 never trips)",
         _thresholds,
@@ -386,6 +395,7 @@ class AgentConfig:
     docker_host: str | None
     resync: float
     late_insertion: str
+    splice_guard: str
     metrics_addr: str
     if_unsupported: str
     pod_metric_labels: str

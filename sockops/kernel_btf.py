@@ -52,6 +52,22 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# Fields of the splice guard (bpf/guard.bpf.c) only: from the calling task to the socket behind a
+# file descriptor, and the syscall's first argument. A kernel without one of them (pt_regs.di is
+# x86-64's) loads everything but the guard.
+OPTIONAL_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("KOFF_TASK_FILES", "task_struct", "files"),
+    ("KOFF_FILES_FDT", "files_struct", "fdt"),
+    ("KOFF_FDT_FD", "fdtable", "fd"),
+    ("KOFF_FDT_MAX_FDS", "fdtable", "max_fds"),
+    ("KOFF_FILE_PRIVATE_DATA", "file", "private_data"),
+    ("KOFF_FILE_F_INODE", "file", "f_inode"),
+    ("KOFF_INODE_I_MODE", "inode", "i_mode"),
+    ("KOFF_SOCKET_SK", "socket", "sk"),
+    ("KOFF_PT_REGS_ARG0", "pt_regs", "di"),
+)
+
+
 class KernelBtfMissing(SockopsError):
     """The running kernel exposes no BTF, or lacks a field sockops needs."""
 
@@ -105,6 +121,11 @@ def _member_offset(lib: ctypes.CDLL, btf: int, type_id: int, name: str) -> int |
     return None
 
 
+def _find(lib: ctypes.CDLL, btf: int, struct: str, member: str) -> int | None:
+    type_id = lib.btf__find_by_name_kind(btf, struct.encode(), BTF_KIND_STRUCT)
+    return _member_offset(lib, btf, type_id, member) if type_id > 0 else None
+
+
 @dataclass(frozen=True)
 class KernelOffsets:
     """Byte offsets of the fields in FIELDS, as the running kernel lays them out."""
@@ -130,14 +151,16 @@ def kernel_offsets(path: Path = VMLINUX_BTF) -> KernelOffsets:
     try:
         found: dict[str, int] = {}
         for macro, struct, member in FIELDS:
-            type_id = lib.btf__find_by_name_kind(btf, struct.encode(), BTF_KIND_STRUCT)
-            off = _member_offset(lib, btf, type_id, member) if type_id > 0 else None
+            off = _find(lib, btf, struct, member)
             if off is None:
                 raise KernelBtfMissing(
                     f"the running kernel's BTF has no struct {struct} member {member}: this "
                     "kernel is not supported by this sockops version (report the kernel version)"
                 )
             found[macro] = off
+        optional = {macro: _find(lib, btf, struct, member) for macro, struct, member in OPTIONAL_FIELDS}
+        if None not in optional.values():
+            found.update(optional)  # type: ignore[arg-type]
         return KernelOffsets(found)
     finally:
         lib.btf__free(btf)

@@ -89,6 +89,7 @@ ANOMALIES = {
     "queue_over_budget": 0,
     "redirect_miss": 1,
     "early_tcp_send": 2,
+    "splice_reader": 3,
 }
 ANOM_MAX = 4
 ANOM_COMM_LEN = 16

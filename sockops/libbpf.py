@@ -119,6 +119,7 @@ def lib() -> ctypes.CDLL:
         "bpf_link_update": [i, i, p],
         "bpf_link_detach": [i],
         "bpf_iter_create": [i],
+        "bpf_raw_tracepoint_open": [s, i],
     }.items():
         fn = getattr(so, name)
         fn.argtypes = argtypes
@@ -287,6 +288,15 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int, what: str, busy_
             busy_fix = "this kernel has no BPF links for this hook (cgroup links: 5.7, sockmap links: 6.10)"
         _raise(ret, f"attaching through a BPF link to {what}", busy_fix, attach=True)
     return ret
+
+
+def raw_tracepoint_open(name: str, prog_fd: int) -> int:
+    """Attach a raw tracepoint program; the returned fd holds the attachment (close it to detach)."""
+    return _check(
+        lib().bpf_raw_tracepoint_open(name.encode(), prog_fd),
+        f"attaching to raw tracepoint {name}",
+        "this kernel or its security policy refuses raw tracepoints",
+    )
 
 
 def iter_create(link_fd: int) -> int:

@@ -30,6 +30,9 @@ from sockops.maps import DEFAULT_BPFFS_DIR, MapSizes, PinnedMaps, adopt_sizes
 PROG_SOCK_OPS = "sockops_main"
 PROG_SK_MSG = "sockops_redirect"
 PROG_LATE = "bpf_iter__tcp"  # bpf/late.bpf.c; not attached to a hook, run by sockops/late.py
+PROG_GUARD = "sockops_splice_guard"  # bpf/guard.bpf.c; attached by the agent (sockops/guard.py)
+# splice(2)'s number, for the guard (bpf/guard.bpf.c); other architectures load without a guard.
+NR_SPLICE = {"x86_64": 275}
 
 
 def bpf_source_dir() -> Path:
@@ -49,9 +52,9 @@ def program_text(src_dir: Path | None = None) -> str:
     """
     d = src_dir or bpf_source_dir()
     parts = ["#include <uapi/linux/bpf.h>\n"]
-    # sockops.bpf.c first: it defines decide_client() and the address helpers the others use;
-    # late.bpf.c before redirect.bpf.c, which calls its late_ready().
-    for name in ("maps.bpf.h", "sockops.bpf.c", "late.bpf.c", "redirect.bpf.c", "synack.bpf.c"):
+    # sockops.bpf.c first: it defines decide_client() and the address helpers the others use.
+    names = ("maps.bpf.h", "sockops.bpf.c", "late.bpf.c", "redirect.bpf.c", "synack.bpf.c", "guard.bpf.c")
+    for name in names:
         try:
             parts.append(f"/* ---- {name} ---- */\n" + (d / name).read_text())
         except FileNotFoundError as e:
@@ -73,6 +76,7 @@ def cflags(
         f"-DSOCKOPS_SOCKHASH_MAX={sizes.sockhash}",
         f"-DSOCKOPS_PENDING_MAX={sizes.pending}",
         f"-DSOCKOPS_NETNS_MAX={sizes.netns}",
+        *([f"-DSOCKOPS_NR_SPLICE={NR_SPLICE[arch]}"] if (arch := os.uname().machine) in NR_SPLICE else []),
         f"-DSOCKOPS_QUEUE_BUDGET={queue_budget}",
         *kernel_offsets().cflags(),
     ]
@@ -166,6 +170,10 @@ class DataPlane:
             programs[PROG_LATE] = b.load_func(PROG_LATE, BPF.TRACING)
         except Exception as e:  # an older kernel: connections are accelerated from their handshake only
             notes.append(f"late insertion unavailable (the tcp iterator did not load: {e})")
+        try:
+            programs[PROG_GUARD] = b.load_func(PROG_GUARD, BPF.RAW_TRACEPOINT)
+        except Exception as e:  # another architecture, or no raw tracepoints: no splice guard
+            notes.append(f"splice guard unavailable (its raw tracepoint program did not load: {e})")
         return cls(bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, programs=programs, notes=notes)
 
     def attach(self, cgroup: Path) -> dict[str, str]:

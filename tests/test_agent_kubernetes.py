@@ -214,7 +214,7 @@ def suspended(agent: AgentProcess, name: str) -> bool:
 def test_breaker_suspends_a_pod_that_does_not_read_and_the_annotation_resets_it(kube: KubeEnv) -> None:
     kube.api.add_namespace("default")
     uid, pod = kube.pod("stuck", "default", {**ON, RESET: "0"})
-    agent = kube.agent().wait_ready()
+    agent = kube.agent("--breaker-thresholds", "queue_over_budget=1").wait_ready()
     assert cookie(pod) in kube.enabled()
     live = Transfer(pod, seconds=6.0)  # a connection of the pod that runs across the trip
 
@@ -266,7 +266,7 @@ def test_breaker_suspends_a_pod_that_does_not_read_and_the_annotation_resets_it(
 def test_breaker_cooldown_reenables_the_pod(kube: KubeEnv) -> None:
     kube.api.add_namespace("default")
     _, pod = kube.pod("stuck", "default", ON)
-    agent = kube.agent("--breaker-cooldown", "3").wait_ready()
+    agent = kube.agent("--breaker-cooldown", "3", "--breaker-thresholds", "queue_over_budget=1").wait_ready()
     stuck = StalledReader(pod)
     wait_for(lambda: suspended(agent, "stuck"), 15, "the pod suspended")
     assert cookie(pod) not in kube.enabled()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -33,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Plane, wait_drained
+from conftest import BPFFS_ROOT, TEST_PREFIX, Plane, wait_drained
+from support.agentproc import AgentProcess, agents, wait_for
 from support.podtraffic import APP_UID, last_json
 
 from bench.load import wait_listening
+from lab.cgroups import Cgroup
 from lab.podlab import Lab, Pod
 from sockops import late
 
@@ -391,3 +394,86 @@ def test_app(
         assert line["late_switched"] > 0, line
     else:
         wait_drained(dataplane)  # a pool stays open, and in the sockhash, until the pod ends
+
+
+# -- the splice guard (bpf/guard.bpf.c, sockops/guard.py) -------------------------------------------
+
+
+def short_lab_client(pod: Pod, host: str, requests: int = 6, timeout: float = 4.0) -> dict[str, Any]:
+    """lab.apps' client with a short bound: a request stuck behind a splice reader fails fast."""
+    argv = [
+        sys.executable, "-m", "lab.apps", "client", "--host", host, "--port", str(PORT),
+        "--connections", "1", "--requests", str(requests), "--sizes", LAB_CLIENT_SIZES,
+        "--timeout", str(timeout),
+    ]  # fmt: skip
+    return run_json(pod, argv, timeout=timeout + 30)
+
+
+@pytest.fixture
+def splice_guard(dataplane: Plane) -> Iterator[Any]:
+    from sockops import guard
+
+    g = guard.attach(dataplane.dp)
+    assert g is not None, dataplane.dp.notes
+    yield g
+    g.close()
+
+
+@pytest.mark.timeout(120)
+def test_splice_guard_names_the_program_that_splices(
+    dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path, splice_guard: Any
+) -> None:
+    """Go's io.Copy proxy reads its accelerated sockets with splice(): the guard counts it as a
+    splice_reader anomaly of its pod, with the program's name and pid. A recv() program of
+    another enabled pod (asyncio), and the same Go proxy in a pod that is not enabled, count
+    nothing."""
+    from sockops import netns
+
+    gopod = lab.add_pod("goproxy", ip="10.244.1.10", sidecar=False)
+    other = lab.add_pod("asyncio", ip="10.244.1.11", sidecar=False)
+    plain = lab.add_pod("plain", ip="10.244.1.12", sidecar=False)
+    start_go_iocopy(gopod, zoo_bin, work)
+    start_asyncio(other, zoo_bin, work)
+    (work / "plain").mkdir()  # its logs apart from the other proxy's
+    start_go_iocopy(plain, zoo_bin, work / "plain")
+    cookies = {p.name: dataplane.enable(p) for p in (gopod, other)}
+
+    short_lab_client(gopod, "127.0.0.1", requests=1)  # the splice gap: it may well time out
+    assert intact(short_lab_client(other, "127.0.0.1"), 6)
+    assert intact(short_lab_client(plain, "127.0.0.1"), 6)
+
+    anomalies = dataplane.maps.anomalies()
+    go = anomalies[cookies["goproxy"]]
+    assert go.counts["splice_reader"] > 0, go
+    pid, comm = go.last["splice_reader"]
+    assert comm == "iocopy" and Path(f"/proc/{pid}/comm").read_text().strip() == "iocopy"
+    assert anomalies[cookies["asyncio"]].counts["splice_reader"] == 0
+    assert netns.cookie(plain.netns_path) not in anomalies
+
+
+@pytest.mark.timeout(180)
+def test_the_breaker_keeps_a_splicing_pod_on_tcp_after_its_first_connection(
+    cgroup: Cgroup, lab: Lab, work: Path, zoo_bin: Path, tmp_path: Path
+) -> None:
+    """The agent with its defaults (splice guard on, ``splice_reader=1``) and Go's io.Copy proxy
+    in an enabled pod: the proxy's first connection hits the splice gap (bounded here at 4 s),
+    the guard names the proxy, the breaker suspends the pod, and every later connection is
+    plain TCP and intact."""
+    pod = lab.add_pod("goproxy", ip="10.244.1.10", sidecar=False)
+    start_go_iocopy(pod, zoo_bin, work)
+    bpffs = BPFFS_ROOT / f"{TEST_PREFIX}-guard-{secrets.token_hex(4)}"
+    with agents(cgroup.path, bpffs) as started:
+        agent = AgentProcess(cgroup.path, bpffs, tmp_path, ["--source", "static", "--netns", pod.netns])
+        started.append(agent)
+        agent.wait_ready()
+        assert "splice guard attached" in agent.log_text()
+
+        short_lab_client(pod, "127.0.0.1", requests=1)  # the gap itself: it may time out
+
+        wait_for(
+            lambda: agent.state().get(pod.netns, {}).get("state") == "suspended", 15, "the pod suspended"
+        )
+        trip = agent.state()[pod.netns]["breaker"]
+        assert trip["kind"] == "splice_reader" and trip["comm"] == "iocopy", trip
+        after = lab_client(pod, "127.0.0.1", zoo_bin)
+        assert intact(after, 24), after

@@ -493,7 +493,7 @@ def breaker_rec(
         state_file=tmp_path / "state.json",
         notifier=notes,
         clock=lambda: now[0],
-        breaker=Breaker(cooldown=cooldown, clock=lambda: now[0]),
+        breaker=Breaker({"queue_over_budget": 1}, cooldown=cooldown, clock=lambda: now[0]),
     )
     return r, maps, notes, now
 
