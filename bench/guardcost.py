@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
     summary: dict[str, Any] = {}
     for mode, by_state in results.items():
-        med = {s: statistics.median(v) for s, v in by_state.items()}
+        spread = {s: {"median": statistics.median(v), "min": min(v), "max": max(v)} for s, v in by_state.items()}
         summary[mode] = {
-            "ns_per_call_off": {"median": med["off"], "min": min(by_state["off"]), "max": max(by_state["off"])},
-            "ns_per_call_on": {"median": med["on"], "min": min(by_state["on"]), "max": max(by_state["on"])},
-            "added_ns_per_call": round(med["on"] - med["off"], 2),
+            "ns_per_call_off": spread["off"],
+            "ns_per_call_on": spread["on"],
+            "added_ns_per_call": round(spread["on"]["median"] - spread["off"]["median"], 2),
         }
     doc = {
         "machine": describe(" ".join(["python -m bench.guardcost", *(argv or sys.argv[1:])])),
