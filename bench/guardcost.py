@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary: dict[str, Any] = {}
     for mode, by_state in results.items():
-        spread = {s: {"median": statistics.median(v), "min": min(v), "max": max(v)} for s, v in by_state.items()}
+        spread = {st: {"median": statistics.median(v), "min": min(v), "max": max(v)} for st, v in by_state.items()}
         summary[mode] = {
             "ns_per_call_off": spread["off"],
             "ns_per_call_on": spread["on"],
