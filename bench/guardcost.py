@@ -99,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             plane.bpf.close()  # type: ignore[attr-defined]
             loader.unpin(bpffs)
 
+    def stats(v: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(v), "min": min(v), "max": max(v)}
+
     summary: dict[str, Any] = {}
     for mode, by_state in results.items():
-        spread = {st: {"median": statistics.median(v), "min": min(v), "max": max(v)} for st, v in by_state.items()}
+        spread = {st: stats(v) for st, v in by_state.items()}
         summary[mode] = {
             "ns_per_call_off": spread["off"],
             "ns_per_call_on": spread["on"],
