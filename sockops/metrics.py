@@ -49,6 +49,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 import sockops
+from sockops import layout
 from sockops.maps import Anomalies, MapSizes, PinnedMaps
 
 log = logging.getLogger(__name__)
@@ -464,8 +465,8 @@ class MapCollector(Collector):
         per: dict[tuple[str, str, str], int] = {}
         for cookie, a in anomalies.items():
             namespace, pod = self._label_values(labels.get(cookie, UNKNOWN_POD))
-            for kind, n in a.counts.items():
-                per[(namespace, pod, kind)] = per.get((namespace, pod, kind), 0) + n
+            for kind in layout.ANOMALIES:  # every kind, also one a reader left out
+                per[(namespace, pod, kind)] = per.get((namespace, pod, kind), 0) + a.counts.get(kind, 0)
         for key, n in sorted(per.items()):
             fams["sockops_app_anomalies"].add_metric(list(key), n)
 

@@ -53,6 +53,7 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "ANOM_QUEUE_OVER_BUDGET",
         "ANOM_REDIRECT_MISS",
         "ANOM_EARLY_TCP_SEND",
+        "ANOM_SPLICE_READER",
         "ANOM_MAX",
         "ANOM_COMM_LEN",
         "SOCKOPS_QUEUE_BUDGET",
