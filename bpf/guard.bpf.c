@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * The splice guard: a raw tracepoint on sys_enter that sees every splice(2) whose input is a
- * socket with a psock in an enabled namespace, and counts it as an anomaly of that namespace,
- * with the calling program's pid and name (docs/DATAPLANE.md, "The breaker").
+ * socket with a psock in an enabled namespace, or any TCP socket of an observed one, and counts it
+ * as an anomaly of that namespace with the calling program's pid and name (docs/DATAPLANE.md,
+ * "The splice guard").
  *
  * Why: splice() reads a TCP socket through tcp_splice_read() -> tcp_read_sock(), which looks at
  * the TCP receive queue only, never at the psock queue where redirected bytes wait, so a splice
@@ -67,17 +68,26 @@ int sockops_splice_guard(struct bpf_raw_tracepoint_args *ctx)
 {
 	__u64 regs = ctx->args[0], sk, net = 0, netns = 0;
 	__u64 fd_in = 0;
+	__u16 family = 0;
 
 	if (ctx->args[1] != SOCKOPS_NR_SPLICE)
 		return 0;
 	read_kernel(&fd_in, sizeof(fd_in), (void *)(regs + KOFF_PT_REGS_ARG0));
 	sk = sock_of_fd((__u32)fd_in);
-	if (!sk || !psock_of(sk))
-		return 0;	/* not a socket, or one without a psock: splice reads all of it */
+	if (!sk)
+		return 0;
+	read_kernel(&family, sizeof(family), (void *)(sk + KOFF_SKC_FAMILY));
+	if (family != AF_INET_ && family != AF_INET6_)
+		return 0;
 	read_kernel(&net, sizeof(net), (void *)(sk + KOFF_SKC_NET));
 	if (net)
 		read_kernel(&netns, sizeof(netns), (void *)(net + KOFF_NET_COOKIE));
-	anomaly_at(netns, ANOM_SPLICE_READER);	/* only namespaces the agent enabled have an entry */
+	/* In an enabled namespace only a socket with a psock is at risk (splice reads all of any
+	 * other). A namespace the agent watches without enabling it (observe mode, or a suspended
+	 * pod) has no psocks: there any splice of a TCP socket tells what the program would do. */
+	if (netns_conf.lookup(&netns) && !psock_of(sk))
+		return 0;
+	anomaly_at(netns, ANOM_SPLICE_READER);	/* only namespaces the agent watches have an entry */
 	return 0;
 }
 

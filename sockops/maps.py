@@ -217,6 +217,19 @@ class PinnedMaps:
             self.sync_node_pods()
         return gone
 
+    def watch(self, cookie: int) -> None:
+        """Count a namespace's anomalies without enabling it (observe mode): the splice guard
+        counts the splices of its programs (bpf/guard.bpf.c). Idempotent."""
+        key = ctypes.c_uint64(cookie)
+        if not self._lookup(layout.MAP_ANOMALIES, key, layout.NetnsAnomalies()):
+            self._update(layout.MAP_ANOMALIES, key, layout.NetnsAnomalies())
+
+    def unwatch(self, cookie: int) -> None:
+        """Stop counting a namespace that is neither enabled nor observed any more."""
+        key = ctypes.c_uint64(cookie)
+        if not self._lookup(layout.MAP_NETNS_CONF, key, layout.NetnsConf()):
+            self._delete(layout.MAP_ANOMALIES, key)
+
     def forget(self, cookie: int) -> None:
         """Drop a namespace's counters (the namespace is gone)."""
         self._delete(layout.MAP_NETNS_STATS, ctypes.c_uint64(cookie))

@@ -15,8 +15,9 @@ redirected to"):
 
 A connected blocking socket is never given a psock (plain TCP, ``blocking_reader``), and neither
 is the server end of such a client; an accepted blocking socket is accelerated but exposed to the
-spurious EAGAIN of docs/KERNEL-NOTES.md §1. A splice() reader cannot be seen here at all (§3, §7):
-every report says so instead of pretending.
+spurious EAGAIN of docs/KERNEL-NOTES.md §1. A splice() reader cannot be seen in /proc at all (§3):
+the agent's splice guard (bpf/guard.bpf.c) counts the splice() calls of an observed pod's
+programs, and the reconciler adds what it saw to the report (``splice``).
 
 Why /proc and not BPF: observing must never change what the kernel does with the pod's sockets,
 and a scan of a few hundred file descriptors once per resync is cheap. It is bounded (processes
@@ -54,10 +55,11 @@ TCP_LISTEN = 0x0A
 CONNECTION_STATES = frozenset({0x01, 0x04, 0x05, 0x08, 0x09, 0x0B})  # ESTABLISHED and half-closed ones
 
 CAVEATS = (
-    "not detectable here: splice() readers (Go io.Copy between two TCP connections, HAProxy "
-    "with forced splice-request/splice-response) wait forever or lose bytes when accelerated on this kernel, "
-    "and only tracing programs could see them (docs/KERNEL-NOTES.md §3, §7): check the programs "
-    "above for them before opting in",
+    "splice() readers (Go io.Copy between two TCP connections, HAProxy with forced "
+    "splice-request/splice-response) wait forever or lose bytes when accelerated on this kernel "
+    "(docs/KERNEL-NOTES.md §3); /proc cannot show them: the agent's splice guard sees their "
+    "splice() calls while it runs (SOCKOPS_SPLICE_GUARD=on, a node that allows raw tracepoints) "
+    "and names them below",
     "a connected socket is accelerated only when its server is in this pod, in another enabled "
     "pod of the node, or behind the pod's sidecar (docs/DATAPLANE.md, 'Sockets that never get a psock')",
 )
@@ -145,6 +147,8 @@ class Report:
     capped: tuple[str, ...] = ()
     error: str | None = None
     caveats: tuple[str, ...] = CAVEATS
+    # (splice() calls, program, pid of the last) seen by the splice guard since observing began
+    splice: tuple[int, str, int] | None = None
 
     def totals(self) -> dict[tuple[str, str, str], int]:
         """Sockets by (role, style, verdict) over every program: the metric's series."""
@@ -163,6 +167,9 @@ class Report:
             "capped": list(self.capped),
             "error": self.error,
             "caveats": list(self.caveats),
+            "splice_readers": None
+            if self.splice is None
+            else {"calls": self.splice[0], "program": self.splice[1], "pid": self.splice[2]},
         }
 
 
@@ -439,5 +446,10 @@ def render(report: Mapping[str, Any] | None) -> list[str]:
             lines.append(f"    {g['sockets']:>4} {g['role']} {g['style']}: {verdict} ({g['reason']})")
     if idle:
         lines.append(f"  without TCP connections: {', '.join(idle)}")
+    if splice := report.get("splice_readers"):
+        lines.append(
+            f"! splice() on TCP sockets: {splice['calls']} calls, last by {splice['program']} "
+            f"(pid {splice['pid']}): not safe to accelerate (docs/DATAPLANE.md, The splice guard)"
+        )
     lines += [f"note: {c}" for c in report.get("caveats") or []]
     return lines

@@ -112,6 +112,10 @@ class MapWriter(Protocol):
 
     def anomalies(self) -> dict[int, Anomalies]: ...
 
+    def watch(self, cookie: int) -> None: ...
+
+    def unwatch(self, cookie: int) -> None: ...
+
 
 class Observer(Protocol):
     """Where the reconciler reports for metrics (sockops.metrics.AgentMetrics fits)."""
@@ -722,9 +726,44 @@ class Reconciler:
         for key in list(self._observed):
             st = statuses.get(key)
             if st is None or st.state != OBSERVING:
-                del self._observed[key]
-        for key, (_, report) in self._observed.items():
-            statuses[key] = replace(statuses[key], observed=report)
+                cookie, _ = self._observed.pop(key)
+                self._watch(cookie, False)
+        for cookie, _ in self._observed.values():
+            self._watch(cookie, True)
+        splices = self._splices({cookie for cookie, _ in self._observed.values()})
+        for key, (cookie, report) in self._observed.items():
+            found = splices.get(cookie)
+            statuses[key] = replace(
+                statuses[key], observed=replace(report, splice=found) if found else report
+            )
+
+    def _watch(self, cookie: int, on: bool) -> None:
+        """Let the splice guard count an observed namespace's splices (an anomaly entry without
+        enabling it), or stop when it is no longer observed. Never fatal to the loop."""
+        if not cookie:
+            return
+        try:
+            if on:
+                self.maps.watch(cookie)
+            else:
+                self.maps.unwatch(cookie)
+        except SockopsError as e:
+            log.warning(
+                "cannot watch an observed namespace", extra={"fields": {"cookie": cookie, "error": str(e)}}
+            )
+
+    def _splices(self, cookies: Set[int]) -> dict[int, tuple[int, str, int]]:
+        """What the splice guard saw in each observed namespace: (calls, program, pid of the last)."""
+        if not cookies:
+            return {}
+        anomalies = self._anomalies() or {}
+        found = {}
+        for cookie in cookies:
+            a = anomalies.get(cookie)
+            if a is not None and a.counts.get("splice_reader"):
+                pid, comm = a.last.get("splice_reader", (0, ""))
+                found[cookie] = (a.counts["splice_reader"], comm, pid)
+        return found
 
     def _forget_gone(self, wanted: Set[int]) -> None:
         """Drop per-namespace counters nobody can use any more: not enabled, no socket left.

@@ -451,6 +451,30 @@ def test_splice_guard_names_the_program_that_splices(
     assert netns.cookie(plain.netns_path) not in anomalies
 
 
+@pytest.mark.timeout(120)
+def test_splice_guard_sees_the_programs_of_an_observed_pod(
+    dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path, splice_guard: Any
+) -> None:
+    """Observe mode (sockops.io/accelerate: "observe"): the pod is watched (an anomaly entry, as the
+    agent writes for it) but never enabled, so its traffic is plain TCP and intact, and the guard
+    still counts the Go proxy's splice() calls: what observe mode reports as not safe to
+    accelerate."""
+    from sockops import netns
+
+    pod = lab.add_pod("goproxy", ip="10.244.1.10", sidecar=False)
+    start_go_iocopy(pod, zoo_bin, work)
+    cookie = netns.cookie(pod.netns_path)
+    dataplane.maps.watch(cookie)
+
+    assert intact(lab_client(pod, "127.0.0.1", zoo_bin), 24)
+
+    seen = dataplane.maps.anomalies()[cookie]
+    assert seen.counts["splice_reader"] > 0 and seen.last["splice_reader"][1] == "iocopy", seen
+    assert dataplane.counters()["redirected_bytes"] == 0
+    dataplane.maps.unwatch(cookie)
+    assert cookie not in dataplane.maps.anomalies()
+
+
 @pytest.mark.timeout(180)
 def test_the_breaker_keeps_a_splicing_pod_on_tcp_after_its_first_connection(
     cgroup: Cgroup, lab: Lab, work: Path, zoo_bin: Path, tmp_path: Path

@@ -230,7 +230,7 @@ def test_scan_reports_each_programs_roles_styles_and_verdicts(peers: Peers) -> N
     text = "\n".join(observe.render(report.to_json()))
     assert "obs-server (python" in text and "3 accepted blocking: accelerated but exposed (" in text
     assert "2 connected blocking: plain TCP (" in text
-    assert "note: not detectable here: splice() readers" in text
+    assert "note: splice() readers" in text
 
     # bounded: caps are said, a process that is gone is skipped without a word
     capped = observe.scan({"pod": netns}, max_processes=2)["pod"]
@@ -336,7 +336,7 @@ def _observing_everywhere(kube: KubeEnv, agent: AgentProcess, pod: Pod) -> None:
     assert "2 connected nonblocking: accelerated (" in res.stdout
     assert "2 accepted blocking: accelerated but exposed (" in res.stdout
     assert "1 connected blocking: plain TCP (" in res.stdout
-    assert "note: not detectable here: splice() readers" in res.stdout
+    assert "note: splice() readers" in res.stdout
     found = {"pod": "default/watched", "node": "node-a", "agent": "sockops-system/a", "agent_state": "ok",
              "workload": mine}  # fmt: skip
     plugin = kubectl_plugin.render(found)

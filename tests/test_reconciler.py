@@ -18,7 +18,7 @@ from sockops.breaker import Breaker, Trip
 from sockops.errors import NetnsNotFound, SockopsError
 from sockops.layout import NetnsSettings
 from sockops.maps import Anomalies
-from sockops.observe import Report
+from sockops.observe import Report, render
 from sockops.reconciler import (
     ACCELERATED,
     ERROR,
@@ -35,6 +35,7 @@ from sockops.workload import Locator, Workload
 
 class FakeMaps:
     def __init__(self) -> None:
+        self.watched: set[int] = set()
         self.conf: dict[int, NetnsSettings] = {}
         self.fail = False
         self.writes = 0
@@ -65,6 +66,12 @@ class FakeMaps:
 
     def anomalies(self) -> dict[int, Anomalies]:
         return dict(self.anomaly_counts)
+
+    def watch(self, cookie: int) -> None:
+        self.watched.add(cookie)
+
+    def unwatch(self, cookie: int) -> None:
+        self.watched.discard(cookie)
 
     def sync_node_pods(
         self, current: dict[str, int] | None = None, enabled: dict[int, NetnsSettings] | None = None
@@ -621,3 +628,33 @@ def test_run_loop_polls_the_breaker(tmp_path: Path) -> None:
     r.replace("kubernetes", [pod("a")])
     settle(r)
     assert r._wait_time(next_resync=r.clock() + 30) == 0.5
+
+
+def test_observed_pod_is_watched_by_the_splice_guard_and_its_splices_reported(tmp_path: Path) -> None:
+    """An observed pod gets an anomaly entry (no netns_conf entry) so the splice guard counts its
+    programs' splice() calls; the report names the last one; an observed pod no longer observed is
+    unwatched."""
+    maps, res = FakeMaps(), FakeResolver()
+
+    def scanner(targets: dict[tuple[str, str], Path]) -> dict[tuple[str, str], Report]:
+        return {k: Report(at=1.0) for k in targets}
+
+    r = Reconciler(maps, res, ["kubernetes"], state_file=tmp_path / "s.json", scanner=scanner)
+    res.cookies.update({"a": 11})
+    watched = pod("a", on=False, observe=True)
+    r.replace("kubernetes", [watched])
+    settle(r)
+    assert maps.watched == {11} and maps.conf == {}
+    assert r.snapshot()[0].observed.splice is None
+
+    counts = {"queue_over_budget": 0, "redirect_miss": 0, "early_tcp_send": 0, "splice_reader": 40}
+    maps.anomaly_counts[11] = Anomalies(counts, {"splice_reader": (4242, "iocopy")})
+    settle(r)
+    assert r.snapshot()[0].observed.splice == (40, "iocopy", 4242)
+    doc = json.loads((tmp_path / "s.json").read_text())["workloads"][0]["observed"]
+    assert doc["splice_readers"] == {"calls": 40, "program": "iocopy", "pid": 4242}
+    assert any("iocopy (pid 4242): not safe to accelerate" in line for line in render(doc))
+
+    r.upsert(replace(watched, observe=False))
+    settle(r)
+    assert maps.watched == set()
