@@ -240,13 +240,15 @@ def test_sidebyside_takes_ratios_per_repeat(tmp_path: Path) -> None:
 
 def test_sidebyside_compares_one_load(tmp_path: Path) -> None:
     """Closed-loop and short-lived runs of one invocation share repeat numbers: the side-by-side
-    pairs each load's runs only with runs of the same load."""
+    pairs each load's runs only with runs of the same load and mode (a mode measured off and on
+    only has no loaded ratios)."""
     from bench import sidebyside
 
-    def run(load: str, state: str, qps: float) -> dict[str, object]:
+    def run(load: str, state: str, qps: float, mode: str = "both") -> dict[str, object]:
         per = {"requests_per_connect": 1.0, "inserted_per_connect": 2.0 if state == "on" else 0.0}
         return {
             "kind": "http",
+            "mode": mode,
             "load": load,
             "state": state,
             "rep": 0,
@@ -261,6 +263,8 @@ def test_sidebyside_compares_one_load(tmp_path: Path) -> None:
         d.mkdir()
         runs = [run("closed", "off", 100.0), run("closed", "loaded", 100.0), run("closed", "on", 150.0)]
         runs += [run("short", "off", 10.0), run("short", "loaded", 10.0), run("short", "on", 12.0)]
+        # Another mode in the same file, measured off and on only (no not-opted-in state).
+        runs += [run("short", "off", 20.0, "baseline"), run("short", "on", 18.0, "baseline")]
         (d / "results.json").write_text(json.dumps({"meta": {"sockops_git_commit": side}, "runs": runs}))
 
     assert sidebyside.main([str(tmp_path)]) == 0
@@ -270,3 +274,7 @@ def test_sidebyside_compares_one_load(tmp_path: Path) -> None:
     short = json.loads((tmp_path / "sidebyside-short.json").read_text())
     assert short["base"]["ratios_median_min_max"]["on_qps"] == [1.2, 1.2, 1.2]
     assert short["new"]["per_connect_median_min_max"]["on_inserted_per_connect"] == [2.0, 2.0, 2.0]
+    assert sidebyside.main([str(tmp_path), "--load", "short", "--mode", "baseline"]) == 0
+    baseline = json.loads((tmp_path / "sidebyside-baseline-short.json").read_text())
+    assert baseline["new"]["ratios_median_min_max"]["on_qps"] == [0.9, 0.9, 0.9]
+    assert "loaded_qps" not in baseline["new"]["ratios_median_min_max"]
