@@ -11,9 +11,10 @@ closed-loop keep-alive runs by default, ``--load short`` the short-lived connect
 per connection, ``python -m bench ... --no-closed``; the summary then also gives requests and
 inserted sockets per connection the client pod opened, per state).
 
-Usage: ``python -m bench.sidebyside DIR [--load closed|short] [--mode both|baseline|...]`` prints
-the summary and writes DIR/sidebyside.json (both sidecars, closed loop), else
-DIR/sidebyside[-MODE][-LOAD].json, e.g. sidebyside-short.json, sidebyside-baseline-short.json.
+Usage: ``python -m bench.sidebyside DIR [--load closed|short] [--mode both|baseline|...]
+[--max-foreign-cpus X]`` prints the summary and writes DIR/sidebyside.json (both sidecars, closed
+loop), else DIR/sidebyside[-MODE][-LOAD][-quiet].json, e.g. sidebyside-short.json,
+sidebyside-baseline-short.json, sidebyside-short-quiet.json (repeats undisturbed by other work).
 """
 
 from __future__ import annotations
@@ -36,16 +37,22 @@ def _spread(values: list[float]) -> list[float]:
     return [round(statistics.median(values), 3), round(min(values), 3), round(max(values), 3)]
 
 
-def side_summary(results: list[Path], load: str = "closed", mode: str = "both") -> dict[str, Any]:
+def side_summary(
+    results: list[Path], load: str = "closed", mode: str = "both", max_foreign: float | None = None
+) -> dict[str, Any]:
     """One side's ratios over the repeats of ``mode``'s ``load`` runs in every results.json given.
 
     A repeat needs its off and on runs; the loaded run (programs attached, pod not enabled) is
-    used where the profile measured it (only for its not-opted-in configuration).
+    used where the profile measured it (only for its not-opted-in configuration). With
+    ``max_foreign``, a repeat any of whose runs had more than that many CPUs of other work on the
+    machine (``foreign_cpus``, the quiet guard's own measure) is left out and counted: on a shared
+    machine the summary over all repeats and the one over the undisturbed ones are both shown.
     """
     ratios: dict[str, list[float]] = {f"{s}_{m}": [] for s in ("on", "loaded") for m in ("qps", "p50", "p99")}
     qps: dict[str, list[float]] = {s: [] for s in STATES}
     per_connect: dict[str, list[float]] = {f"{s}_{k}": [] for s in STATES for k in PER_CONNECT}
     commits = set()
+    dropped = 0
     for path in results:
         doc = json.loads(path.read_text())
         runs = [
@@ -58,6 +65,11 @@ def side_summary(results: list[Path], load: str = "closed", mode: str = "both") 
         for rep in sorted({r["rep"] for r in runs}):
             by = {r["state"]: r for r in runs if r["rep"] == rep}
             if "off" not in by or "on" not in by:
+                continue
+            if max_foreign is not None and any(
+                (r.get("foreign_cpus") or 0.0) > max_foreign for r in by.values()
+            ):
+                dropped += 1
                 continue
             for s in (s for s in STATES if s in by):
                 qps[s].append(by[s]["qps"])
@@ -74,6 +86,9 @@ def side_summary(results: list[Path], load: str = "closed", mode: str = "both") 
         "qps_median": {s: round(statistics.median(v), 1) for s, v in qps.items() if v},
         "ratios_median_min_max": {k: _spread(v) for k, v in ratios.items() if v},
     }
+    if max_foreign is not None:
+        out["max_foreign_cpus"] = max_foreign
+        out["repeats_dropped_for_other_work"] = dropped
     if load != "closed" or mode != "both":
         out["load"] = load
         out["mode"] = mode
@@ -86,10 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", type=Path, help="holds base-<i>/results.json and new-<i>/results.json")
     p.add_argument("--load", choices=LOADS, default="closed", help="which runs to compare (%(default)s)")
     p.add_argument("--mode", choices=MODES, default="both", help="benchmark mode to compare (%(default)s)")
+    p.add_argument(
+        "--max-foreign-cpus",
+        type=float,
+        help="leave out repeats with a run during which other work used more CPUs than this (e.g. 0.3)",
+    )
     args = p.parse_args(argv)
     root: Path = args.dir
     out = {
-        side: side_summary(sorted(root.glob(f"{side}-*/results.json")), args.load, args.mode)
+        side: side_summary(
+            sorted(root.glob(f"{side}-*/results.json")), args.load, args.mode, args.max_foreign_cpus
+        )
         for side in ("base", "new")
     }
     if not out["base"]["repeats"] or not out["new"]["repeats"]:
@@ -102,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(out, indent=2)
     print(text)
     name = "sidebyside" + "".join(f"-{v}" for v, d in ((args.mode, "both"), (args.load, "closed")) if v != d)
-    name += ".json"
+    name += "-quiet.json" if args.max_foreign_cpus is not None else ".json"
     (root / name).write_text(text + "\n")
     return 0
 

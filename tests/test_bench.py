@@ -278,3 +278,31 @@ def test_sidebyside_compares_one_load(tmp_path: Path) -> None:
     baseline = json.loads((tmp_path / "sidebyside-baseline-short.json").read_text())
     assert baseline["new"]["ratios_median_min_max"]["on_qps"] == [0.9, 0.9, 0.9]
     assert "loaded_qps" not in baseline["new"]["ratios_median_min_max"]
+
+
+def test_sidebyside_leaves_out_disturbed_repeats(tmp_path: Path) -> None:
+    """--max-foreign-cpus drops a repeat any of whose runs other work disturbed, and says how many."""
+    from bench import sidebyside
+
+    for side in ("base", "new"):
+        d = tmp_path / f"{side}-1"
+        d.mkdir()
+        runs = [
+            {
+                "kind": "http",
+                "state": state,
+                "rep": rep,
+                "qps": qps,
+                "p50_ms": 1.0,
+                "p99_ms": 2.0,
+                "foreign_cpus": f,
+            }
+            for rep, f in ((0, 0.0), (1, 1.2))
+            for state, qps in (("off", 100.0), ("loaded", 100.0), ("on", 120.0 if rep == 0 else 300.0))
+        ]
+        (d / "results.json").write_text(json.dumps({"meta": {"sockops_git_commit": side}, "runs": runs}))
+
+    assert sidebyside.main([str(tmp_path), "--max-foreign-cpus", "0.3"]) == 0
+    quiet = json.loads((tmp_path / "sidebyside-quiet.json").read_text())
+    assert quiet["new"]["repeats"] == 1 and quiet["new"]["repeats_dropped_for_other_work"] == 1
+    assert quiet["new"]["ratios_median_min_max"]["on_qps"] == [1.2, 1.2, 1.2]
