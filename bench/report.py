@@ -214,20 +214,21 @@ HTTP_SECTIONS = (
 
 
 def headline_table(doc: dict[str, Any]) -> str:
-    """The both-sidecars closed-loop comparison (the README's table)."""
+    """The closed-loop and short-lived comparison at 16 connections (the README's table)."""
     lines = [
-        "| mode | connections | sockops | QPS | p50 ms | p99 ms | Envoy CPU s / 1k req |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| mode | load | connections | sockops | QPS | p50 ms | p99 ms | Envoy CPU s / 1k req |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for g in doc["groups"]:
         if (
             g["kind"] == "http"
-            and g["load"] == "closed"
+            and g["load"] in ("closed", "short")
             and g["connections"] == 16
             and g["state"] != "loaded"
         ):
             lines.append(
-                f"| {g['mode']} | {g['connections']} | {g['state']} | {_fmt(g.get('qps'), digits=5)} | "
+                f"| {g['mode']} | {g['load']} | {g['connections']} | {g['state']} | "
+                f"{_fmt(g.get('qps'), digits=5)} | "
                 f"{_fmt(g.get('p50_ms'))} | {_fmt(g.get('p99_ms'))} | {_fmt(g.get('cpu_envoys_s_per_1k'))} |"
             )
     return "\n".join(lines) + "\n"

@@ -141,6 +141,7 @@ class QuietGuard:
 
 def _http_attempt(mesh: MeshLab, switch: SockopsSwitch, cell: Cell, profile: Profile) -> dict[str, Any]:
     mesh.reset_connections()
+    time_wait_left = mesh.time_wait_sockets()
     switch.set_state(cell.state, mesh.pod_list)
     left = wait_drained(switch)
     rate = profile.rate_qps if cell.load == "rate" else 0
@@ -172,6 +173,7 @@ def _http_attempt(mesh: MeshLab, switch: SockopsSwitch, cell: Cell, profile: Pro
         **result,
         "rate_target": rate or None,
         "sockets_left_before": left,
+        "time_wait_left_before": time_wait_left,
         "wall_s": wall,
         "cpu_s": cpu,
         "cpu_envoys_s_per_1k": _per_1k(envoys, n)

@@ -201,6 +201,9 @@ def test_quick_profile_end_to_end(tmp_path: Path) -> None:
     for r in short:
         assert r["requests"] > 100 and 0.9 <= r["requests_per_connect"] <= 1.01, r
         assert r["tcp_connect_fails"] == 0
+    # A run of short-lived connections leaves TIME-WAIT sockets that would slow the next run's
+    # connect(): every run starts without any.
+    assert all(r["time_wait_left_before"] == 0 for r in http)
     assert all(r["sockets_inserted"] >= r["requests"] for r in short if r["state"] == "on")
     assert all(r["requests_per_connect"] > 5 for r in http if r["load"] == "closed")
     pp_on = [r for r in doc["runs"] if r["mode"] == "pingpong-tcp" and r["state"] == "on"]
