@@ -15,7 +15,7 @@ ARGS="--profile full --modes both --connections 16 --no-closed --no-rate --no-pi
 for i in 1 2 3 4 5; do
   for side in base new; do
     if [ "$side" = base ]; then cd /work/sbs-base-mix; else cd /work/wt-bench; fi
-    { uptime; ps -eo pcpu,etimes,args --sort=-pcpu | head -6; } > "$OUT/$side-$i.machine"
+    { uptime; ps -eo pcpu,etimes,comm --sort=-pcpu | head -6; } > "$OUT/$side-$i.machine"
     $PY -m bench $ARGS --out "$OUT/$side-$i" > "$OUT/$side-$i.log" 2>&1
   done
 done
