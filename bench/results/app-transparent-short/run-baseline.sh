@@ -15,7 +15,7 @@ mkdir -p /work/wt-bench/bench/results/app-transparent-short/baseline
 OUT=/work/wt-bench/bench/results/app-transparent-short/baseline
 PY=/work/main/.venv/bin/python
 ARGS="--profile full --modes baseline --connections 16 --no-closed --no-rate --no-pingpong --repeats 3 --no-progress"
-for i in 1 2 3 4 5; do
+for i in 1 2 3; do
   for side in base new; do
     if [ "$side" = base ]; then cd /work/sbs-base-mix; else cd /work/wt-bench; fi
     { uptime; ps -eo pcpu,etimes,comm --sort=-pcpu | head -6; } > "$OUT/$side-$i.machine"
