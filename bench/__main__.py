@@ -50,9 +50,12 @@ def parser(prog: str) -> argparse.ArgumentParser:
         description=__doc__.split("\n\n", 1)[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
-            "profiles: quick (about a minute: baseline and both, 16 connections, 2 repeats, ping-pong)\n"
-            "          full (about 32 minutes on 2 vCPUs: all modes, 2-64 connections, 5 repeats,\n"
-            "          fixed rate at 2/16/64 connections, ping-pong, sockperf, iperf3)\n"
+            "profiles: quick (about 1.2 minutes: baseline and both, 16 connections, 2 repeats,\n"
+            "          short-lived connections at 16, ping-pong)\n"
+            "          full (about 35 minutes on 2 vCPUs: all modes, 2-64 connections, 5 repeats,\n"
+            "          fixed rate at 2/16/64 connections, short-lived connections at 16,\n"
+            "          ping-pong, sockperf, iperf3)\n"
+            "--dry-run prints the plan and its estimated time.\n"
             "Flags below override the profile's values. Needs root (BPF, namespaces, iptables)."
         ),
     )
@@ -62,9 +65,16 @@ def parser(prog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--modes", type=_modes, help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--connections", type=_ints, help="closed-loop connection counts, e.g. 2,4,8,16,32,64")
+    p.add_argument("--no-closed", action="store_true", help="skip the closed-loop keep-alive runs")
     p.add_argument("--rate-connections", type=_ints, help="connection counts for the fixed-rate runs")
     p.add_argument("--no-rate", action="store_true", help="skip the fixed-rate runs")
     p.add_argument("--rate", type=int, dest="rate_qps", help="fixed-rate target, requests/s in total (1000)")
+    p.add_argument(
+        "--short-connections",
+        type=_ints,
+        help="connection counts for the short-lived runs (one request per connection; 16)",
+    )
+    p.add_argument("--no-short", action="store_true", help="skip the short-lived-connection runs")
     p.add_argument("--repeats", type=int, help="repeats of every configuration, interleaved off/on")
     p.add_argument("--seconds", type=float, help="measured seconds per run (wrk rounds to whole seconds)")
     p.add_argument("--warmup", type=float, dest="warmup_s", help="discarded warm-up seconds per run")
@@ -95,6 +105,7 @@ def profile_from(args: argparse.Namespace) -> Profile:
         modes=args.modes,
         connections=args.connections,
         rate_connections=args.rate_connections,
+        short_connections=args.short_connections,
         rate_qps=args.rate_qps,
         repeats=args.repeats,
         seconds=args.seconds,
@@ -107,8 +118,12 @@ def profile_from(args: argparse.Namespace) -> Profile:
     )
     if args.no_quiet_guard:
         prof = dataclasses.replace(prof, max_foreign_cpus=None)
+    if args.no_closed:
+        prof = prof.override(connections=())
     if args.no_rate:
         prof = prof.override(rate_connections=())
+    if args.no_short:
+        prof = prof.override(short_connections=())
     if args.no_pingpong:
         prof = prof.override(pingpong=False)
     if prof.repeats < 1 or prof.seconds <= 0 or prof.payload < 1:

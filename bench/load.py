@@ -29,7 +29,14 @@ class LoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class HttpLoad:
-    """One wrk run: ``rate`` 0 means closed loop (as fast as the connections go)."""
+    """One wrk run: ``rate`` 0 means closed loop (as fast as the connections go).
+
+    ``short``: one request per TCP connection. wrk sends ``Connection: close``; the server (nginx,
+    or the client's Envoy) answers with it, and wrk closes and reconnects after every response, so
+    every request pays a handshake and a close -- and, with sockops on, the pairing path of a new
+    connection. wrk's latency starts when the request is written: the handshake shows in QPS, not
+    in p50/p99.
+    """
 
     url: str
     connections: int
@@ -37,12 +44,15 @@ class HttpLoad:
     payload: int
     rate: int = 0
     threads: int = 2
+    short: bool = False
 
     def argv(self, script: Path) -> list[str]:
         threads = max(1, min(self.threads, self.connections))
         per_thread = self.rate / threads if self.rate else 0
+        close = ["-H", "Connection: close"] if self.short else []
         return [
             "wrk",
+            *close,
             "-t",
             str(threads),
             "-c",
@@ -82,6 +92,19 @@ def run_wrk(pod: Pod, load: HttpLoad, script: Path = WRK_SCRIPT) -> dict[str, An
         "mean_ms": lat["mean"] / 1000,
         "max_ms": lat["max"] / 1000,
     }
+
+
+def tcp_counters(pod: Pod) -> dict[str, int]:
+    """The pod's TCP MIB counters (``/proc/net/snmp`` of its netns: ActiveOpens, PassiveOpens,
+    AttemptFails, EstabResets, ...). Their difference around a run counts the connections the
+    pod's programs opened, which is how a run with short-lived connections shows that every
+    request really had a connection of its own."""
+    res = pod.run(["cat", "/proc/net/snmp"], timeout=10, text=True)
+    tcp = [ln.split()[1:] for ln in res.stdout.splitlines() if ln.startswith("Tcp:")]
+    if res.returncode != 0 or len(tcp) != 2:
+        raise LoadError(f"no Tcp lines in /proc/net/snmp of pod {pod.name}: {res.stderr[-400:]}")
+    names, values = tcp
+    return {k: int(v) for k, v in zip(names, values, strict=True)}
 
 
 def build_pingpong(workdir: Path) -> Path:

@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import sockops
 from lab.podlab import envoy_binary
 from sockops import __version__ as sockops_version
+from sockops.loader import bpf_source_dir
 
 
 def _first_line(argv: list[str]) -> str:
@@ -52,12 +54,16 @@ def load_average() -> dict[str, Any]:
     }
 
 
-def git_commit() -> str:
-    """The sockops commit measured; SOCKOPS_GIT_COMMIT names it when running from an exported tree
-    (``git archive``), which is how a published run avoids uncommitted work in a shared checkout."""
-    if os.environ.get("SOCKOPS_GIT_COMMIT"):
+def git_commit(repo: Path | None = None) -> str:
+    """The sockops commit measured: the checkout the ``sockops`` package (and so the data plane's
+    bpf/ beside it) was imported from, which need not be the bench's own when a side-by-side run
+    puts this bench in front of an older data plane (bench/README.md). SOCKOPS_GIT_COMMIT names it
+    when running from an exported tree (``git archive``), which is how a published run avoids
+    uncommitted work in a shared checkout."""
+    if repo is None and os.environ.get("SOCKOPS_GIT_COMMIT"):
         return os.environ["SOCKOPS_GIT_COMMIT"]
-    repo = Path(__file__).resolve().parent.parent
+    if repo is None:
+        repo = Path(sockops.__file__).resolve().parent.parent
     try:
         res = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"],
@@ -93,6 +99,9 @@ def describe(command: str) -> dict[str, Any]:
         "envoy_version": envoy_version(),
         "sockops_version": sockops_version,
         "sockops_git_commit": git_commit(),
+        "sockops_dir": str(Path(sockops.__file__).resolve().parent),
+        "bpf_dir": str(bpf_source_dir().resolve()),
+        "bench_git_commit": git_commit(Path(__file__).resolve().parent.parent),
         "wrk": _first_line(["wrk", "-v"]),
         "nginx": _first_line(["nginx", "-v"]),
         "sockperf": _first_line(["sockperf", "--version"]),

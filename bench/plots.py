@@ -2,6 +2,7 @@
 
 * ``http_closed.png``: per mode, QPS and p50/p99 latency against connections, sockops off vs on;
 * ``http_rate.png``: the same latencies at the fixed request rate;
+* ``http_short.png``: QPS and latencies with one request per connection (short-lived connections);
 * ``pingpong.png``: round-trip latency inside one pod, TCP off / TCP on / AF_UNIX.
 
 Markers are medians, bars the min-max over the repeats. A plot whose data the profile did not
@@ -83,7 +84,10 @@ def _http(doc: dict[str, Any], load: str, path: Path, with_qps: bool) -> Path:
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")
-    title = "closed loop" if load == "closed" else f"fixed rate {doc['profile']['rate_qps']} QPS"
+    title = {
+        "closed": "closed loop",
+        "short": "short-lived connections (one request each)",
+    }.get(load, f"fixed rate {doc['profile']['rate_qps']} QPS")
     fig.suptitle(f"Envoy sidecar mesh, {title}, payload {doc['profile']['payload']} B (median, min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -129,5 +133,6 @@ def plot_all(doc: dict[str, Any], out: Path) -> list[Path]:
     return [
         _http(doc, "closed", out / "http_closed.png", with_qps=True),
         _http(doc, "rate", out / "http_rate.png", with_qps=False),
+        _http(doc, "short", out / "http_short.png", with_qps=True),
         _pingpong(doc, out / "pingpong.png"),
     ]

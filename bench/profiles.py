@@ -1,8 +1,9 @@
 """How much to measure: the quick profile (CI smoke, about a minute) and the full sweep.
 
-The full profile takes about 32 minutes on a 2-vCPU machine: 5 repeats of every configuration,
-with the fixed-rate mode measured at 2, 16 and 64 connections rather than the whole sweep;
-``--repeats 3`` (about 19 minutes) and the other flags override it.
+The full profile takes about 35 minutes on a 2-vCPU machine (``python -m bench --dry-run``): 5
+repeats of every configuration, with the fixed-rate mode measured at 2, 16 and 64 connections and
+short-lived connections at 16 rather than the whole sweep; ``--repeats 3`` (about 21 minutes) and
+the other flags override it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ class Profile:
     connections: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
     rate_connections: tuple[int, ...] = (2, 16, 64)
     rate_qps: int = 1000
+    # Closed loop with one request per TCP connection (wrk with "Connection: close"): every
+    # request pays a new connection, and with sockops on the pairing path of one.
+    short_connections: tuple[int, ...] = (16,)
     repeats: int = 5
     warmup_s: float = 1.0
     seconds: float = 3.0

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import stats
-from bench.schema import validate_full, validate_summary
+from bench.schema import SHORT_SUFFIX, validate_full, validate_summary
 
 SUMMARY_FILE = "summary.json"
 FULL_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
-PLOTS = ("http_closed.png", "http_rate.png", "pingpong.png")
+PLOTS = ("http_closed.png", "http_rate.png", "http_short.png", "pingpong.png")
 HEADLINE = {"mode": "both", "load": "closed", "connections": 16}
 
 
@@ -26,16 +26,18 @@ HEADLINE = {"mode": "both", "load": "closed", "connections": 16}
 
 
 def summary_rows(groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The comparable, machine-independent rows of summary.json (closed loop and ping-pong)."""
+    """The comparable, machine-independent rows of summary.json (closed loop, short-lived
+    connections as mode "<mode>-short", and ping-pong)."""
     rows = []
     for g in groups:
         closed = g["kind"] == "http" and g["load"] == "closed"
+        short = g["kind"] == "http" and g["load"] == "short"
         pp = g["kind"] == "pingpong"
-        if not (closed or pp) or g["state"] not in ("off", "on") or "qps" not in g:
+        if not (closed or short or pp) or g["state"] not in ("off", "on") or "qps" not in g:
             continue
         rows.append(
             {
-                "mode": g["mode"],
+                "mode": g["mode"] + SHORT_SUFFIX if short else g["mode"],
                 "connections": int(g["connections"]),
                 "sockops": g["state"],
                 "qps_median": round(float(g["qps"]["median"]), 3),
@@ -204,21 +206,29 @@ def _ratio_cell(d: dict[str, Any] | None) -> str:
     return f"{d['median']:.2f} [{d['min']:.2f}-{d['max']:.2f}]"
 
 
+HTTP_SECTIONS = (
+    ("closed", "Closed loop (wrk, as fast as it goes)"),
+    ("rate", "Fixed rate"),
+    ("short", "Short-lived connections (closed loop, one request per connection)"),
+)
+
+
 def headline_table(doc: dict[str, Any]) -> str:
-    """The both-sidecars closed-loop comparison (the README's table)."""
+    """The closed-loop and short-lived comparison at 16 connections (the README's table)."""
     lines = [
-        "| mode | connections | sockops | QPS | p50 ms | p99 ms | Envoy CPU s / 1k req |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| mode | load | connections | sockops | QPS | p50 ms | p99 ms | Envoy CPU s / 1k req |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for g in doc["groups"]:
         if (
             g["kind"] == "http"
-            and g["load"] == "closed"
+            and g["load"] in ("closed", "short")
             and g["connections"] == 16
             and g["state"] != "loaded"
         ):
             lines.append(
-                f"| {g['mode']} | {g['connections']} | {g['state']} | {_fmt(g.get('qps'), digits=5)} | "
+                f"| {g['mode']} | {g['load']} | {g['connections']} | {g['state']} | "
+                f"{_fmt(g.get('qps'), digits=5)} | "
                 f"{_fmt(g.get('p50_ms'))} | {_fmt(g.get('p99_ms'))} | {_fmt(g.get('cpu_envoys_s_per_1k'))} |"
             )
     return "\n".join(lines) + "\n"
@@ -281,29 +291,42 @@ def markdown(doc: dict[str, Any]) -> str:
             line + f" (goal within 1%, judged on the ping-pong p50): **{'met' if e['met'] else 'not met'}**"
         )
     out.append("")
-    for load_kind, title in (("closed", "Closed loop (wrk, as fast as it goes)"), ("rate", "Fixed rate")):
+    for load_kind, title in HTTP_SECTIONS:
         gs = [g for g in doc["groups"] if g["kind"] == "http" and g["load"] == load_kind]
         if not gs:
             continue
         if load_kind == "rate":
             title += f" ({prof['rate_qps']} QPS in total)"
+        short = load_kind == "short"
+        out += [f"## {title}\n"]
+        if short:
+            out.append(
+                "wrk sends `Connection: close` and reconnects after every response. *req/conn* is "
+                "requests per TCP connection the client pod opened (its Envoy's pooled upstream "
+                "connections included, so slightly under 1 with a sidecar); *inserted/conn* is sockets "
+                "sockops put in its sockhash per such connection (both ends of every paired leg). "
+                "Latency starts at the request's write: the handshake is in QPS, not in p50/p99.\n"
+            )
+        extra_head = " req/conn | inserted/conn |" if short else ""
         out += [
-            f"## {title}\n",
             "| mode | conns | sockops | QPS | p50 ms | p90 ms | p99 ms | p99.9 ms | CPU Envoys s/1k | "
-            "CPU pods s/1k | kernel % of pods CPU | redirected MB | errors |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "CPU pods s/1k | kernel % of pods CPU | redirected MB | errors |" + extra_head,
+            "|---|---:|---|" + "---:|" * (10 + (2 if short else 0)),
         ]
         gs.sort(
             key=lambda g: (prof["modes"].index(g["mode"]), g["connections"], g["state"] != "off", g["state"])
         )
         for g in gs:
+            extra = ""
+            if short:
+                extra = f" {_fmt(g.get('requests_per_connect'))} | {_fmt(g.get('inserted_per_connect'))} |"
             out.append(
                 f"| {g['mode']} | {g['connections']} | {g['state']} | {_fmt(g.get('qps'), digits=5)} | "
                 f"{_fmt(g.get('p50_ms'))} | {_fmt(g.get('p90_ms'))} | {_fmt(g.get('p99_ms'))} | "
                 f"{_fmt(g.get('p999_ms'))} | {_fmt(g.get('cpu_envoys_s_per_1k'))} | "
                 f"{_fmt(g.get('cpu_pods_s_per_1k'))} | {_fmt(g.get('cpu_pods_sys_share'), 100, 2)} | "
                 f"{_fmt(g.get('redirected_bytes'), 1e-6, 4)} | "
-                f"{int(g['errors']['max']) if 'errors' in g else 0} |"
+                f"{int(g['errors']['max']) if 'errors' in g else 0} |" + extra
             )
         out += [
             "",

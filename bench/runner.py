@@ -33,7 +33,7 @@ class Cell:
 
     kind: str  # "http", "pingpong", "sockperf", "iperf3"
     mode: str  # benchmark mode, or "pingpong-tcp" / "pingpong-unix" / "sockperf" / "iperf3"
-    load: str  # "closed", "rate", or "pingpong"
+    load: str  # "closed", "rate", "short" (one request per connection), "pingpong" or "stream"
     connections: int
     state: str  # "off", "loaded", "on"
     rep: int
@@ -46,10 +46,16 @@ def plan(profile: Profile) -> list[Cell]:
     """Every run of the profile, in execution order (grouped by mode so each lab is built once)."""
     cells: list[Cell] = []
     for mode in profile.modes:
-        for load_kind, conns in (("closed", profile.connections), ("rate", profile.rate_connections)):
+        for load_kind, conns in (
+            ("closed", profile.connections),
+            ("rate", profile.rate_connections),
+            ("short", profile.short_connections),
+        ):
             for c in conns:
                 states: tuple[str, ...] = ("off", "on")
-                if load_kind == "closed" and profile.not_opted_in == (mode, c):
+                # Short-lived connections get the not-opted-in check too: every connection of a
+                # pod runs the sock_ops program, enabled or not.
+                if load_kind in ("closed", "short") and profile.not_opted_in == (mode, c):
                     states = ("off", "loaded", "on")
                 for rep in range(profile.repeats):
                     cells += [Cell("http", mode, load_kind, c, s, rep) for s in states]
@@ -135,18 +141,27 @@ class QuietGuard:
 
 def _http_attempt(mesh: MeshLab, switch: SockopsSwitch, cell: Cell, profile: Profile) -> dict[str, Any]:
     mesh.reset_connections()
+    time_wait_left = mesh.time_wait_sockets()
     switch.set_state(cell.state, mesh.pod_list)
     left = wait_drained(switch)
     rate = profile.rate_qps if cell.load == "rate" else 0
+    short = cell.load == "short"
     client = mesh.pods["client"]
 
     def wrk(seconds: float) -> load.HttpLoad:
-        return load.HttpLoad(mesh.url, cell.connections, seconds, profile.payload, rate, profile.wrk_threads)
+        return load.HttpLoad(
+            mesh.url, cell.connections, seconds, profile.payload, rate, profile.wrk_threads, short
+        )
 
     load.run_wrk(client, wrk(profile.warmup_s))
+    tcp0 = load.tcp_counters(client)
     cpu0, cnt0, busy0, t0 = mesh.cpu(), switch.snapshot(), machine_busy_seconds(), time.monotonic()
     result = load.run_wrk(client, wrk(profile.seconds))
     cpu1, cnt1, busy1, wall = mesh.cpu(), switch.snapshot(), machine_busy_seconds(), time.monotonic() - t0
+    tcp1 = load.tcp_counters(client)
+    # Connections the client pod opened during the measured run: wrk's, plus its Envoy's upstream
+    # connections (pooled, so a handful). With short-lived connections, about one per request.
+    connects = tcp1["ActiveOpens"] - tcp0["ActiveOpens"]
     cpu = cpu1.seconds_since(cpu0)
     envoys = sum(v for k, v in cpu.items() if k.startswith("envoy_"))
     pods = sum(v for k, v in cpu.items() if k.startswith("pod_") and not k.endswith("_sys"))
@@ -158,6 +173,7 @@ def _http_attempt(mesh: MeshLab, switch: SockopsSwitch, cell: Cell, profile: Pro
         **result,
         "rate_target": rate or None,
         "sockets_left_before": left,
+        "time_wait_left_before": time_wait_left,
         "wall_s": wall,
         "cpu_s": cpu,
         "cpu_envoys_s_per_1k": _per_1k(envoys, n)
@@ -171,6 +187,11 @@ def _http_attempt(mesh: MeshLab, switch: SockopsSwitch, cell: Cell, profile: Pro
         "loadavg_1m": os.getloadavg()[0],
         "redirected_bytes": counters["redirected_bytes"],
         "redirect_misses": counters["redirect_misses"],
+        "sockets_inserted": counters["sockets_inserted"],
+        "tcp_connects": connects,
+        "tcp_connect_fails": tcp1["AttemptFails"] - tcp0["AttemptFails"],
+        "requests_per_connect": n / connects if connects else None,
+        "inserted_per_connect": counters["sockets_inserted"] / connects if connects else None,
         "sockops_counters": counters,
     }
 

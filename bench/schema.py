@@ -9,7 +9,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-SUMMARY_MODES = ("baseline", "both", "client", "server", "pingpong-tcp", "pingpong-unix")
+# Closed-loop rows carry the benchmark mode; short-lived-connection rows "<mode>-short" (one
+# request per connection), so a summary row keeps one shape whatever load produced it.
+HTTP_MODES = ("baseline", "both", "client", "server")
+SHORT_SUFFIX = "-short"
+SUMMARY_MODES = (*HTTP_MODES, *(m + SHORT_SUFFIX for m in HTTP_MODES), "pingpong-tcp", "pingpong-unix")
+HTTP_LOADS = ("closed", "rate", "short")
+# What a short-lived-connection run must record besides the figures of every HTTP run: the
+# connections the client pod opened, which is what shows one request per connection.
+SHORT_RUN_KEYS = ("tcp_connects", "tcp_connect_fails", "requests_per_connect", "sockets_inserted", "errors")
 SUMMARY_FIELDS = {
     "mode": str,
     "connections": int,
@@ -98,6 +106,11 @@ def validate_full(doc: Any) -> None:
                 raise SchemaError(f"results.runs[{i}]: missing {key}")
         if run["kind"] in ("http", "pingpong"):
             for key in ("qps", "p50_ms", "p99_ms"):
+                _number(run.get(key), f"results.runs[{i}].{key}")
+        if run["kind"] == "http" and run["load"] not in HTTP_LOADS:
+            raise SchemaError(f"results.runs[{i}].load: {run['load']!r} not one of {HTTP_LOADS}")
+        if run["kind"] == "http" and run["load"] == "short":
+            for key in SHORT_RUN_KEYS:
                 _number(run.get(key), f"results.runs[{i}].{key}")
     for i, group in enumerate(doc["groups"]):
         if "runs" not in group or "state" not in group:

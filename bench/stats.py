@@ -30,6 +30,11 @@ METRICS = (
     "redirect_misses",
     "gbit_per_s",
     "waits",
+    "tcp_connects",
+    "tcp_connect_fails",
+    "requests_per_connect",
+    "inserted_per_connect",
+    "sockets_inserted",
 )
 RATIO_METRICS = ("qps", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "cpu_envoys_s_per_1k", "gbit_per_s")
 

@@ -323,11 +323,23 @@ class MeshLab:
         return [self.pods["client"], self.pods["server"]]
 
     def reset_connections(self) -> None:
-        """Destroy every established TCP connection in both pods (Envoy's pools included)."""
+        """Destroy every established TCP connection in both pods (Envoy's pools included), and
+        every TIME-WAIT socket: a run of short-lived connections leaves tens of thousands, and the
+        next run's connect() would search the ephemeral port range past them (measured: the client
+        pod's kernel time took the machine and QPS fell tenfold from the third run on), so the run
+        after it -- always the same state in the interleaved order -- would pay for it."""
         for pod in self.pod_list:
-            res = pod.run(["ss", "-K", "-t", "state", "established"], timeout=10)
+            res = pod.run(["ss", "-K", "-t", "state", "established", "state", "time-wait"], timeout=10)
             if res.returncode != 0:
                 raise BenchError(f"ss -K in pod {pod.name} failed: {res.stderr!r}")
+
+    def time_wait_sockets(self) -> int:
+        """TIME-WAIT sockets in both pods (0 right after :meth:`reset_connections`)."""
+        total = 0
+        for pod in self.pod_list:
+            res = pod.run(["ss", "-H", "-t", "state", "time-wait"], timeout=10, text=True)
+            total += len(res.stdout.splitlines())
+        return total
 
     def cpu(self) -> CpuSample:
         pods = {name: cgroup_cpu_usec(cg.path) for name, cg in self.cgroups.items()}
@@ -392,7 +404,7 @@ class PingpongLab:
 
     def reset_connections(self) -> None:
         assert self.pod is not None
-        self.pod.run(["ss", "-K", "-t", "state", "established"], timeout=10)
+        self.pod.run(["ss", "-K", "-t", "state", "established", "state", "time-wait"], timeout=10)
 
     def close(self) -> None:
         if self.lab is not None:

@@ -54,6 +54,37 @@ def test_plan_interleaves_off_and_on() -> None:
     assert loaded[:3] == ["off", "loaded", "on"]
 
 
+def test_plan_has_short_lived_connections() -> None:
+    """Both profiles measure one request per connection at 16 connections, interleaved like the
+    closed loop (with the not-opted-in state where the closed loop has it); --no-short drops them."""
+    from bench.__main__ import parser, profile_from
+
+    full = plan(PROFILES["full"])
+    short = [c for c in full if c.kind == "http" and c.load == "short"]
+    assert {(c.mode, c.connections) for c in short} == {(m, 16) for m in PROFILES["full"].modes}
+    both = [c.state for c in short if c.mode == "both"]
+    assert both == ["off", "loaded", "on"] * PROFILES["full"].repeats
+    assert [c.state for c in short if c.mode == "client"] == ["off", "on"] * PROFILES["full"].repeats
+    assert any(c.load == "short" and c.mode == "both" for c in plan(PROFILES["quick"]))
+
+    args = parser("bench").parse_args(["--profile", "quick", "--no-short"])
+    assert not [c for c in plan(profile_from(args)) if c.load == "short"]
+    args = parser("bench").parse_args(["--profile", "quick", "--no-closed", "--short-connections", "4"])
+    http = {(c.load, c.connections) for c in plan(profile_from(args)) if c.kind == "http"}
+    assert http == {("short", 4)}
+
+
+def test_short_load_asks_to_close_every_connection() -> None:
+    """wrk reconnects after a response only when the server says Connection: close."""
+    from bench.load import HttpLoad
+
+    script = Path("wrk_report.lua")
+    short = HttpLoad("http://10.244.2.10:8080/", 16, 3, 1024, short=True).argv(script)
+    keep = HttpLoad("http://10.244.2.10:8080/", 16, 3, 1024).argv(script)
+    assert short[short.index("-H") + 1] == "Connection: close"
+    assert "-H" not in keep
+
+
 def test_ratios_pair_repeats() -> None:
     """The on/off ratio is taken per repeat (on_i / off_i), then reduced to a median and spread."""
     base = {"kind": "http", "mode": "both", "load": "closed", "connections": 16}
@@ -83,6 +114,44 @@ def test_summary_schema_rejects_bad_rows() -> None:
     for bad in ({**good, "sockops": "maybe"}, {**good, "p50_ms_spread": [1.2, 1.3]}, {**good, "extra": 1}):
         with pytest.raises(schema.SchemaError):
             schema.validate_summary([bad])
+    schema.validate_summary([good, {**good, "mode": "both-short"}])
+    with pytest.raises(schema.SchemaError):
+        schema.validate_summary([{**good, "mode": "both-long"}])
+
+
+def test_full_schema_wants_connection_counts_of_short_runs() -> None:
+    """A short-lived-connection run without the client pod's connection count cannot show that
+    every request had its own connection: the result file is refused."""
+    meta = {k: "x" for k in schema.META_KEYS}
+    run = {
+        "kind": "http",
+        "mode": "both",
+        "load": "short",
+        "connections": 16,
+        "state": "on",
+        "rep": 0,
+        "qps": 10.0,
+        "p50_ms": 1.0,
+        "p99_ms": 2.0,
+        "errors": 0,
+        "tcp_connects": 30,
+        "tcp_connect_fails": 0,
+        "requests_per_connect": 1.0,
+        "sockets_inserted": 60,
+    }
+    doc = {
+        "meta": meta,
+        "profile": {},
+        "runs": [run],
+        "groups": [],
+        "ratios": [],
+        "targets": {},
+        "harness": {},
+    }
+    schema.validate_full(doc)
+    for bad in ({k: v for k, v in run.items() if k != "tcp_connects"}, {**run, "load": "bursty"}):
+        with pytest.raises(schema.SchemaError):
+            schema.validate_full({**doc, "runs": [bad]})
 
 
 @pytest.mark.kernel
@@ -115,6 +184,7 @@ def test_quick_profile_end_to_end(tmp_path: Path) -> None:
         assert row["qps_median"] > 0 and row["p50_ms_median"] > 0 and row["runs"] == 2
     assert any(r["mode"] == "pingpong-unix" for r in rows)
     assert any(r["mode"] == "pingpong-tcp" and r["sockops"] == "on" for r in rows)
+    assert {r["sockops"] for r in rows if r["mode"] == "both-short"} == {"off", "on"}
 
     # "on" really redirects through sockops; "off" never does; no request failed.
     http = [r for r in doc["runs"] if r["kind"] == "http"]
@@ -122,6 +192,20 @@ def test_quick_profile_end_to_end(tmp_path: Path) -> None:
     assert all(r["redirected_bytes"] == 0 for r in http if r["state"] == "off")
     assert all(r["errors"] == 0 for r in http)
     assert all(r["cpu_envoys_s_per_1k"] > 0 for r in http if r["mode"] == "both")
+    # Short-lived connections: the client pod opened one connection per request (counted by the
+    # kernel, /proc/net/snmp ActiveOpens, not by wrk), none failed, and "on" paired them.
+    short = [r for r in http if r["load"] == "short"]
+    assert {(r["mode"], r["state"]) for r in short} == {
+        (m, s) for m in ("baseline", "both") for s in ("off", "on")
+    }
+    for r in short:
+        assert r["requests"] > 100 and 0.9 <= r["requests_per_connect"] <= 1.01, r
+        assert r["tcp_connect_fails"] == 0
+    # A run of short-lived connections leaves TIME-WAIT sockets that would slow the next run's
+    # connect(): every run starts without any.
+    assert all(r["time_wait_left_before"] == 0 for r in http)
+    assert all(r["sockets_inserted"] >= r["requests"] for r in short if r["state"] == "on")
+    assert all(r["requests_per_connect"] > 5 for r in http if r["load"] == "closed")
     pp_on = [r for r in doc["runs"] if r["mode"] == "pingpong-tcp" and r["state"] == "on"]
     assert pp_on and all(r["redirected_bytes"] > 0 for r in pp_on)
 
@@ -155,3 +239,73 @@ def test_sidebyside_takes_ratios_per_repeat(tmp_path: Path) -> None:
     assert out["new"]["ratios_median_min_max"]["on_qps"] == [1.3, 1.3, 1.3]  # per repeat, not pooled
     assert out["base"]["ratios_median_min_max"]["on_p50"] == [0.5, 0.5, 0.5]
     assert out["base"]["ratios_median_min_max"]["loaded_qps"] == [1.0, 1.0, 1.0]
+
+
+def test_sidebyside_compares_one_load(tmp_path: Path) -> None:
+    """Closed-loop and short-lived runs of one invocation share repeat numbers: the side-by-side
+    pairs each load's runs only with runs of the same load and mode (a mode measured off and on
+    only has no loaded ratios)."""
+    from bench import sidebyside
+
+    def run(load: str, state: str, qps: float, mode: str = "both") -> dict[str, object]:
+        per = {"requests_per_connect": 1.0, "inserted_per_connect": 2.0 if state == "on" else 0.0}
+        return {
+            "kind": "http",
+            "mode": mode,
+            "load": load,
+            "state": state,
+            "rep": 0,
+            "qps": qps,
+            "p50_ms": 1.0,
+            "p99_ms": 2.0,
+            **per,
+        }
+
+    for side in ("base", "new"):
+        d = tmp_path / f"{side}-1"
+        d.mkdir()
+        runs = [run("closed", "off", 100.0), run("closed", "loaded", 100.0), run("closed", "on", 150.0)]
+        runs += [run("short", "off", 10.0), run("short", "loaded", 10.0), run("short", "on", 12.0)]
+        # Another mode in the same file, measured off and on only (no not-opted-in state).
+        runs += [run("short", "off", 20.0, "baseline"), run("short", "on", 18.0, "baseline")]
+        (d / "results.json").write_text(json.dumps({"meta": {"sockops_git_commit": side}, "runs": runs}))
+
+    assert sidebyside.main([str(tmp_path)]) == 0
+    closed = json.loads((tmp_path / "sidebyside.json").read_text())
+    assert closed["new"]["ratios_median_min_max"]["on_qps"] == [1.5, 1.5, 1.5]
+    assert sidebyside.main([str(tmp_path), "--load", "short"]) == 0
+    short = json.loads((tmp_path / "sidebyside-short.json").read_text())
+    assert short["base"]["ratios_median_min_max"]["on_qps"] == [1.2, 1.2, 1.2]
+    assert short["new"]["per_connect_median_min_max"]["on_inserted_per_connect"] == [2.0, 2.0, 2.0]
+    assert sidebyside.main([str(tmp_path), "--load", "short", "--mode", "baseline"]) == 0
+    baseline = json.loads((tmp_path / "sidebyside-baseline-short.json").read_text())
+    assert baseline["new"]["ratios_median_min_max"]["on_qps"] == [0.9, 0.9, 0.9]
+    assert "loaded_qps" not in baseline["new"]["ratios_median_min_max"]
+
+
+def test_sidebyside_leaves_out_disturbed_repeats(tmp_path: Path) -> None:
+    """--max-foreign-cpus drops a repeat any of whose runs other work disturbed, and says how many."""
+    from bench import sidebyside
+
+    for side in ("base", "new"):
+        d = tmp_path / f"{side}-1"
+        d.mkdir()
+        runs = [
+            {
+                "kind": "http",
+                "state": state,
+                "rep": rep,
+                "qps": qps,
+                "p50_ms": 1.0,
+                "p99_ms": 2.0,
+                "foreign_cpus": f,
+            }
+            for rep, f in ((0, 0.0), (1, 1.2))
+            for state, qps in (("off", 100.0), ("loaded", 100.0), ("on", 120.0 if rep == 0 else 300.0))
+        ]
+        (d / "results.json").write_text(json.dumps({"meta": {"sockops_git_commit": side}, "runs": runs}))
+
+    assert sidebyside.main([str(tmp_path), "--max-foreign-cpus", "0.3"]) == 0
+    quiet = json.loads((tmp_path / "sidebyside-quiet.json").read_text())
+    assert quiet["new"]["repeats"] == 1 and quiet["new"]["repeats_dropped_for_other_work"] == 1
+    assert quiet["new"]["ratios_median_min_max"]["on_qps"] == [1.2, 1.2, 1.2]
