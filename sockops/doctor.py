@@ -96,7 +96,7 @@ def probe_all(
         probes.append(Probe("bcc", False, "python bcc module missing", "apt-get install python3-bpfcc"))
 
     if all(p.ok for p in probes if p.required):
-        probes.append(_probe_load(bpffs_root))
+        probes.extend(_probe_load(bpffs_root))
         assert cg is not None  # the cgroup_v2 probe passed
         probes += probe_hooks(cg, bpffs_dir or bpffs_root / "sockops")
     else:
@@ -180,14 +180,46 @@ def _headers_missing(release: str, message: str) -> Probe:
     return Probe("kernel_headers", False, detail, fix)
 
 
-def _probe_load(bpffs_root: Path) -> Probe:
+def _probe_load(bpffs_root: Path) -> list[Probe]:
+    """The real programs, then the two optional parts, which the data plane runs without: late
+    insertion (a tcp iterator) and the splice guard (a raw tracepoint, attached for a moment)."""
+    from sockops import guard
+
     scratch = bpffs_root / f"sockops-doctor-{uuid.uuid4().hex[:8]}"
     try:
         plane = loader.DataPlane.load(scratch, loader.MapSizes(sockhash=16, pending=16, netns=4))
+        loaded = "sock_ops + sk_msg programs, sockhash, sk_storage, pinned maps"
+        probes = [Probe("programs_load", True, loaded)]
+        late_ok = loader.PROG_LATE in plane.programs
+        probes.append(
+            Probe(
+                "late_insertion",
+                late_ok,
+                "bpf_iter/tcp loads: connections from before an opt-in join later"
+                if late_ok
+                else "the tcp iterator did not load: connections are accelerated from their handshake only",
+                "" if late_ok else "a kernel with bpf_iter/tcp (5.9+) and BTF",
+                required=False,
+            )
+        )
+        attached = guard.attach(plane)
+        if attached is not None:
+            attached.close()
+        probes.append(
+            Probe(
+                "splice_guard",
+                attached is not None,
+                "raw tracepoint sys_enter attaches: splice() readers are seen"
+                if attached is not None
+                else "no raw tracepoint here: splice() readers are not seen (docs/DATAPLANE.md)",
+                "" if attached is not None else "allow raw tracepoints (x86-64), or keep splice readers off",
+                required=False,
+            )
+        )
         del plane
-        return Probe("programs_load", True, "sock_ops + sk_msg programs, sockhash, sk_storage, pinned maps")
+        return probes
     except SockopsError as e:
-        return Probe("programs_load", False, str(e), "see the verifier message above")
+        return [Probe("programs_load", False, str(e), "see the verifier message above")]
     finally:
         loader.unpin(scratch)
         with contextlib.suppress(OSError):

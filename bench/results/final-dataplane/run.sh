@@ -1,0 +1,18 @@
+#!/bin/bash
+# The keep-alive side-by-side of bench/README.md ("The final data plane of session 5"), exactly as
+# it was run: c1d6b5f (the data plane before issue 12, a worktree of it) against this checkout
+# (late insertion, queue budget, splice guard loaded but not attached: the bench does not run
+# the agent), each side from its own checkout, five interleaved invocations of 3 repeats.
+#   git worktree add --detach /work/wt-base c1d6b5f
+set -eu
+OUT=/work/wt-merge/bench/results/final-dataplane
+PY=/work/main/.venv/bin/python
+ARGS="--profile full --modes both --connections 16 --no-rate --no-pingpong --repeats 3 --no-progress"
+for i in 1 2 3 4 5; do
+  for side in base new; do
+    if [ "$side" = base ]; then cd /work/wt-base; EXTRA=""; else cd /work/wt-merge; EXTRA="--no-short"; fi
+    { uptime; ps -eo pcpu,etimes,comm --sort=-pcpu | head -6; } > "$OUT/$side-$i.machine"
+    $PY -m bench $ARGS $EXTRA --out "$OUT/$side-$i" > "$OUT/$side-$i.log" 2>&1
+  done
+done
+cd /work/wt-merge && $PY -m bench.sidebyside "$OUT"
