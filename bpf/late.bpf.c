@@ -131,6 +131,18 @@ static __always_inline int endpoint_lt(const __u32 *a_ip, __u32 a_port, const __
 	return a_port < b_port;
 }
 
+/* A mirrored connection's name: its lower endpoint plays the client, in that endpoint's netns. */
+static __always_inline void mirror_name(struct sock_key *key, __u64 netns, const __u32 *client_ip,
+					__u32 client_port, const __u32 *dest_ip, __u32 dest_port, __u32 role)
+{
+	key->netns = netns;
+	__builtin_memcpy(key->client_ip, client_ip, sizeof(key->client_ip));
+	key->client_port = client_port;
+	__builtin_memcpy(key->dest_ip, dest_ip, sizeof(key->dest_ip));
+	key->dest_port = dest_port;
+	key->role = role;
+}
+
 static __always_inline __u64 late_netns(void *sk)
 {
 	void *net = KFIELD(sk, KOFF_SKC_NET, void *);
@@ -182,23 +194,12 @@ static __always_inline void late_insert(void *tp)
 			peer_netns = node_pod(remote_ip);
 		if (!peer_netns)
 			return;	/* the peer is not a socket of an enabled namespace of this node */
-		if (endpoint_lt(local_ip, local_port, remote_ip, remote_port)) {
-			key.netns = netns;
-			__builtin_memcpy(key.client_ip, local_ip, sizeof(key.client_ip));
-			key.client_port = local_port;
-			__builtin_memcpy(key.dest_ip, remote_ip, sizeof(key.dest_ip));
-			key.dest_port = remote_port;
-			key.role = ROLE_CLIENT;
-		} else if (endpoint_lt(remote_ip, remote_port, local_ip, local_port)) {
-			key.netns = peer_netns;
-			__builtin_memcpy(key.client_ip, remote_ip, sizeof(key.client_ip));
-			key.client_port = remote_port;
-			__builtin_memcpy(key.dest_ip, local_ip, sizeof(key.dest_ip));
-			key.dest_port = local_port;
-			key.role = ROLE_SERVER;
-		} else {
+		if (endpoint_lt(local_ip, local_port, remote_ip, remote_port))
+			mirror_name(&key, netns, local_ip, local_port, remote_ip, remote_port, ROLE_CLIENT);
+		else if (endpoint_lt(remote_ip, remote_port, local_ip, local_port))
+			mirror_name(&key, peer_netns, remote_ip, remote_port, local_ip, local_port, ROLE_SERVER);
+		else
 			return;	/* connected to itself */
-		}
 	}
 	st = sock_state.sk_storage_get(tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st)

@@ -364,6 +364,9 @@ class Notes:
     def invalid(self, w: Workload) -> None:
         self.seen.append(("invalid", w.uid))
 
+    def suspended(self, w: Workload, trip: Trip) -> None:
+        self.seen.append(("suspended", f"{w.uid} {trip.kind} {trip.comm} {trip.pid}"))
+
 
 def test_observed_pod_is_resolved_reported_never_enabled(tmp_path: Path) -> None:
     """Scanned at first sight and at each full resync (not per event); never a map entry; a flip
@@ -470,28 +473,9 @@ def over_budget(n: int, pid: int = 4242, comm: str = "stuck-app") -> Anomalies:
     return Anomalies(counts, {"queue_over_budget": (pid, comm)} if n else {})
 
 
-class Notifications:
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str]] = []
-
-    def started(self, w: Workload, cookie: int) -> None:
-        self.seen.append(("started", w.uid))
-
-    def stopped(self, w: Workload) -> None:
-        self.seen.append(("stopped", w.uid))
-
-    def invalid(self, w: Workload) -> None:
-        self.seen.append(("invalid", w.uid))
-
-    def suspended(self, w: Workload, trip: Trip) -> None:
-        self.seen.append(("suspended", f"{w.uid} {trip.kind} {trip.comm} {trip.pid}"))
-
-
-def breaker_rec(
-    tmp_path: Path, cooldown: float = 0.0
-) -> tuple[Reconciler, FakeMaps, Notifications, list[float]]:
+def breaker_rec(tmp_path: Path, cooldown: float = 0.0) -> tuple[Reconciler, FakeMaps, Notes, list[float]]:
     now = [100.0]
-    maps, res, notes = FakeMaps(), FakeResolver(), Notifications()
+    maps, res, notes = FakeMaps(), FakeResolver(), Notes()
     res.cookies.update({"a": 11, "b": 12})
     r = Reconciler(
         maps,
