@@ -185,10 +185,19 @@ class LateInserter:
             return PassResult(visited, tuple(failed.values()), waiting)
 
     def _name_nat(self, names: list[tuple[layout.LateTuple, layout.SockKey]]) -> None:
+        """Replace the names of NATed connections; those that do not fit in the map (sized like
+        the pending map) stay unnamed, so their sockets stay on TCP: the pass goes on."""
         table = self._nat
         table.clear()  # type: ignore[attr-defined]
-        for t, key in names:
-            table[t] = key  # type: ignore[index]
+        for i, (t, key) in enumerate(names):
+            try:
+                table[t] = key  # type: ignore[index]
+            except Exception as e:  # bcc raises a bare Exception for a full map
+                log.warning(
+                    "late insertion: NATed connections left unnamed",
+                    extra={"fields": {"named": i, "unnamed": len(names) - i, "error": str(e)}},
+                )
+                return
 
     def _set_mode(self, mode: int) -> None:
         self._mode[ctypes.c_int(SLOT_MODE)] = ctypes.c_uint32(mode)  # type: ignore[index]

@@ -328,3 +328,22 @@ def test_a_peer_that_closed_since_the_last_pass_is_not_waited_for(
         c = dataplane.counters()
         assert c["late_pruned"] == 1 and c["late_switched"] == 1, c
         assert dataplane.maps.sockets() == []
+
+
+def test_nat_names_that_do_not_fit_the_map_stay_unnamed() -> None:
+    """A full late_nat map (bcc raises a bare Exception) leaves the rest of the NATed connections
+    unnamed, on TCP; the pass itself goes on."""
+
+    class Full(list):  # type: ignore[type-arg]
+        def __setitem__(self, key: object, value: object) -> None:
+            if len(self) >= 1:
+                raise Exception("Could not update table: no space left")
+            self.append((key, value))
+
+    conn = late.NatConnection(
+        ("10.244.1.10", 40000), ("10.96.0.1", 80), ("127.0.0.1", 15001), ("10.244.1.10", 40000)
+    )
+    ins = late.LateInserter.__new__(late.LateInserter)  # no iterator link: only the naming
+    ins._nat = Full()
+    ins._name_nat(late.nat_names({11: [conn]}, {"10.244.1.10": 11}))
+    assert len(ins._nat) == 1
