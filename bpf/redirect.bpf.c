@@ -94,14 +94,14 @@ int sockops_redirect(struct sk_msg_md *msg)
 		if (early)
 			anomaly(msg, ANOM_EARLY_TCP_SEND);
 	}
-	peer = st->key;
-	peer.role ^= 1;
 	/* DECIDE_LATE (a socket that joined after its handshake) sends over TCP until the agent's
 	 * iterator pass has seen its peer read every byte it sent that way (late.bpf.c). */
 	if (st->decision != DECIDE_REDIRECT || st->peer_fin)
 		return SK_PASS;
 	if (!claim_peer(st))
 		return SK_PASS;
+	peer = st->key;
+	peer.role ^= 1;
 	ns = netns_stats.lookup(&peer.netns);
 	if (sock_hash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) == SK_PASS) {
 		count(CNT_REDIRECTED_MSGS, 1);
