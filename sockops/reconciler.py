@@ -604,7 +604,7 @@ class Reconciler:
         for key in [k for k in self._resolved if k not in desired]:
             del self._resolved[key]
         self.breaker.retain(desired.keys())
-        self._observe(to_scan, statuses)
+        self._observe(to_scan, statuses, anomalies)
         if full:
             self.resolver.retain({r.cookie for r in self._resolved.values()})
 
@@ -698,7 +698,10 @@ class Reconciler:
             return None
 
     def _observe(
-        self, to_scan: Mapping[tuple[str, str], Path], statuses: dict[tuple[str, str], WorkloadStatus]
+        self,
+        to_scan: Mapping[tuple[str, str], Path],
+        statuses: dict[tuple[str, str], WorkloadStatus],
+        anomalies: Mapping[int, Anomalies] | None,
     ) -> None:
         """Scan the observed workloads that need it and attach every observed one's report.
 
@@ -728,9 +731,11 @@ class Reconciler:
             if st is None or st.state != OBSERVING:
                 cookie, _ = self._observed.pop(key)
                 self._watch(cookie, False)
-        for cookie, _ in self._observed.values():
-            self._watch(cookie, True)
-        splices = self._splices({cookie for cookie, _ in self._observed.values()})
+        for key in to_scan:  # first sight, a new namespace, every resync: enough to repair drift
+            st = statuses.get(key)
+            if st is not None and st.state == OBSERVING:
+                self._watch(st.cookie or 0, True)
+        splices = self._splices({cookie for cookie, _ in self._observed.values()}, anomalies)
         for key, (cookie, report) in self._observed.items():
             found = splices.get(cookie)
             statuses[key] = replace(
@@ -752,12 +757,14 @@ class Reconciler:
                 "cannot watch an observed namespace", extra={"fields": {"cookie": cookie, "error": str(e)}}
             )
 
-    def _splices(self, cookies: Set[int]) -> dict[int, tuple[int, str, int]]:
-        """What the splice guard saw in each observed namespace: (calls, program, pid of the last)."""
-        if not cookies:
-            return {}
-        anomalies = self._anomalies() or {}
-        found = {}
+    def _splices(
+        self, cookies: Set[int], anomalies: Mapping[int, Anomalies] | None
+    ) -> dict[int, tuple[int, str, int]]:
+        """What the splice guard saw in each observed namespace: (calls, program, pid of the last),
+        from the anomaly counts this pass already read (None: unreadable, nothing reported)."""
+        found: dict[int, tuple[int, str, int]] = {}
+        if anomalies is None:
+            return found
         for cookie in cookies:
             a = anomalies.get(cookie)
             if a is not None and a.counts.get("splice_reader"):
