@@ -234,6 +234,7 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 	}
 	st->in_map = 1;
 	st->decision = DECIDE_UNDECIDED;
+	reader_join(cookie, sock_uid(sk));	/* before the server can pair, so before any redirect */
 	count(CNT_SOCKETS_INSERTED, 1);
 	netns_inserted(netns);
 	/* STATE for cleanup at close; WRITE_HDR_OPT to withdraw on the first transmit if PASS. */
@@ -312,8 +313,10 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 		return;
 	}
 	st->cookie = tag >> 2;
+	st->peer_cookie = st->cookie;	/* the client's own cookie names the connection, too */
 	st->key = key;
 	st->decision = DECIDE_PASS;
+	zero_conn.server_cookie = bpf_get_socket_cookie(skops);
 
 	err = sock_hash.sock_hash_update(skops, &key, BPF_NOEXIST);
 	if (err) {
@@ -330,10 +333,12 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 		__sync_val_compare_and_swap(&p->tag, tag, (tag & ~(__u64)PEND_MASK) | PEND_PASS);
 		return;
 	}
+	reader_join(zero_conn.server_cookie, sock_uid(sk));	/* before the client can learn it */
 	/* Commit only if the entry is still this connection's and still waiting. */
 	if (__sync_val_compare_and_swap(&p->tag, tag, (tag & ~(__u64)PEND_MASK) | PEND_PAIRED) != tag) {
 		sock_hash.delete(&key);	/* the client spoke first: nothing was queued to us */
 		conns.delete(&st->cookie);
+		readers.delete(&zero_conn.server_cookie);
 		count(CNT_PAIR_RACE_LOST, 1);
 		return;
 	}
@@ -373,6 +378,10 @@ static __always_inline void decide_client(struct sock_state *st, int early_tcp)
 		return;
 	old = __sync_val_compare_and_swap(&p->tag, mine | PEND_WAITING, mine | PEND_PASS);
 	if (old == (mine | PEND_PAIRED)) {
+		struct conn_state *cs = conns.lookup(&st->cookie);
+
+		/* the server's cookie names its reader (struct reader); no entry: 0, never redirect */
+		st->peer_cookie = cs ? cs->server_cookie : 0;
 		st->decision = DECIDE_REDIRECT;
 		if (early_tcp)
 			st->peer_fin = 1;	/* "send over TCP from now on": see redirect.bpf.c */
@@ -417,17 +426,23 @@ done:
 				  skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 }
 
-/* A client that closes leaves no pending entry (if it never spoke) and no conns entry behind. */
+/* A socket that closes leaves no reader entry behind, and a client no pending entry (if it never
+ * spoke) and no conns entry. */
 static __always_inline void on_close(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct sock_state *st;
 	struct pending *p;
+	__u64 own;
 
 	if (!sk)
 		return;
 	st = sock_state.sk_storage_get(sk, 0, 0);
-	if (!st || st->key.role != ROLE_CLIENT)
+	if (!st)
+		return;
+	own = bpf_get_socket_cookie(skops);
+	readers.delete(&own);
+	if (st->key.role != ROLE_CLIENT)
 		return;
 	conns.delete(&st->cookie);	/* the connection's hand-off bits (if it was paired) */
 	p = pending.lookup(&st->key);

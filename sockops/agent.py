@@ -261,7 +261,12 @@ class Agent:
             # Checked before the compile: attaching is what needs it, and a load that fails only
             # at attach has already pinned the maps.
             loader.check_cgroup_v2(self.cgroup)
-            plane = loader.DataPlane.load(self.bpffs, self.sizes, queue_budget=self.config.queue_budget)
+            plane = loader.DataPlane.load(
+                self.bpffs,
+                self.sizes,
+                queue_budget=self.config.queue_budget,
+                reader_grace_ms=self.config.reader_grace_ms,
+            )
             done = plane.attach(self.cgroup)
             self.plane = plane
         except SockopsError as e:
@@ -289,17 +294,6 @@ class Agent:
             },
         )
         self._report_hooks()
-
-    def _splice_guard(self) -> Any:
-        """sockops/guard.py's raw tracepoint, unless switched off or refused by this kernel."""
-        from sockops import guard
-
-        if self.config.splice_guard != "on" or self.plane is None:
-            return None
-        attached = guard.attach(self.plane)
-        if attached is not None:
-            log.info("splice guard attached", extra={"fields": {"tracepoint": guard.TRACEPOINT}})
-        return attached
 
     def _late_inserter(self) -> Any:
         """sockops/late.py's pass runner, unless switched off or refused by this kernel."""
@@ -393,7 +387,6 @@ class Agent:
                     late=self._late_inserter(),
                     breaker=Breaker(self.config.breaker_thresholds, self.config.breaker_cooldown),
                 )
-                guard = self._splice_guard()
                 observer.counts = self.reconciler.counts
                 work = threading.Event()  # ends sources and reconciler: SIGTERM or an uninstall
                 threads = [
@@ -410,9 +403,7 @@ class Agent:
                 try:
                     self.reconciler.run(work, self.config.resync)
                 finally:
-                    if guard is not None:
-                        guard.close()
-                work.set()
+                    work.set()
                 # Sources return within about a second of ``work`` (sockops.sources); one that does
                 # not is a daemon thread and does not hold the exit.
                 deadline = time.monotonic() + 1.0

@@ -170,6 +170,16 @@ def _queue_budget(v: str) -> int:
     return n
 
 
+def _reader_grace(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 60000:
+        raise argparse.ArgumentTypeError(f"{v} must be a whole number of milliseconds, 0 .. 60000")
+    return n
+
+
 def _thresholds(v: str) -> dict[str, int]:
     from sockops.breaker import InvalidThresholds, parse_thresholds
 
@@ -299,15 +309,6 @@ AGENT = (
         choices=("on", "off"),
     ),
     Setting(
-        "--splice-guard",
-        "SOCKOPS_SPLICE_GUARD",
-        "on",
-        "on: a raw tracepoint on sys_enter counts splice(2) on accelerated sockets as a "
-        "splice_reader anomaly of the pod (its breaker then suspends it); off: no tracepoint "
-        "(docs/DATAPLANE.md, The breaker)",
-        choices=("on", "off"),
-    ),
-    Setting(
         "--metrics-addr",
         "SOCKOPS_METRICS_ADDR",
         "0.0.0.0:9876",
@@ -341,6 +342,15 @@ GUARD = (
         "bytes a receiver may hold unread on its psock before its peer sends over TCP (where flow "
         "control holds the sender back); docs/DATAPLANE.md, the queue budget",
         _queue_budget,
+    ),
+    Setting(
+        "--reader-grace-ms",
+        "SOCKOPS_READER_GRACE_MS",
+        "50",
+        "how long a program must read with recv() without ever splicing before sockets it reads are "
+        "redirected to (a program that reads a request's head and splices its body shows the splice "
+        "within it); docs/DATAPLANE.md, Who may be redirected to",
+        _reader_grace,
     ),
     Setting(
         "--breaker-thresholds",
@@ -395,11 +405,11 @@ class AgentConfig:
     docker_host: str | None
     resync: float
     late_insertion: str
-    splice_guard: str
     metrics_addr: str
     if_unsupported: str
     pod_metric_labels: str
     queue_budget: int
+    reader_grace_ms: int
     breaker_thresholds: dict[str, int]
     breaker_cooldown: float
     drain_timeout: float

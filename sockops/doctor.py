@@ -182,8 +182,7 @@ def _headers_missing(release: str, message: str) -> Probe:
 
 def _probe_load(bpffs_root: Path) -> list[Probe]:
     """The real programs, then the two optional parts, which the data plane runs without: late
-    insertion (a tcp iterator) and the splice guard (a raw tracepoint, attached for a moment)."""
-    from sockops import guard
+    insertion (a tcp iterator) and the reader hook (a raw tracepoint)."""
 
     scratch = bpffs_root / f"sockops-doctor-{uuid.uuid4().hex[:8]}"
     try:
@@ -202,17 +201,17 @@ def _probe_load(bpffs_root: Path) -> list[Probe]:
                 required=False,
             )
         )
-        attached = guard.attach(plane)
-        if attached is not None:
-            attached.close()
+        hook_ok = loader.PROG_READER in plane.programs
         probes.append(
             Probe(
-                "splice_guard",
-                attached is not None,
-                "raw tracepoint sys_enter attaches: splice() readers are seen"
-                if attached is not None
-                else "no raw tracepoint here: splice() readers are not seen (docs/DATAPLANE.md)",
-                "" if attached is not None else "allow raw tracepoints (x86-64), or keep splice readers off",
+                "reader_hook",
+                hook_ok,
+                "raw tracepoint sys_enter loads: recv() readers are redirected to, splice() "
+                "readers stay on TCP"
+                if hook_ok
+                else "no raw tracepoint here: only the sidecar's sockets are redirected to "
+                "(docs/DATAPLANE.md)",
+                "" if hook_ok else "allow raw tracepoints (x86-64)",
                 required=False,
             )
         )

@@ -41,6 +41,8 @@ MAP_CONNS = "conns"
 MAP_NODE_PODS = "node_pods"
 MAP_SYNACKS = "synacks"
 MAP_ANOMALIES = "anomalies"
+MAP_READERS = "readers"
+MAP_PROCS = "procs"
 ALL_MAPS = (
     MAP_SOCKHASH,
     MAP_PENDING,
@@ -52,6 +54,8 @@ ALL_MAPS = (
     MAP_NODE_PODS,
     MAP_SYNACKS,
     MAP_ANOMALIES,
+    MAP_READERS,
+    MAP_PROCS,
 )
 
 # Counter indexes (CNT_* in the header) and the names user space reports them under.
@@ -81,8 +85,19 @@ COUNTERS = {
     "late_switched": 22,
     "late_pruned": 23,
     "queue_over_budget": 24,
+    "reader_wait": 25,
+    "reader_switched": 26,
+    "reader_splice": 27,
 }
-CNT_MAX = 25
+CNT_MAX = 28
+
+# How a socket in the sockhash is read (struct reader, READER_F_* in the header).
+READER_F_RECV = 1
+READER_F_SPLICE = 2
+READER_F_REDIRECTED = 4
+READER_F_TRUSTED = 8
+TRUSTED_UID = 1337  # SOCKOPS_TRUSTED_UID: Istio's sidecar
+PROC_F_SPLICED = 1
 
 # Anomaly kinds (ANOM_* in the header): indexes into struct netns_anomalies, by metric label.
 ANOMALIES = {
@@ -94,6 +109,7 @@ ANOMALIES = {
 ANOM_MAX = 4
 ANOM_COMM_LEN = 16
 DEFAULT_QUEUE_BUDGET = 4 << 20  # SOCKOPS_QUEUE_BUDGET
+DEFAULT_READER_GRACE_MS = 50  # SOCKOPS_READER_GRACE_NS / 1e6
 
 Ip6 = ctypes.c_uint32 * 4
 
@@ -150,14 +166,31 @@ class SockState(ctypes.Structure):
         ("peer_fin", ctypes.c_uint32),
         ("peer_claimed", ctypes.c_uint32),
         ("origin", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("reader_ok", ctypes.c_uint32),
+        ("peer_cookie", ctypes.c_uint64),
     )
 
 
 class ConnState(ctypes.Structure):
     """A paired connection's half-close hand-off bits (struct conn_state), keyed by client cookie."""
 
-    _fields_ = (("flags", ctypes.c_uint64 * 2),)
+    _fields_ = (("flags", ctypes.c_uint64 * 2), ("server_cookie", ctypes.c_uint64))
+
+
+class Reader(ctypes.Structure):
+    """How a socket in the sockhash is read (struct reader), keyed by its own cookie."""
+
+    _fields_ = (("flags", ctypes.c_uint64), ("sk", ctypes.c_uint64))
+
+
+class ProcKey(ctypes.Structure):
+    """A process as the reader hook knows it (struct proc_key)."""
+
+    _fields_ = (("tgid", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("start_time", ctypes.c_uint64))
+
+
+class ProcReader(ctypes.Structure):
+    _fields_ = (("first_recv", ctypes.c_uint64), ("flags", ctypes.c_uint64))
 
 
 class NetnsConf(ctypes.Structure):

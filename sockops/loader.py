@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sockops import layout, links
+from sockops import layout, links, reader_hook
 from sockops.errors import (
     BpffsMissing,
     CgroupMissing,
@@ -30,8 +30,9 @@ from sockops.maps import DEFAULT_BPFFS_DIR, MapSizes, PinnedMaps, adopt_sizes
 PROG_SOCK_OPS = "sockops_main"
 PROG_SK_MSG = "sockops_redirect"
 PROG_LATE = "bpf_iter__tcp"  # bpf/late.bpf.c; not attached to a hook, run by sockops/late.py
-PROG_GUARD = "sockops_splice_guard"  # bpf/guard.bpf.c; attached by the agent (sockops/guard.py)
-# splice(2)'s number, for the guard (bpf/guard.bpf.c); other architectures load without a guard.
+PROG_READER = "sockops_reader"  # bpf/reader.bpf.c; a raw tracepoint (sockops/reader_hook.py)
+# splice(2)'s number, for the reader hook; other architectures load without one, and then nothing
+# is redirected to a socket whose reader was never seen (only the sidecar's are trusted).
 NR_SPLICE = {"x86_64": 275}
 
 
@@ -53,7 +54,7 @@ def program_text(src_dir: Path | None = None) -> str:
     d = src_dir or bpf_source_dir()
     parts = ["#include <uapi/linux/bpf.h>\n"]
     # sockops.bpf.c first: it defines decide_client() and the address helpers the others use.
-    names = ("maps.bpf.h", "sockops.bpf.c", "late.bpf.c", "redirect.bpf.c", "synack.bpf.c", "guard.bpf.c")
+    names = ("maps.bpf.h", "sockops.bpf.c", "late.bpf.c", "redirect.bpf.c", "synack.bpf.c", "reader.bpf.c")
     for name in names:
         try:
             parts.append(f"/* ---- {name} ---- */\n" + (d / name).read_text())
@@ -69,6 +70,7 @@ def cflags(
     sizes: MapSizes,
     src_dir: Path | None = None,
     queue_budget: int = layout.DEFAULT_QUEUE_BUDGET,
+    reader_grace_ms: int = layout.DEFAULT_READER_GRACE_MS,
 ) -> list[str]:
     return [
         f"-I{src_dir or bpf_source_dir()}",
@@ -78,6 +80,7 @@ def cflags(
         f"-DSOCKOPS_NETNS_MAX={sizes.netns}",
         *([f"-DSOCKOPS_NR_SPLICE={NR_SPLICE[arch]}"] if (arch := os.uname().machine) in NR_SPLICE else []),
         f"-DSOCKOPS_QUEUE_BUDGET={queue_budget}",
+        f"-DSOCKOPS_READER_GRACE_NS={reader_grace_ms * 1_000_000}ULL",
         *kernel_offsets().cflags(),
     ]
 
@@ -137,9 +140,11 @@ class DataPlane:
         sizes: MapSizes | None = None,
         debug_text: bool = False,
         queue_budget: int = layout.DEFAULT_QUEUE_BUDGET,
+        reader_grace_ms: int = layout.DEFAULT_READER_GRACE_MS,
     ) -> DataPlane:
         """Compile and load; create or re-open the pinned maps. ``queue_budget``: bytes a
-        receiver may hold unread before its peer sends over TCP (docs/DATAPLANE.md)."""
+        receiver may hold unread before its peer sends over TCP; ``reader_grace_ms``: how long a
+        program reads with recv() before it is redirected to (docs/DATAPLANE.md)."""
         sizes = sizes or MapSizes()
         check_bpffs(bpffs_dir)
         if os.geteuid() != 0:
@@ -161,7 +166,10 @@ class DataPlane:
             print(text)
         programs: dict[str, object] = {}
         try:
-            b = BPF(text=text, cflags=cflags(bpffs_dir, sizes, queue_budget=queue_budget))
+            b = BPF(
+                text=text,
+                cflags=cflags(bpffs_dir, sizes, queue_budget=queue_budget, reader_grace_ms=reader_grace_ms),
+            )
             for att in links.ATTACHMENTS:
                 programs[att.program] = b.load_func(att.program, getattr(BPF, att.prog_type))
         except Exception as e:  # bcc raises bare Exception with the verifier log on stderr
@@ -171,9 +179,12 @@ class DataPlane:
         except Exception as e:  # an older kernel: connections are accelerated from their handshake only
             notes.append(f"late insertion unavailable (the tcp iterator did not load: {e})")
         try:
-            programs[PROG_GUARD] = b.load_func(PROG_GUARD, BPF.RAW_TRACEPOINT)
-        except Exception as e:  # another architecture, or no raw tracepoints: no splice guard
-            notes.append(f"splice guard unavailable (its raw tracepoint program did not load: {e})")
+            programs[PROG_READER] = b.load_func(PROG_READER, BPF.RAW_TRACEPOINT)
+        except Exception as e:  # another architecture, or no raw tracepoints: no reader hook
+            notes.append(
+                f"reader hook unavailable (its raw tracepoint program did not load: {e}): only the "
+                f"sidecar's sockets are redirected to"
+            )
         return cls(bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, programs=programs, notes=notes)
 
     def attach(self, cgroup: Path) -> dict[str, str]:
@@ -189,6 +200,14 @@ class DataPlane:
             prog = self.programs.get(att.program)
             if prog is not None:
                 done[att.kind] = links.attach(att, prog.fd, cgroup, self.bpffs_dir)  # type: ignore[attr-defined]
+        reader = self.programs.get(PROG_READER)
+        if reader is not None:
+            try:
+                done["reader_hook"] = reader_hook.attach(reader.fd, self.bpffs_dir)  # type: ignore[attr-defined]
+            except SockopsError as e:  # refused here: only the sidecar's sockets are redirected to
+                self.notes.append(
+                    f"reader hook not attached ({e}): only the sidecar's sockets are redirected to"
+                )
         return done
 
     def bpf_map_fd(self, name: str) -> int:
@@ -219,10 +238,12 @@ def programs_attached(cgroup: Path, bpffs_dir: Path) -> dict[str, bool]:
 
 def detach_all(cgroup: Path, bpffs_dir: Path) -> None:
     """Detach sockops' programs (its links, and old-style attachments by name). Idempotent."""
+    reader_hook.detach(bpffs_dir)
     links.detach(cgroup, bpffs_dir)
 
 
 def unpin(bpffs_dir: Path) -> None:
+    reader_hook.detach(bpffs_dir)
     links.unpin(bpffs_dir)
     for name in layout.ALL_MAPS:
         with contextlib.suppress(FileNotFoundError):

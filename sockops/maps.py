@@ -64,6 +64,9 @@ _LAYOUTS = {
     layout.MAP_NETNS_STATS: (8, ctypes.sizeof(layout.NetnsStats)),
     layout.MAP_SOCK_STATE: (4, ctypes.sizeof(layout.SockState)),
     layout.MAP_ANOMALIES: (8, ctypes.sizeof(layout.NetnsAnomalies)),
+    layout.MAP_CONNS: (8, ctypes.sizeof(layout.ConnState)),
+    layout.MAP_READERS: (8, ctypes.sizeof(layout.Reader)),
+    layout.MAP_PROCS: (ctypes.sizeof(layout.ProcKey), ctypes.sizeof(layout.ProcReader)),
 }
 
 

@@ -12,11 +12,12 @@ Each case appends its figures to $SOCKOPS_ZOO_REPORT (one JSON line) when that i
 in docs/RELIABILITY.md ("App zoo") is made from it.
 
 What each program's I/O style gets (docs/DATAPLANE.md, "Who may be redirected to"): event-loop
-programs (Go, nginx, HAProxy, asyncio, redis, curl, Envoy) are accelerated; blocking clients (the
-thread-per-connection proxy's upstream, socat's connect, the server-first client) stay on plain
-TCP; a splice() reader (Go's io.Copy proxy) is a known kernel gap on 6.18 that no program here
-can detect (docs/KERNEL-NOTES.md §3 and §7): a strict xfail. (HAProxy's ``splice-auto`` reads
-with recv() first and only splices what its buffer cannot take, so it is intact and accelerated.)
+programs (Go, nginx, HAProxy, asyncio, redis, Envoy) are accelerated once they have read with
+recv() for the reader grace; blocking clients (the thread-per-connection proxy's upstream, socat's
+connect, the server-first client) stay on plain TCP; a splice() reader (Go's io.Copy proxy) is
+never redirected to, so it reads everything over TCP (docs/KERNEL-NOTES.md §3): intact, and
+accelerated only where Envoy reads. (HAProxy's ``splice-auto`` reads with recv() and only splices
+what its buffer cannot take.)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +49,6 @@ ZOO = Path(__file__).resolve().parent / "support" / "zoo"
 PORT = 8080  # what the client connects to (through Envoy: the service address)
 BACKEND = 9090  # the proxies' upstream, on the pod's loopback (Istio never captures it)
 RUN_TIMEOUT = 60.0
-
-
-class KnownKernelGap(Exception):
-    """A splice() reader lost or waited for redirected bytes: docs/KERNEL-NOTES.md §3."""
 
 
 @pytest.fixture(scope="session")
@@ -155,7 +153,6 @@ class App:
     client: Callable[[Pod, str, Path], dict[str, Any]]  # (pod, host, zoo_bin) -> result
     requests: int  # what a clean client run reports as ok
     accelerated: bool = True  # expected to carry >= 90 % of its bytes when on
-    splice: bool = False  # reads with splice(): the known kernel gap
     pooled: bool = False  # keeps upstream connections open from the run before the enable
 
 
@@ -325,13 +322,9 @@ APPS = [
     App("python-threaded-proxy", start_threaded_proxy, lab_client, requests=24, accelerated=False),
     App("socat", start_socat, lab_client, requests=24, accelerated=False),
     App("server-first-halfclose", start_server_first, server_first_client, requests=100, accelerated=False),
-    App("go-io-copy", start_go_iocopy, lab_client, requests=24, splice=True),
+    App("go-io-copy", start_go_iocopy, lab_client, requests=24, accelerated=False),
     App("haproxy-splice-auto", start_haproxy, lab_client, requests=24),
 ]
-
-SPLICE_GAP = pytest.mark.xfail(
-    strict=True, raises=KnownKernelGap, reason="splice() readers: open kernel gap on 6.18"
-)
 
 
 def report(line: dict[str, Any]) -> None:
@@ -343,9 +336,7 @@ def report(line: dict[str, Any]) -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("path", ["plain", pytest.param("sidecar", marks=pytest.mark.envoy)])
-@pytest.mark.parametrize(
-    "app", [pytest.param(a, id=a.name, marks=[SPLICE_GAP] if a.splice else []) for a in APPS]
-)
+@pytest.mark.parametrize("app", [pytest.param(a, id=a.name) for a in APPS])
 def test_app(
     dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path, inserter: late.LateInserter, app: App, path: str
 ) -> None:
@@ -384,8 +375,6 @@ def test_app(
         "late_switched": c.get("late_switched", 0),
     }
     report(line)
-    if app.splice and not line["intact_on"]:
-        raise KnownKernelGap(f"{app.name} {path}: {line}")
     assert intact(warm, app.requests), ("on, warm-up", warm, c)
     assert intact(on, app.requests), ("on", on, c)
     if app.accelerated:
@@ -396,7 +385,9 @@ def test_app(
         wait_drained(dataplane)  # a pool stays open, and in the sockhash, until the pod ends
 
 
-# -- the splice guard (bpf/guard.bpf.c, sockops/guard.py) -------------------------------------------
+# -- splice readers and the reader gate (bpf/reader.bpf.c, redirect.bpf.c) -------------------------
+
+LATE_SPLICER = Path(__file__).resolve().parent / "support" / "late_splicer.py"
 
 
 def short_lab_client(pod: Pod, host: str, requests: int = 6, timeout: float = 4.0) -> dict[str, Any]:
@@ -409,54 +400,81 @@ def short_lab_client(pod: Pod, host: str, requests: int = 6, timeout: float = 4.
     return run_json(pod, argv, timeout=timeout + 30)
 
 
-@pytest.fixture
-def splice_guard(dataplane: Plane) -> Iterator[Any]:
-    from sockops import guard
+def start_late_splicer(pod: Pod, work: Path) -> None:
+    start(pod, [sys.executable, str(LATE_SPLICER), "server", str(PORT)], PORT, work)
 
-    g = guard.attach(dataplane.dp)
-    assert g is not None, dataplane.dp.notes
-    yield g
-    g.close()
+
+def late_splicer_client(pod: Pod, mode: str, timeout: float = 5.0) -> dict[str, Any]:
+    argv = [sys.executable, str(LATE_SPLICER), "client", "127.0.0.1", str(PORT), "--mode", mode,
+            "--timeout", str(timeout)]  # fmt: skip
+    return run_json(pod, argv, timeout=timeout + 30)
 
 
 @pytest.mark.timeout(120)
-def test_splice_guard_names_the_program_that_splices(
-    dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path, splice_guard: Any
+def test_a_splice_reader_is_never_redirected_to(
+    dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path
 ) -> None:
-    """Go's io.Copy proxy reads its accelerated sockets with splice(): the guard counts it as a
-    splice_reader anomaly of its pod, with the program's name and pid. A recv() program of
-    another enabled pod (asyncio), and the same Go proxy in a pod that is not enabled, count
-    nothing."""
-    from sockops import netns
-
+    """Go's io.Copy proxy reads its sockets with splice() from their first byte: the reader hook
+    marks them, so every byte to the proxy goes over TCP, its first connection included (before
+    the reader gate that connection lost every request), and no byte was ever left where splice()
+    cannot see it (no splice_reader anomaly). A recv() program in another enabled pod (asyncio)
+    is still redirected to once it has read past the reader grace."""
     gopod = lab.add_pod("goproxy", ip="10.244.1.10", sidecar=False)
     other = lab.add_pod("asyncio", ip="10.244.1.11", sidecar=False)
-    plain = lab.add_pod("plain", ip="10.244.1.12", sidecar=False)
     start_go_iocopy(gopod, zoo_bin, work)
     start_asyncio(other, zoo_bin, work)
-    (work / "plain").mkdir()  # its logs apart from the other proxy's
-    start_go_iocopy(plain, zoo_bin, work / "plain")
     cookies = {p.name: dataplane.enable(p) for p in (gopod, other)}
 
-    short_lab_client(gopod, "127.0.0.1", requests=1)  # the splice gap: it may well time out
+    assert intact(short_lab_client(gopod, "127.0.0.1"), 6)
+    assert intact(short_lab_client(gopod, "127.0.0.1"), 6)
     assert intact(short_lab_client(other, "127.0.0.1"), 6)
-    assert intact(short_lab_client(plain, "127.0.0.1"), 6)
+    time.sleep(0.3)  # past the asyncio server's reader grace
+    assert intact(short_lab_client(other, "127.0.0.1"), 6)
 
-    anomalies = dataplane.maps.anomalies()
-    go = anomalies[cookies["goproxy"]]
-    assert go.counts["splice_reader"] > 0, go
-    pid, comm = go.last["splice_reader"]
-    assert comm == "iocopy" and Path(f"/proc/{pid}/comm").read_text().strip() == "iocopy"
-    assert anomalies[cookies["asyncio"]].counts["splice_reader"] == 0
-    assert netns.cookie(plain.netns_path) not in anomalies
+    c = dataplane.counters()
+    assert c["reader_splice"] > 0, c
+    assert dataplane.maps.anomalies()[cookies["goproxy"]].counts["splice_reader"] == 0
+    assert (dataplane.stats(cookies["goproxy"]) or {}).get("redirected_bytes", 0) == 0
+    assert (dataplane.stats(cookies["asyncio"]) or {}).get("redirected_bytes", 0) > 0
 
 
 @pytest.mark.timeout(120)
-def test_splice_guard_sees_the_programs_of_an_observed_pod(
-    dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path, splice_guard: Any
+def test_a_program_that_splices_after_reading_with_recv_is_named(
+    dataplane: Plane, lab: Lab, work: Path
+) -> None:
+    """What the gate cannot prevent (docs/DATAPLANE.md, "Who may be redirected to"): a program
+    that has read a connection with recv() past its grace and then splices it. Bytes redirected
+    before its first splice wait where splice() never looks, so that one request hangs (bounded
+    here); the hook counts it as a splice_reader anomaly of the pod with the program's name and
+    pid, which is what trips the agent's breaker. From then on the process is a splicer: its
+    connections go over TCP and are intact."""
+    pod = lab.add_pod("splicer", ip="10.244.1.10", sidecar=False)
+    start_late_splicer(pod, work)
+    cookie = dataplane.enable(pod)
+
+    first = late_splicer_client(pod, "recv")
+    assert first["intact"] and first["pings"] > 10, first
+    assert (dataplane.stats(cookie) or {}).get("redirected_bytes", 0) > 0  # the gate opened
+
+    stuck = late_splicer_client(pod, "splice", timeout=3.0)
+    assert not stuck["intact"], stuck
+    seen = dataplane.maps.anomalies()[cookie]
+    assert seen.counts["splice_reader"] == 1, seen
+    pid, comm = seen.last["splice_reader"]
+    assert comm == "late-splicer" and Path(f"/proc/{pid}/comm").read_text().strip() == comm
+
+    for mode in ("recv", "splice"):
+        again = late_splicer_client(pod, mode)
+        assert again["intact"], (mode, again)
+    assert dataplane.maps.anomalies()[cookie].counts["splice_reader"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_the_reader_hook_sees_the_programs_of_an_observed_pod(
+    dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path
 ) -> None:
     """Observe mode (sockops.io/accelerate: "observe"): the pod is watched (an anomaly entry, as the
-    agent writes for it) but never enabled, so its traffic is plain TCP and intact, and the guard
+    agent writes for it) but never enabled, so its traffic is plain TCP and intact, and the hook
     still counts the Go proxy's splice() calls: what observe mode reports as not safe to
     accelerate."""
     from sockops import netns
@@ -476,28 +494,39 @@ def test_splice_guard_sees_the_programs_of_an_observed_pod(
 
 
 @pytest.mark.timeout(180)
-def test_the_breaker_keeps_a_splicing_pod_on_tcp_after_its_first_connection(
+def test_the_breaker_suspends_a_pod_whose_program_splices_after_recv(
     cgroup: Cgroup, lab: Lab, work: Path, zoo_bin: Path, tmp_path: Path
 ) -> None:
-    """The agent with its defaults (splice guard on, ``splice_reader=1``) and Go's io.Copy proxy
-    in an enabled pod: the proxy's first connection hits the splice gap (bounded here at 4 s),
-    the guard names the proxy, the breaker suspends the pod, and every later connection is
-    plain TCP and intact."""
-    pod = lab.add_pod("goproxy", ip="10.244.1.10", sidecar=False)
-    start_go_iocopy(pod, zoo_bin, work)
-    bpffs = BPFFS_ROOT / f"{TEST_PREFIX}-guard-{secrets.token_hex(4)}"
+    """The agent with its defaults (reader grace 50 ms, ``splice_reader=1``) and two enabled
+    pods. Go's io.Copy proxy splices from its first byte: all its connections are intact, its
+    first included, and its pod stays accelerated (nothing was ever redirected where splice()
+    cannot see it). A program that splices a connection it had read with recv() past its grace
+    strands the bytes redirected before (that request hangs, bounded here): the hook names it,
+    the breaker suspends its pod, and its later connections are plain TCP and intact."""
+    gopod = lab.add_pod("goproxy", ip="10.244.1.10", sidecar=False)
+    spod = lab.add_pod("splicer", ip="10.244.1.11", sidecar=False)
+    start_go_iocopy(gopod, zoo_bin, work)
+    start_late_splicer(spod, work)
+    bpffs = BPFFS_ROOT / f"{TEST_PREFIX}-breaker-{secrets.token_hex(4)}"
     with agents(cgroup.path, bpffs) as started:
-        agent = AgentProcess(cgroup.path, bpffs, tmp_path, ["--source", "static", "--netns", pod.netns])
+        argv = ["--source", "static", "--netns", gopod.netns, "--netns", spod.netns]
+        agent = AgentProcess(cgroup.path, bpffs, tmp_path, argv)
         started.append(agent)
         agent.wait_ready()
-        assert "splice guard attached" in agent.log_text()
-
-        short_lab_client(pod, "127.0.0.1", requests=1)  # the gap itself: it may time out
-
         wait_for(
-            lambda: agent.state().get(pod.netns, {}).get("state") == "suspended", 15, "the pod suspended"
+            lambda: all(agent.state().get(p.netns, {}).get("state") == "accelerated" for p in (gopod, spod)),
+            15,
+            "both pods accelerated",
         )
-        trip = agent.state()[pod.netns]["breaker"]
-        assert trip["kind"] == "splice_reader" and trip["comm"] == "iocopy", trip
-        after = lab_client(pod, "127.0.0.1", zoo_bin)
-        assert intact(after, 24), after
+
+        assert intact(short_lab_client(gopod, "127.0.0.1"), 6)
+        assert intact(lab_client(gopod, "127.0.0.1", zoo_bin), 24)
+        assert late_splicer_client(spod, "recv")["intact"]
+        assert not late_splicer_client(spod, "splice", timeout=3.0)["intact"]  # the stranded request
+
+        wait_for(lambda: agent.state().get(spod.netns, {}).get("state") == "suspended", 15, "suspended")
+        trip = agent.state()[spod.netns]["breaker"]
+        assert trip["kind"] == "splice_reader" and trip["comm"] == "late-splicer", trip
+        assert agent.state()[gopod.netns]["state"] == "accelerated"
+        assert late_splicer_client(spod, "recv")["intact"]
+        assert intact(lab_client(gopod, "127.0.0.1", zoo_bin), 24)

@@ -35,7 +35,7 @@ def test_doctor_passes_on_this_machine() -> None:
         assert names[probe]["ok"], names[probe]
     # the optional parts: both work here (a tcp iterator; a raw tracepoint, attached for a moment)
     assert names["late_insertion"]["ok"] and not names["late_insertion"]["required"]
-    assert names["splice_guard"]["ok"] and not names["splice_guard"]["required"]
+    assert names["reader_hook"]["ok"] and not names["reader_hook"]["required"]
     # the load probe cleans up its scratch pins
     assert not list(Path("/sys/fs/bpf").glob("sockops-doctor-*"))
 

@@ -174,19 +174,9 @@ def total(*tallies: dict[str, int]) -> dict[str, int]:
     return {k: sum(t[k] for t in tallies) for k in ("lost", "hangs", "wrong")}
 
 
-class KnownKernelGap(Exception):
-    """A still-open kernel gap (docs/RELIABILITY.md, "Open") showed up within its measured bound.
-
-    The only failure a strict xfail of this module expects (``raises=KnownKernelGap``): a result
-    worse than the bound, or any other error, is an assertion and fails the test; a run where the
-    gap does not show at all passes, which fails a strict xfail too (XPASS): the gap closed or the
-    case stopped reaching it, and the mark and the bound must be revisited."""
-
-
 # Connections per run of the half-close-after-banner case: enough that the EAGAIN it had before
 # issue 12 (0.35-3 % plain, 9-96 % through Envoy: docs/RELIABILITY.md) showed in every run.
 HALFCLOSE_CONNS = {"plain": 3000, "sidecar": 600}
-KNOWN_GAP = pytest.mark.xfail(strict=True, raises=KnownKernelGap, reason="open kernel gap on 6.18")
 
 
 def accelerated(c: dict[str, int]) -> None:
@@ -481,8 +471,8 @@ def test_peer_close_while_blocked(
     "combo",
     [
         "sendfile-recv",
-        pytest.param("write-splice", marks=KNOWN_GAP),
-        pytest.param("sendfile-splice", marks=KNOWN_GAP),
+        "write-splice",
+        "sendfile-splice",
         "writev-readv",
         "write-peek",
     ],
@@ -491,35 +481,25 @@ def test_syscall_paths(
     dataplane: Plane, lab: Lab, logs: Path, relpeer_bin: Path, path: str, combo: str
 ) -> None:
     """sendfile() on the sender, splice() on the receiver, writev() with readv(), and a receiver
-    that MSG_PEEKs the header. splice() readers are a known kernel gap on 6.18 (docs/DATAPLANE.md
-    F2, docs/KERNEL-NOTES.md §3): tcp_splice_read() reads only the TCP receive queue, never
-    the psock queue, so it waits forever for bytes that sit there. Measured here: with the pod
-    off the same run must pass; with it on, the client hung (bounded at 10 s) in every measured
-    run, so the hang is the strict xfail's expected failure; errors or mismatches instead fail,
-    and so does a run that finishes (the gap closed: drop the mark)."""
+    that MSG_PEEKs the header. The splice() server reads each request's header with read() and
+    splices its body: tcp_splice_read() reads only the TCP receive queue, never the psock queue
+    (docs/KERNEL-NOTES.md §3), so a byte redirected to it would never arrive. The pod is enabled
+    before the server's first connection, so nothing has taught the data plane about it yet: its
+    first header read comes within the reader grace, its first splice marks the process, and every
+    byte to it goes over TCP (docs/DATAPLANE.md, "Who may be redirected to"). Before the reader
+    gate, the first connection hung."""
     send, recv = combo.split("-")
     s = Setup(dataplane, lab, relpeer_bin, path, recv=recv, enable=False)
     conns = 1000 if FULL else 150
     opts: dict[str, Any] = {"sizes": "1,4096,65536,1048576", "send": send, "pre_send_delay_ms": 1}
     if recv == "splice":
-        off = s.client(connections=20, parallel=4, timeout=30, **opts)
-        assert off["ok"] == 20 and off["errors"] == {}, off
         s.plane.enable(s.pod)
-        on = s.client(connections=20, parallel=4, timeout=10, hang_ok=True, **opts)
-        report(
-            f"syscalls-{combo}-{path}",
-            connections=40,
-            bytes=off["bytes"],
-            faults=0,
-            **total(tally(off), tally(on)),
-            known_kernel_gap="splice reader",
-        )
-        if on.get("hung"):
-            raise KnownKernelGap(
-                "kernel 6.18: splice() does not read the psock queue; an accelerated splice "
-                "reader waits forever (KERNEL-NOTES §3)"
-            )
-        assert on["ok"] == 20 and on["errors"] == {}, on
+        on = s.client(connections=40, parallel=4, timeout=30, hang_ok=True, **opts)
+        assert not on.get("hung"), on
+        assert_clean(on, s.server, 40)
+        c = dataplane.counters()
+        assert c["reader_splice"] + c["reader_wait"] > 0, c
+        report_run(f"syscalls-{combo}-{path}", s, on, connections=40, faults=0)
         return
     s.plane.enable(s.pod)
     res = s.client(connections=conns, parallel=8, timeout=60, **opts)

@@ -32,7 +32,6 @@ BAD = {
     "POD_NAMESPACE": "Sockops System",
     "SOCKOPS_RESYNC_SECONDS": "thirty",
     "SOCKOPS_LATE_INSERTION": "yes",
-    "SOCKOPS_SPLICE_GUARD": "true",
     "SOCKOPS_METRICS_ADDR": "9876",
     "SOCKOPS_IF_UNSUPPORTED": "Idle",
     "SOCKOPS_DRAIN_TIMEOUT": "inf",
