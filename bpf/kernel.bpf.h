@@ -70,27 +70,6 @@ static __always_inline int wrote_over_tcp(struct bpf_sock *sk)
 	       KFIELD(tp, KOFF_TP_BYTES_ACKED, __u64) > 1;
 }
 
-/* The uid that owns the socket (sk_uid: its creator's, or its listener's for an accepted one). */
-static __always_inline __u32 tcp_uid(void *tp)
-{
-	return KFIELD(tp, KOFF_SK_UID, __u32);
-}
-
-static __always_inline __u32 sock_uid(struct bpf_sock *sk)
-{
-	void *tp = bpf_skc_to_tcp_sock(sk);
-
-	return tp ? tcp_uid(tp) : (__u32)-1;
-}
-
-/* The sequence number after the last byte this socket wrote into its send queue; 0 if unknown. */
-static __always_inline __u32 write_seq(struct bpf_sock *sk)
-{
-	void *tp = bpf_skc_to_tcp_sock(sk);
-
-	return tp ? KFIELD(tp, KOFF_TP_WRITE_SEQ, __u32) : 0;
-}
-
 /*
  * sk_user_data of a socket with a psock is the psock's address with flag bits in its low bits
  * (SK_USER_DATA_NOCOPY 1, _BPF 2, _PSOCK 4); the kernel masks them off before using it.

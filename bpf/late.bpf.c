@@ -75,7 +75,6 @@ static __always_inline __u32 late_slot(__u32 slot)
 struct late_seq {
 	__u32 copied_seq;
 	__u32 pass;
-	__u64 cookie; /* the socket's own cookie: its reader entry (struct reader) */
 };
 BPF_TABLE("lru_hash", struct sock_key, struct late_seq, late_seqs, SOCKOPS_SOCKHASH_MAX);
 
@@ -84,7 +83,6 @@ static __always_inline void late_record(void *tp, struct sock_state *st)
 	struct late_seq rec = {
 		.copied_seq = KFIELD(tp, KOFF_TP_COPIED_SEQ, __u32),
 		.pass = late_slot(LATE_SLOT_PASS),
-		.cookie = bpf_get_socket_cookie(tp),
 	};
 
 	late_seqs.update(&st->key, &rec);
@@ -218,7 +216,6 @@ static __always_inline void late_insert(void *tp)
 	}
 	st->in_map = 1;
 	st->decision = DECIDE_LATE;
-	reader_join(bpf_get_socket_cookie(tp), tcp_uid(tp));
 	late_record(tp, st);
 	count(CNT_LATE_INSERTED, 1);
 	netns_inserted(netns);
@@ -243,7 +240,6 @@ static __always_inline void late_settle(void *tp)
 	struct sock_state *st = sock_state.sk_storage_get(tp, 0, 0);
 	struct sock_key peer;
 	struct late_seq *rec;
-	__u64 own;
 
 	if (!st || st->origin != ORIGIN_LATE || !st->in_map)
 		return;
@@ -255,9 +251,6 @@ static __always_inline void late_settle(void *tp)
 	rec = late_seqs.lookup(&peer);
 	if (rec && rec->pass == late_slot(LATE_SLOT_PASS)) {
 		if (rec->copied_seq == KFIELD(tp, KOFF_TP_WRITE_SEQ, __u32)) {
-			/* From here sk_msg's reader gate (redirect.bpf.c) decides, message by message,
-			 * whether the peer's reader is one that may be redirected to. */
-			st->peer_cookie = rec->cookie;
 			st->decision = DECIDE_REDIRECT;
 			count(CNT_LATE_SWITCHED, 1);
 		} else {
@@ -272,8 +265,6 @@ static __always_inline void late_settle(void *tp)
 	if (sock_hash.delete(&st->key) == 0)
 		count(CNT_LATE_PRUNED, 1);
 	late_seqs.delete(&st->key);
-	own = bpf_get_socket_cookie(tp);
-	readers.delete(&own);
 	st->in_map = 0;
 	st->decision = DECIDE_PASS;
 }

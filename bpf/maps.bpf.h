@@ -73,14 +73,14 @@ BPF_TABLE_PINNED("percpu_hash", __u64, struct netns_stats, netns_stats, SOCKOPS_
 BPF_TABLE_PINNED("hash", __u64, struct conn_state, conns, SOCKOPS_SOCKHASH_MAX, PIN(conns),
 		 BPF_F_NO_PREALLOC);
 
-/* How each socket in the sockhash is read (see struct reader), by its own cookie. LRU: an entry of
- * a socket that closed without a callback (a late one) ages out, and a lost entry only ever means
- * "send over TCP". */
-BPF_TABLE_PINNED("lru_hash", __u64, struct reader, readers, SOCKOPS_SOCKHASH_MAX, PIN(readers));
-
-/* How each process reads (see struct proc_key). LRU: an evicted process starts a new grace. */
+/* Which programs splice, and who owns a listening port or a connecting socket (struct proc_key).
+ * LRU: an evicted splicer is only forgotten until its next splice(). */
 BPF_TABLE_PINNED("lru_hash", struct proc_key, struct proc_reader, procs, SOCKOPS_PENDING_MAX,
 		 PIN(procs));
+BPF_TABLE_PINNED("lru_hash", struct port_key, struct proc_key, port_owner, SOCKOPS_PENDING_MAX,
+		 PIN(port_owner));
+BPF_TABLE_PINNED("lru_hash", __u64, struct proc_key, sock_owner, SOCKOPS_PENDING_MAX,
+		 PIN(sock_owner));
 
 /* What went wrong in apps' traffic, per sending namespace (struct netns_anomalies); entries
  * created by the agent beside netns_stats, only updated here. */
@@ -90,21 +90,6 @@ BPF_TABLE_PINNED("hash", __u64, struct netns_anomalies, anomalies, SOCKOPS_NETNS
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, CNT_MAX, PIN(counters));
 
 SK_STORAGE_PINNED(sock_state, struct sock_state);
-
-/*
- * A socket that joins the sockhash gets its reader entry (struct reader). The sidecar's own
- * sockets (uid SOCKOPS_TRUSTED_UID: Envoy reads every socket with readv() from an event loop,
- * never with splice()) are trusted from the start, so their connections redirect from the first
- * byte; any other socket waits for its reader's first recv() (bpf/reader.bpf.c).
- */
-static __always_inline void reader_join(__u64 cookie, __u32 uid)
-{
-	struct reader r = {};
-
-	if (uid == SOCKOPS_TRUSTED_UID)
-		r.flags = READER_F_RECV | READER_F_TRUSTED;
-	readers.update(&cookie, &r);
-}
 
 static __always_inline void count(__u32 idx, __u64 n)
 {
@@ -125,6 +110,14 @@ static __always_inline void anomaly_at(__u64 netns, __u32 kind)
 	__sync_fetch_and_add(&a->count[kind], 1);
 	a->pid[kind] = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(a->comm[kind], ANOM_COMM_LEN);
+}
+
+/* Is this process known to read sockets with splice()? (struct proc_key) */
+static __always_inline int proc_splices(const struct proc_key *k)
+{
+	struct proc_reader *p = procs.lookup((void *)k);
+
+	return p && (p->flags & PROC_F_SPLICED);
 }
 
 #endif /* SOCKOPS_MAPS_H */

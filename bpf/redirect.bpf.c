@@ -73,60 +73,6 @@ static __always_inline int claim_peer(struct sock_state *st)
 	return 1;
 }
 
-#define GATE_OPEN 1    /* sock_state.reader_ok: the peer's reader qualified, this direction redirects */
-#define GATE_TCP_SENT 2 /* a message of this direction went over TCP while the gate was shut */
-
-/*
- * May this message be redirected to the peer, as far as the peer's *reader* goes (struct reader,
- * docs/DATAPLANE.md "Who may be redirected to")? The gate opens once, when the peer's reader has
- * called a recv()-family syscall on its socket and has read every byte this socket sent over TCP
- * (its copied_seq equals our write_seq, which does not count this message yet). Until then every
- * message goes over TCP, which any reader reads. Opening marks READER_F_REDIRECTED with one atomic
- * fetch-or that also reads READER_F_SPLICE, so a splice() that the hook saw first keeps us on TCP;
- * a splice() after that is checked at every later message (a lookup per message) and sends the
- * direction back to TCP for good; only bytes already queued then are exposed, which the hook
- * counts as a splice_reader anomaly (bpf/reader.bpf.c).
- */
-static __always_inline int reader_gate(struct sk_msg_md *msg, struct sock_state *st)
-{
-	struct reader *r = readers.lookup(&st->peer_cookie);
-	__u32 copied = 0;
-	__u64 old;
-
-	if (!r) {
-		st->peer_fin = 1;	/* no entry (evicted, or never made): TCP for good, always safe */
-		return 0;
-	}
-	if (r->flags & READER_F_SPLICE)
-		goto spliced;
-	if (st->reader_ok & GATE_OPEN)
-		return 1;
-	if (!(r->flags & READER_F_RECV))
-		goto wait;
-	if (r->sk) {
-		read_kernel(&copied, sizeof(copied), (void *)(r->sk + KOFF_TP_COPIED_SEQ));
-		if (copied != write_seq(msg->sk))
-			goto wait;
-	} else if (st->reader_ok & GATE_TCP_SENT) {
-		goto wait;	/* trusted, but not read yet: our TCP bytes may still be unread */
-	}
-	old = __sync_fetch_and_or(&r->flags, READER_F_REDIRECTED);
-	if (old & READER_F_SPLICE)
-		goto spliced;
-	if (st->reader_ok & GATE_TCP_SENT)
-		count(CNT_READER_SWITCHED, 1);
-	st->reader_ok |= GATE_OPEN;
-	return 1;
-wait:
-	st->reader_ok |= GATE_TCP_SENT;
-	count(CNT_READER_WAIT, 1);
-	return 0;
-spliced:
-	st->peer_fin = 1;
-	count(CNT_READER_SPLICE, 1);
-	return 0;
-}
-
 int sockops_redirect(struct sk_msg_md *msg)
 {
 	struct sock_state *st;
@@ -151,8 +97,6 @@ int sockops_redirect(struct sk_msg_md *msg)
 	/* DECIDE_LATE (a socket that joined after its handshake) sends over TCP until the agent's
 	 * iterator pass has seen its peer read every byte it sent that way (late.bpf.c). */
 	if (st->decision != DECIDE_REDIRECT || st->peer_fin)
-		return SK_PASS;
-	if (!reader_gate(msg, st))
 		return SK_PASS;
 	if (!claim_peer(st))
 		return SK_PASS;

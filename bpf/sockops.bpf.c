@@ -150,6 +150,34 @@ static __always_inline int eligible(struct bpf_sock_ops *skops, struct bpf_sock 
 	return 1;
 }
 
+/*
+ * Is this client socket's program known to splice (struct proc_key)? Its owner was recorded by
+ * the reader hook at connect(), under the socket's kernel address; that record is used once, here,
+ * because a later socket may reuse the address. An unknown owner (a program not seen splicing yet,
+ * or a connect() the hook did not see) is not vetoed.
+ */
+static __always_inline int client_splices(struct bpf_sock *sk)
+{
+	__u64 addr = (__u64)(long)sk;
+	struct proc_key *owner = sock_owner.lookup(&addr);
+	struct proc_key k;
+
+	if (!owner)
+		return 0;
+	k = *owner;
+	sock_owner.delete(&addr);
+	return proc_splices(&k);
+}
+
+/* Is the program that accepts on this listening port known to splice? (recorded at accept()) */
+static __always_inline int server_splices(__u64 netns, __u32 local_port)
+{
+	struct port_key pk = { .netns = netns, .port = local_port };
+	struct proc_key *owner = port_owner.lookup(&pk);
+
+	return owner && proc_splices(owner);
+}
+
 static __always_inline void count_insert_error(int err)
 {
 	if (err == -E2BIG_)
@@ -196,6 +224,12 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 		count(CNT_SKIPPED_BLOCKING, 1);
 		return;
 	}
+	if (client_splices(sk)) {
+		/* Its program reads sockets with splice(), which never sees redirected bytes: plain
+		 * TCP for the whole connection (docs/DATAPLANE.md, "Splice readers"). */
+		count(CNT_SKIPPED_SPLICER, 1);
+		return;
+	}
 	if (load_addrs(skops, key.client_ip, &key.client_port, key.dest_ip, &key.dest_port))
 		return;
 	remote = node_pod(key.dest_ip);
@@ -234,7 +268,6 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 	}
 	st->in_map = 1;
 	st->decision = DECIDE_UNDECIDED;
-	reader_join(cookie, sock_uid(sk));	/* before the server can pair, so before any redirect */
 	count(CNT_SOCKETS_INSERTED, 1);
 	netns_inserted(netns);
 	/* STATE for cleanup at close; WRITE_HDR_OPT to withdraw on the first transmit if PASS. */
@@ -297,6 +330,12 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	found = server_identity(skops, conf, netns, remote_ip, local_port, &key);
 	if (!eligible(skops, sk) || !found)
 		return;
+	if (server_splices(netns, local_port)) {
+		/* The program behind this port splices: the server end stays out, so its client
+		 * decides PASS at its first message and the connection is plain TCP both ways. */
+		count(CNT_SKIPPED_SPLICER, 1);
+		return;
+	}
 	p = pending.lookup(&key);
 	if (!p)
 		return;	/* the client is not an enabled socket */
@@ -313,10 +352,8 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 		return;
 	}
 	st->cookie = tag >> 2;
-	st->peer_cookie = st->cookie;	/* the client's own cookie names the connection, too */
 	st->key = key;
 	st->decision = DECIDE_PASS;
-	zero_conn.server_cookie = bpf_get_socket_cookie(skops);
 
 	err = sock_hash.sock_hash_update(skops, &key, BPF_NOEXIST);
 	if (err) {
@@ -333,12 +370,10 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 		__sync_val_compare_and_swap(&p->tag, tag, (tag & ~(__u64)PEND_MASK) | PEND_PASS);
 		return;
 	}
-	reader_join(zero_conn.server_cookie, sock_uid(sk));	/* before the client can learn it */
 	/* Commit only if the entry is still this connection's and still waiting. */
 	if (__sync_val_compare_and_swap(&p->tag, tag, (tag & ~(__u64)PEND_MASK) | PEND_PAIRED) != tag) {
 		sock_hash.delete(&key);	/* the client spoke first: nothing was queued to us */
 		conns.delete(&st->cookie);
-		readers.delete(&zero_conn.server_cookie);
 		count(CNT_PAIR_RACE_LOST, 1);
 		return;
 	}
@@ -378,10 +413,6 @@ static __always_inline void decide_client(struct sock_state *st, int early_tcp)
 		return;
 	old = __sync_val_compare_and_swap(&p->tag, mine | PEND_WAITING, mine | PEND_PASS);
 	if (old == (mine | PEND_PAIRED)) {
-		struct conn_state *cs = conns.lookup(&st->cookie);
-
-		/* the server's cookie names its reader (struct reader); no entry: 0, never redirect */
-		st->peer_cookie = cs ? cs->server_cookie : 0;
 		st->decision = DECIDE_REDIRECT;
 		if (early_tcp)
 			st->peer_fin = 1;	/* "send over TCP from now on": see redirect.bpf.c */
@@ -426,23 +457,17 @@ done:
 				  skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 }
 
-/* A socket that closes leaves no reader entry behind, and a client no pending entry (if it never
- * spoke) and no conns entry. */
+/* A client that closes leaves no pending entry (if it never spoke) and no conns entry behind. */
 static __always_inline void on_close(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct sock_state *st;
 	struct pending *p;
-	__u64 own;
 
 	if (!sk)
 		return;
 	st = sock_state.sk_storage_get(sk, 0, 0);
-	if (!st)
-		return;
-	own = bpf_get_socket_cookie(skops);
-	readers.delete(&own);
-	if (st->key.role != ROLE_CLIENT)
+	if (!st || st->key.role != ROLE_CLIENT)
 		return;
 	conns.delete(&st->cookie);	/* the connection's hand-off bits (if it was paired) */
 	p = pending.lookup(&st->key);

@@ -9,8 +9,6 @@
  *   SOCKOPS_SOCKHASH_MAX sockets the sockhash can hold
  *   SOCKOPS_PENDING_MAX  connections that can wait for their peer at once
  *   SOCKOPS_NETNS_MAX    network namespaces that can be enabled
- *   SOCKOPS_READER_GRACE_NS how long a process reads with recv() before it is redirected to
- *   SOCKOPS_TRUSTED_UID  uid whose sockets are known recv() readers from the start (the sidecar)
  *   SOCKOPS_QUEUE_BUDGET bytes a receiver may hold unread in its psock queue before its peer's
  *                        sends go over TCP (redirect.bpf.c, over_budget; docs/DATAPLANE.md)
  *   KOFF_*               offsets of kernel-internal fields, read from the running kernel's BTF
@@ -33,12 +31,6 @@
 #endif
 #ifndef SOCKOPS_QUEUE_BUDGET
 #define SOCKOPS_QUEUE_BUDGET (4 << 20)
-#endif
-#ifndef SOCKOPS_READER_GRACE_NS
-#define SOCKOPS_READER_GRACE_NS 50000000ULL /* 50 ms: see struct proc_key */
-#endif
-#ifndef SOCKOPS_TRUSTED_UID
-#define SOCKOPS_TRUSTED_UID 1337 /* Istio's sidecar (Envoy) uid: its sockets are read with readv() */
 #endif
 
 /*
@@ -119,8 +111,7 @@ struct sock_state {
 	__u32 peer_fin; /* the peer half-closed: send over TCP from now on (see sockops.bpf.c) */
 	__u32 peer_claimed; /* RX_USED is set on the peer's conn_state half: no need to look again */
 	__u32 origin;       /* ORIGIN_*: how the socket joined the sockhash */
-	__u32 reader_ok;    /* the peer's reader showed recv() and read our TCP bytes: redirect */
-	__u64 peer_cookie;  /* the peer socket's own cookie: its struct reader (0 until known) */
+	__u32 pad;
 };
 
 #define ORIGIN_HANDSHAKE 0 /* at its ACTIVE/PASSIVE_ESTABLISHED callback (sockops.bpf.c) */
@@ -138,7 +129,6 @@ struct sock_state {
  */
 struct conn_state {
 	__u64 flags[2]; /* SOCK_F_RX_USED / SOCK_F_HALF_CLOSED of the client (0) and server (1) end */
-	__u64 server_cookie; /* the server end's own socket cookie, for the client's reader check */
 };
 
 #define SOCK_F_RX_USED 1     /* the peer has redirected, or is about to redirect, to this end */
@@ -150,38 +140,16 @@ struct conn_state {
 #define DECIDE_LATE 3 /* joined late: redirect once the peer has read all our TCP bytes */
 
 /*
- * How each socket in the sockhash is read (the `readers` map, keyed by the socket's own cookie,
- * created when the socket joins, updated by the reader hook, bpf/reader.bpf.c). Why: redirected
- * bytes wait in the receiver's psock queue, which only recvmsg() reads; splice() (Go's io.Copy,
- * HAProxy, nginx) and sendfile() from a socket read the TCP queue only and would never see them
- * (docs/KERNEL-NOTES.md §3). So a sender redirects to a socket only once its reader has called a
- * recv()-family syscall on it (READER_F_RECV), never once it spliced (READER_F_SPLICE), and only
- * when that reader has read every byte sent over TCP before (its copied_seq, read at `sk`, equals
- * the sender's write_seq): docs/DATAPLANE.md, "Who may be redirected to".
- *
- * An entry only ever gains bits, and only the hook or the insertion write it: a missing entry
- * (evicted from this LRU map, or never made) means "do not redirect", so losing one is safe.
- */
-struct reader {
-	__u64 flags; /* READER_F_* */
-	__u64 sk;    /* the socket's kernel address, recorded by the hook at a recv(); 0 before */
-};
-
-#define READER_F_RECV 1       /* its reader called read/readv/recvfrom/recvmsg/recvmmsg on it */
-#define READER_F_SPLICE 2     /* ... or splice()/sendfile() from it: never redirect to it again */
-#define READER_F_REDIRECTED 4 /* a sender has redirected to it (set once, before the first) */
-#define READER_F_TRUSTED 8    /* owned by the sidecar's uid (Envoy reads with readv): RECV at once */
-
-/*
- * Per process (the `procs` map): the reader hook's memory of how a program reads, across its
- * sockets. Why: a program may read a connection's first bytes with recv() and splice() the rest
- * (an HTTP proxy that parses the headers and splices the body, an SNI sniffer), and bytes
- * redirected between that recv() and the splice() would wait where splice() never looks. So a
- * process that ever spliced a TCP socket is never again a recv() reader (PROC_F_SPLICED, for the
- * process's life), and a process's reads count only after it has read for
- * SOCKOPS_READER_GRACE_NS without splicing (from `first_recv`): long enough for such a program to
- * show its splice on its first connection. Keyed by thread group id and the group leader's start
- * time, so a reused pid is a new process.
+ * Programs that read sockets with splice() (the reader hook, bpf/reader.bpf.c). Redirected bytes
+ * wait in the receiver's psock queue, which only recvmsg() reads; splice() and sendfile() from a
+ * socket read the TCP queue only (docs/KERNEL-NOTES.md §3). So a socket whose program is known to
+ * splice is never given a psock: its connection stays on plain TCP, which splice() reads. The hook
+ * learns it per process (`procs`: thread group id and the group leader's start time, so a reused
+ * pid is a new process) at the process's first splice() of a TCP socket anywhere on the node, and
+ * which process owns a socket from the syscalls that make it: accept() names the process behind a
+ * listening port (`port_owner`, read at the server end's PASSIVE_ESTABLISHED) and connect() the one
+ * behind a client socket (`sock_owner`, by the socket's kernel address, read at
+ * ACTIVE_ESTABLISHED). docs/DATAPLANE.md, "Splice readers".
  */
 struct proc_key {
 	__u32 tgid;
@@ -190,11 +158,17 @@ struct proc_key {
 };
 
 struct proc_reader {
-	__u64 first_recv; /* bpf_ktime_get_ns() of its first recv() on a socket with a reader entry */
-	__u64 flags;      /* PROC_F_* */
+	__u64 flags; /* PROC_F_* */
+	__u64 splices;
 };
 
-#define PROC_F_SPLICED 1
+#define PROC_F_SPLICED 1 /* spliced or sendfile()d from a TCP socket: never give it a psock */
+
+struct port_key {
+	__u64 netns;
+	__u32 port; /* host order */
+	__u32 pad;
+};
 
 /*
  * Per-namespace settings, one entry per enabled network namespace (presence = enabled).
@@ -277,10 +251,8 @@ struct netns_stats {
 #define CNT_LATE_SWITCHED 22     /* a late socket's direction moved from TCP to redirect */
 #define CNT_LATE_PRUNED 23       /* a late socket whose peer never joined: left the sockhash */
 #define CNT_QUEUE_OVER_BUDGET 24 /* a peer held more than the budget unread: sends went to TCP */
-#define CNT_READER_WAIT 25       /* a message went over TCP: the peer's reader had not shown recv() */
-#define CNT_READER_SWITCHED 26   /* a direction moved from TCP to redirect once its reader caught up */
-#define CNT_READER_SPLICE 27     /* a direction stays on TCP for good: its reader splices */
-#define CNT_MAX 28
+#define CNT_SKIPPED_SPLICER 25   /* the socket's program splices (reader.bpf.c): never given a psock */
+#define CNT_MAX 26
 
 /*
  * What went wrong in an app's traffic, per sending network namespace (the `anomalies` map, a
@@ -293,7 +265,7 @@ struct netns_stats {
 #define ANOM_QUEUE_OVER_BUDGET 0 /* the peer held more than the budget unread: sends went to TCP */
 #define ANOM_REDIRECT_MISS 1     /* the redirect target was gone (normal when a peer closes) */
 #define ANOM_EARLY_TCP_SEND 2    /* the client's first bytes left over TCP before its psock */
-#define ANOM_SPLICE_READER 3     /* splice() on a socket that redirected bytes may wait in (reader.bpf.c) */
+#define ANOM_SPLICE_READER 3     /* splice() on a socket with redirected bytes queued (reader.bpf.c) */
 #define ANOM_MAX 4
 #define ANOM_COMM_LEN 16
 

@@ -265,7 +265,6 @@ class Agent:
                 self.bpffs,
                 self.sizes,
                 queue_budget=self.config.queue_budget,
-                reader_grace_ms=self.config.reader_grace_ms,
             )
             done = plane.attach(self.cgroup)
             self.plane = plane

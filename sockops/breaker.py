@@ -16,10 +16,11 @@ pod: counts that predate the agent (a restart) or the pod's acceleration never t
 
 Thresholds, per kind (``--breaker-thresholds``, ``kind=N``; 0 never trips):
 
-* ``splice_reader`` = 1: a program splice()s from an accelerated socket (bpf/guard.bpf.c). A
-  splice reader never reads the psock queue: its connection waits for redirected bytes it will
-  not see, or reads past them. Certain, and the one I/O style sockops cannot carry, so the pod's
-  next connections must stay on TCP.
+* ``splice_reader`` = 1: a program splice()d from a socket while redirected bytes waited in its
+  psock queue (bpf/reader.bpf.c): it had read that connection with recv() past its grace, then
+  switched to splice(), which never reads the psock queue, so that connection waits for bytes it
+  will not see. The one I/O style the reader gate cannot foresee (docs/DATAPLANE.md, "The reader
+  gate"); a splice reader from the start is simply kept on TCP and never counted.
 * ``queue_over_budget`` = 0: a receiver held more than the queue budget unread. The data plane
   already moved that connection to TCP (flow control holds the sender again), and ordinary large
   transfers do it (a reader slower than one big write: measured through Envoy with 8 MiB

@@ -170,16 +170,6 @@ def _queue_budget(v: str) -> int:
     return n
 
 
-def _reader_grace(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= 60000:
-        raise argparse.ArgumentTypeError(f"{v} must be a whole number of milliseconds, 0 .. 60000")
-    return n
-
-
 def _thresholds(v: str) -> dict[str, int]:
     from sockops.breaker import InvalidThresholds, parse_thresholds
 
@@ -344,15 +334,6 @@ GUARD = (
         _queue_budget,
     ),
     Setting(
-        "--reader-grace-ms",
-        "SOCKOPS_READER_GRACE_MS",
-        "50",
-        "how long a program must read with recv() without ever splicing before sockets it reads are "
-        "redirected to (a program that reads a request's head and splices its body shows the splice "
-        "within it); docs/DATAPLANE.md, Who may be redirected to",
-        _reader_grace,
-    ),
-    Setting(
         "--breaker-thresholds",
         "SOCKOPS_BREAKER_THRESHOLDS",
         "splice_reader=1,queue_over_budget=0,redirect_miss=0,early_tcp_send=0",
@@ -409,7 +390,6 @@ class AgentConfig:
     if_unsupported: str
     pod_metric_labels: str
     queue_budget: int
-    reader_grace_ms: int
     breaker_thresholds: dict[str, int]
     breaker_cooldown: float
     drain_timeout: float

@@ -34,7 +34,6 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("KOFF_TP_WRITE_SEQ", "tcp_sock", "write_seq"),
     ("KOFF_TP_SND_UNA", "tcp_sock", "snd_una"),
     ("KOFF_TP_BYTES_ACKED", "tcp_sock", "bytes_acked"),
-    ("KOFF_SK_UID", "sock", "sk_uid"),  # kuid_t: its one member is the uid
     # late insertion (bpf/late.bpf.c): an iterator has no context fields, only the socket
     ("KOFF_SKC_DADDR", "sock_common", "skc_daddr"),
     ("KOFF_SKC_RCV_SADDR", "sock_common", "skc_rcv_saddr"),
@@ -53,10 +52,10 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-# Fields of the reader hook (bpf/reader.bpf.c) only: from the calling task to its network namespace
-# and to the socket behind a file descriptor, the socket's cookie, and the syscall's first two
-# arguments. A kernel without one of them (pt_regs.di is x86-64's) loads everything but the hook,
-# and then nothing is redirected to a socket whose reader was never seen (docs/DATAPLANE.md).
+# Fields of the reader hook (bpf/reader.bpf.c) only: from the calling task to the socket behind a
+# file descriptor, the process's identity, and the syscall's first two arguments. A kernel without
+# one of them (pt_regs.di is x86-64's) loads everything but the hook, and then splice readers are
+# not known (docs/DATAPLANE.md, "Splice readers").
 OPTIONAL_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("KOFF_TASK_FILES", "task_struct", "files"),
     ("KOFF_FILES_FDT", "files_struct", "fdt"),
@@ -68,9 +67,7 @@ OPTIONAL_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("KOFF_SOCKET_SK", "socket", "sk"),
     ("KOFF_PT_REGS_ARG0", "pt_regs", "di"),
     ("KOFF_PT_REGS_ARG1", "pt_regs", "si"),
-    ("KOFF_SKC_COOKIE", "sock_common", "skc_cookie"),  # atomic64_t: its one member is the value
-    ("KOFF_TASK_NSPROXY", "task_struct", "nsproxy"),
-    ("KOFF_NSPROXY_NET_NS", "nsproxy", "net_ns"),
+    ("KOFF_SK_TYPE", "sock", "sk_type"),
     ("KOFF_TASK_GROUP_LEADER", "task_struct", "group_leader"),
     ("KOFF_TASK_START_TIME", "task_struct", "start_time"),
 )

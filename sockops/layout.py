@@ -41,8 +41,9 @@ MAP_CONNS = "conns"
 MAP_NODE_PODS = "node_pods"
 MAP_SYNACKS = "synacks"
 MAP_ANOMALIES = "anomalies"
-MAP_READERS = "readers"
 MAP_PROCS = "procs"
+MAP_PORT_OWNER = "port_owner"
+MAP_SOCK_OWNER = "sock_owner"
 ALL_MAPS = (
     MAP_SOCKHASH,
     MAP_PENDING,
@@ -54,8 +55,9 @@ ALL_MAPS = (
     MAP_NODE_PODS,
     MAP_SYNACKS,
     MAP_ANOMALIES,
-    MAP_READERS,
     MAP_PROCS,
+    MAP_PORT_OWNER,
+    MAP_SOCK_OWNER,
 )
 
 # Counter indexes (CNT_* in the header) and the names user space reports them under.
@@ -85,19 +87,11 @@ COUNTERS = {
     "late_switched": 22,
     "late_pruned": 23,
     "queue_over_budget": 24,
-    "reader_wait": 25,
-    "reader_switched": 26,
-    "reader_splice": 27,
+    "skipped_splicer": 25,
 }
-CNT_MAX = 28
+CNT_MAX = 26
 
-# How a socket in the sockhash is read (struct reader, READER_F_* in the header).
-READER_F_RECV = 1
-READER_F_SPLICE = 2
-READER_F_REDIRECTED = 4
-READER_F_TRUSTED = 8
-TRUSTED_UID = 1337  # SOCKOPS_TRUSTED_UID: Istio's sidecar
-PROC_F_SPLICED = 1
+PROC_F_SPLICED = 1  # struct proc_reader flags
 
 # Anomaly kinds (ANOM_* in the header): indexes into struct netns_anomalies, by metric label.
 ANOMALIES = {
@@ -109,7 +103,6 @@ ANOMALIES = {
 ANOM_MAX = 4
 ANOM_COMM_LEN = 16
 DEFAULT_QUEUE_BUDGET = 4 << 20  # SOCKOPS_QUEUE_BUDGET
-DEFAULT_READER_GRACE_MS = 50  # SOCKOPS_READER_GRACE_NS / 1e6
 
 Ip6 = ctypes.c_uint32 * 4
 
@@ -166,31 +159,28 @@ class SockState(ctypes.Structure):
         ("peer_fin", ctypes.c_uint32),
         ("peer_claimed", ctypes.c_uint32),
         ("origin", ctypes.c_uint32),
-        ("reader_ok", ctypes.c_uint32),
-        ("peer_cookie", ctypes.c_uint64),
+        ("pad", ctypes.c_uint32),
     )
 
 
 class ConnState(ctypes.Structure):
     """A paired connection's half-close hand-off bits (struct conn_state), keyed by client cookie."""
 
-    _fields_ = (("flags", ctypes.c_uint64 * 2), ("server_cookie", ctypes.c_uint64))
-
-
-class Reader(ctypes.Structure):
-    """How a socket in the sockhash is read (struct reader), keyed by its own cookie."""
-
-    _fields_ = (("flags", ctypes.c_uint64), ("sk", ctypes.c_uint64))
+    _fields_ = (("flags", ctypes.c_uint64 * 2),)
 
 
 class ProcKey(ctypes.Structure):
-    """A process as the reader hook knows it (struct proc_key)."""
+    """A process as the reader hook knows it (struct proc_key): tgid and its leader's start time."""
 
     _fields_ = (("tgid", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("start_time", ctypes.c_uint64))
 
 
 class ProcReader(ctypes.Structure):
-    _fields_ = (("first_recv", ctypes.c_uint64), ("flags", ctypes.c_uint64))
+    _fields_ = (("flags", ctypes.c_uint64), ("splices", ctypes.c_uint64))
+
+
+class PortKey(ctypes.Structure):
+    _fields_ = (("netns", ctypes.c_uint64), ("port", ctypes.c_uint32), ("pad", ctypes.c_uint32))
 
 
 class NetnsConf(ctypes.Structure):

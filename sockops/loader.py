@@ -31,8 +31,8 @@ PROG_SOCK_OPS = "sockops_main"
 PROG_SK_MSG = "sockops_redirect"
 PROG_LATE = "bpf_iter__tcp"  # bpf/late.bpf.c; not attached to a hook, run by sockops/late.py
 PROG_READER = "sockops_reader"  # bpf/reader.bpf.c; a raw tracepoint (sockops/reader_hook.py)
-# splice(2)'s number, for the reader hook; other architectures load without one, and then nothing
-# is redirected to a socket whose reader was never seen (only the sidecar's are trusted).
+# splice(2)'s number, for the reader hook; other architectures load without one (splice readers
+# are then not known, as before the hook).
 NR_SPLICE = {"x86_64": 275}
 
 
@@ -70,7 +70,6 @@ def cflags(
     sizes: MapSizes,
     src_dir: Path | None = None,
     queue_budget: int = layout.DEFAULT_QUEUE_BUDGET,
-    reader_grace_ms: int = layout.DEFAULT_READER_GRACE_MS,
 ) -> list[str]:
     return [
         f"-I{src_dir or bpf_source_dir()}",
@@ -80,7 +79,6 @@ def cflags(
         f"-DSOCKOPS_NETNS_MAX={sizes.netns}",
         *([f"-DSOCKOPS_NR_SPLICE={NR_SPLICE[arch]}"] if (arch := os.uname().machine) in NR_SPLICE else []),
         f"-DSOCKOPS_QUEUE_BUDGET={queue_budget}",
-        f"-DSOCKOPS_READER_GRACE_NS={reader_grace_ms * 1_000_000}ULL",
         *kernel_offsets().cflags(),
     ]
 
@@ -140,11 +138,9 @@ class DataPlane:
         sizes: MapSizes | None = None,
         debug_text: bool = False,
         queue_budget: int = layout.DEFAULT_QUEUE_BUDGET,
-        reader_grace_ms: int = layout.DEFAULT_READER_GRACE_MS,
     ) -> DataPlane:
         """Compile and load; create or re-open the pinned maps. ``queue_budget``: bytes a
-        receiver may hold unread before its peer sends over TCP; ``reader_grace_ms``: how long a
-        program reads with recv() before it is redirected to (docs/DATAPLANE.md)."""
+        receiver may hold unread before its peer sends over TCP (docs/DATAPLANE.md)."""
         sizes = sizes or MapSizes()
         check_bpffs(bpffs_dir)
         if os.geteuid() != 0:
@@ -168,7 +164,7 @@ class DataPlane:
         try:
             b = BPF(
                 text=text,
-                cflags=cflags(bpffs_dir, sizes, queue_budget=queue_budget, reader_grace_ms=reader_grace_ms),
+                cflags=cflags(bpffs_dir, sizes, queue_budget=queue_budget),
             )
             for att in links.ATTACHMENTS:
                 programs[att.program] = b.load_func(att.program, getattr(BPF, att.prog_type))
@@ -182,8 +178,8 @@ class DataPlane:
             programs[PROG_READER] = b.load_func(PROG_READER, BPF.RAW_TRACEPOINT)
         except Exception as e:  # another architecture, or no raw tracepoints: no reader hook
             notes.append(
-                f"reader hook unavailable (its raw tracepoint program did not load: {e}): only the "
-                f"sidecar's sockets are redirected to"
+                f"reader hook unavailable (its raw tracepoint program did not load: {e}): splice "
+                f"readers are not known"
             )
         return cls(bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, programs=programs, notes=notes)
 
@@ -205,9 +201,7 @@ class DataPlane:
             try:
                 done["reader_hook"] = reader_hook.attach(reader.fd, self.bpffs_dir)  # type: ignore[attr-defined]
             except SockopsError as e:  # refused here: only the sidecar's sockets are redirected to
-                self.notes.append(
-                    f"reader hook not attached ({e}): only the sidecar's sockets are redirected to"
-                )
+                self.notes.append(f"reader hook not attached ({e}): splice readers are not known")
         return done
 
     def bpf_map_fd(self, name: str) -> int:

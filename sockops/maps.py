@@ -64,9 +64,9 @@ _LAYOUTS = {
     layout.MAP_NETNS_STATS: (8, ctypes.sizeof(layout.NetnsStats)),
     layout.MAP_SOCK_STATE: (4, ctypes.sizeof(layout.SockState)),
     layout.MAP_ANOMALIES: (8, ctypes.sizeof(layout.NetnsAnomalies)),
-    layout.MAP_CONNS: (8, ctypes.sizeof(layout.ConnState)),
-    layout.MAP_READERS: (8, ctypes.sizeof(layout.Reader)),
     layout.MAP_PROCS: (ctypes.sizeof(layout.ProcKey), ctypes.sizeof(layout.ProcReader)),
+    layout.MAP_PORT_OWNER: (ctypes.sizeof(layout.PortKey), ctypes.sizeof(layout.ProcKey)),
+    layout.MAP_SOCK_OWNER: (8, ctypes.sizeof(layout.ProcKey)),
 }
 
 
@@ -221,8 +221,8 @@ class PinnedMaps:
         return gone
 
     def watch(self, cookie: int) -> None:
-        """Count a namespace's anomalies without enabling it (observe mode): the splice guard
-        counts the splices of its programs (bpf/guard.bpf.c). Idempotent."""
+        """Count a namespace's anomalies without enabling it (observe mode): the reader hook
+        counts the splices of its programs (bpf/reader.bpf.c). Idempotent."""
         key = ctypes.c_uint64(cookie)
         if not self._lookup(layout.MAP_ANOMALIES, key, layout.NetnsAnomalies()):
             self._update(layout.MAP_ANOMALIES, key, layout.NetnsAnomalies())

@@ -73,10 +73,10 @@ NOT_ELIGIBLE_REASONS = {
     "skipped_mptcp": "mptcp",
     "skipped_fastopen": "fastopen",
     "skipped_blocking": "blocking_reader",
+    "skipped_splicer": "splice_reader",
 }
 PAIRED_HOW = {"paired_mirror": "mirror", "paired_origdst": "origdst"}
 LATE_EVENTS = {"late_inserted": "inserted", "late_switched": "switched", "late_pruned": "pruned"}
-READER_GATE = {"reader_wait": "waited", "reader_switched": "switched", "reader_splice": "spliced"}
 
 UNKNOWN_POD = ("", "")
 # How much of a workload's name the per-pod families carry (SOCKOPS_POD_METRIC_LABELS): the label
@@ -277,14 +277,6 @@ class MapCollector(Collector):
                 labels=["event"],
             ),
             CounterMetricFamily(
-                "sockops_reader_gate",
-                "The reader gate (docs/DATAPLANE.md, 'Who may be redirected to'): messages sent over "
-                "TCP because the peer's reader had not yet shown a recv() or read every TCP byte "
-                "(waited), directions that then moved to redirect (switched), and directions kept "
-                "on TCP for good because their reader splices (spliced).",
-                labels=["event"],
-            ),
-            CounterMetricFamily(
                 "sockops_halfclose_handoffs",
                 "Sockets that sent their FIN before any byte was redirected to them and left the "
                 "sockhash to read over TCP (the 6.18 blocking-reader EAGAIN guard).",
@@ -438,8 +430,6 @@ class MapCollector(Collector):
         fams["sockops_early_tcp_sends"].add_metric([], c.get("early_tcp_send", 0))
         for name, event in LATE_EVENTS.items():
             fams["sockops_late_sockets"].add_metric([event], c.get(name, 0))
-        for name, event in READER_GATE.items():
-            fams["sockops_reader_gate"].add_metric([event], c.get(name, 0))
         fams["sockops_connections_paired_cross_pod"].add_metric([], c.get("paired_cross_pod", 0))
         fams["sockops_connections_passed"].add_metric([], c.get("connections_passed", 0))
         fams["sockops_pair_races_lost"].add_metric([], c.get("pair_race_lost", 0))

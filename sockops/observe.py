@@ -16,7 +16,7 @@ redirected to"):
 A connected blocking socket is never given a psock (plain TCP, ``blocking_reader``), and neither
 is the server end of such a client; an accepted blocking socket is accelerated but exposed to the
 spurious EAGAIN of docs/KERNEL-NOTES.md §1. A splice() reader cannot be seen in /proc at all (§3):
-the agent's splice guard (bpf/guard.bpf.c) counts the splice() calls of an observed pod's
+the data plane's reader hook (bpf/reader.bpf.c) counts the splice() calls of an observed pod's
 programs, and the reconciler adds what it saw to the report (``splice``).
 
 Why /proc and not BPF: observing must never change what the kernel does with the pod's sockets,
@@ -56,10 +56,9 @@ CONNECTION_STATES = frozenset({0x01, 0x04, 0x05, 0x08, 0x09, 0x0B})  # ESTABLISH
 
 CAVEATS = (
     "splice() readers (Go io.Copy between two TCP connections, HAProxy with forced "
-    "splice-request/splice-response) wait forever or lose bytes when accelerated on this kernel "
-    "(docs/KERNEL-NOTES.md §3); /proc cannot show them: the agent's splice guard sees their "
-    "splice() calls while it runs (SOCKOPS_SPLICE_GUARD=on, a node that allows raw tracepoints) "
-    "and names them below",
+    "splice-request/splice-response) cannot read redirected bytes on this kernel (docs/KERNEL-NOTES.md "
+    "§3), so sockops keeps every byte to them on TCP; /proc cannot show them: the reader hook sees "
+    "their splice() calls (a node that allows raw tracepoints) and names them below",
     "a connected socket is accelerated only when its server is in this pod, in another enabled "
     "pod of the node, or behind the pod's sidecar (docs/DATAPLANE.md, 'Sockets that never get a psock')",
 )
@@ -147,7 +146,7 @@ class Report:
     capped: tuple[str, ...] = ()
     error: str | None = None
     caveats: tuple[str, ...] = CAVEATS
-    # (splice() calls, program, pid of the last) seen by the splice guard since observing began
+    # (splice() calls, program, pid of the last) seen by the reader hook since observing began
     splice: tuple[int, str, int] | None = None
 
     def totals(self) -> dict[tuple[str, str, str], int]:
@@ -449,7 +448,8 @@ def render(report: Mapping[str, Any] | None) -> list[str]:
     if splice := report.get("splice_readers"):
         lines.append(
             f"! splice() on TCP sockets: {splice['calls']} calls, last by {splice['program']} "
-            f"(pid {splice['pid']}): not safe to accelerate (docs/DATAPLANE.md, The splice guard)"
+            f"(pid {splice['pid']}): its sockets will stay on TCP where it splices (docs/DATAPLANE.md, "
+            f"The reader gate)"
         )
     lines += [f"note: {c}" for c in report.get("caveats") or []]
     return lines

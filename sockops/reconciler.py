@@ -743,7 +743,7 @@ class Reconciler:
             )
 
     def _watch(self, cookie: int, on: bool) -> None:
-        """Let the splice guard count an observed namespace's splices (an anomaly entry without
+        """Let the reader hook count an observed namespace's splices (an anomaly entry without
         enabling it), or stop when it is no longer observed. Never fatal to the loop."""
         if not cookie:
             return
@@ -760,7 +760,7 @@ class Reconciler:
     def _splices(
         self, cookies: Set[int], anomalies: Mapping[int, Anomalies] | None
     ) -> dict[int, tuple[int, str, int]]:
-        """What the splice guard saw in each observed namespace: (calls, program, pid of the last),
+        """What the reader hook saw in each observed namespace: (calls, program, pid of the last),
         from the anomaly counts this pass already read (None: unreadable, nothing reported)."""
         found: dict[int, tuple[int, str, int]] = {}
         if anomalies is None:

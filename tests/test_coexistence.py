@@ -299,8 +299,9 @@ def test_old_style_attachment_is_moved_to_links(
 def test_every_program_has_its_own_pinned_link(dataplane: Plane) -> None:
     """Each entry of links.ATTACHMENTS (sk_msg on the sockhash; the SYN-ACK recorder and sock_ops
     on the cgroup) is attached through its own pinned link, reported as ours, swapped in place by
-    a second agent's start, and detached with the others."""
-    from sockops import loader
+    a second agent's start, and detached with the others; so is the reader hook's raw tracepoint
+    (sockops/reader_hook.py), which a second start replaces under the same pin."""
+    from sockops import loader, reader_hook
 
     for att in links.ATTACHMENTS:
         assert att.program in dataplane.dp.programs
@@ -308,8 +309,15 @@ def test_every_program_has_its_own_pinned_link(dataplane: Plane) -> None:
         assert loader.programs_attached(dataplane.cgroup, dataplane.bpffs_dir)[att.kind] is True
         (prog,) = loader.attached_programs(dataplane.cgroup, dataplane.bpffs_dir)[att.kind]
         assert (prog["name"], prog["owner"]) == (att.kernel_name, links.OURS)
+    assert reader_hook.attached(dataplane.bpffs_dir)  # the raw tracepoint, pinned beside them
     done = dataplane.dp.attach(dataplane.cgroup)  # a second agent's start
-    assert done == dict.fromkeys((a.kind for a in links.ATTACHMENTS), "link updated")
+    assert done == {
+        **dict.fromkeys((a.kind for a in links.ATTACHMENTS), "link updated"),
+        "reader_hook": "link replaced",  # a raw tracepoint link has no BPF_LINK_UPDATE
+    }
+    assert reader_hook.attached(dataplane.bpffs_dir)
     loader.detach_all(dataplane.cgroup, dataplane.bpffs_dir)
     for att in links.ATTACHMENTS:
         assert loader.attached_programs(dataplane.cgroup, dataplane.bpffs_dir)[att.kind] == []
+    assert not reader_hook.attached(dataplane.bpffs_dir)
+    assert not reader_hook.link_pin(dataplane.bpffs_dir).exists()

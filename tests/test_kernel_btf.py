@@ -103,7 +103,7 @@ def ss_field(port: int, name: str) -> int:
 def test_every_field_is_found_in_the_running_kernel() -> None:
     offsets = kernel_offsets().offsets
     required = {macro for macro, _, _ in FIELDS}
-    optional = {macro for macro, _, _ in OPTIONAL_FIELDS}  # the splice guard's: all or none
+    optional = {macro for macro, _, _ in OPTIONAL_FIELDS}  # the reader hook's: all or none
     assert required <= set(offsets) and set(offsets) - required in (set(), optional)
     assert all(0 <= off < 8192 for off in offsets.values()), offsets
 

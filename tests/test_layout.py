@@ -25,9 +25,9 @@ STRUCTS = {
     "pod_ip": layout.PodIp,
     "late_tuple": layout.LateTuple,
     "netns_anomalies": layout.NetnsAnomalies,
-    "reader": layout.Reader,
     "proc_key": layout.ProcKey,
     "proc_reader": layout.ProcReader,
+    "port_key": layout.PortKey,
 }
 
 
@@ -60,16 +60,10 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "ANOM_MAX",
         "ANOM_COMM_LEN",
         "SOCKOPS_QUEUE_BUDGET",
-        "READER_F_RECV",
-        "READER_F_SPLICE",
-        "READER_F_REDIRECTED",
-        "READER_F_TRUSTED",
-        "SOCKOPS_TRUSTED_UID",
         "PROC_F_SPLICED",
     ]
     for c in consts:
         lines.append(f'printf("const.{c} %d\\n", (int){c});')
-    lines.append('printf("const.READER_GRACE_MS %d\\n", (int)(SOCKOPS_READER_GRACE_NS / 1000000));')
     src = tmp_path / "layout.c"
     src.write_text(
         "#include <stdio.h>\n#include <stddef.h>\n#include <linux/types.h>\n"
@@ -103,13 +97,7 @@ def test_structs_match_header(tmp_path: Path) -> None:
     assert c["const.ANOM_MAX"] == layout.ANOM_MAX
     assert c["const.ANOM_COMM_LEN"] == layout.ANOM_COMM_LEN
     assert c["const.SOCKOPS_QUEUE_BUDGET"] == layout.DEFAULT_QUEUE_BUDGET
-    assert c["const.READER_F_RECV"] == layout.READER_F_RECV
-    assert c["const.READER_F_SPLICE"] == layout.READER_F_SPLICE
-    assert c["const.READER_F_REDIRECTED"] == layout.READER_F_REDIRECTED
-    assert c["const.READER_F_TRUSTED"] == layout.READER_F_TRUSTED
-    assert c["const.SOCKOPS_TRUSTED_UID"] == layout.TRUSTED_UID
     assert c["const.PROC_F_SPLICED"] == layout.PROC_F_SPLICED
-    assert c["const.READER_GRACE_MS"] == layout.DEFAULT_READER_GRACE_MS
 
 
 def test_counter_indexes_match_header() -> None:

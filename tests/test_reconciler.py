@@ -615,7 +615,7 @@ def test_run_loop_polls_the_breaker(tmp_path: Path) -> None:
 
 
 def test_observed_pod_is_watched_by_the_splice_guard_and_its_splices_reported(tmp_path: Path) -> None:
-    """An observed pod gets an anomaly entry (no netns_conf entry) so the splice guard counts its
+    """An observed pod gets an anomaly entry (no netns_conf entry) so the reader hook counts its
     programs' splice() calls; the report names the last one; an observed pod no longer observed is
     unwatched."""
     maps, res = FakeMaps(), FakeResolver()
@@ -637,7 +637,7 @@ def test_observed_pod_is_watched_by_the_splice_guard_and_its_splices_reported(tm
     assert r.snapshot()[0].observed.splice == (40, "iocopy", 4242)
     doc = json.loads((tmp_path / "s.json").read_text())["workloads"][0]["observed"]
     assert doc["splice_readers"] == {"calls": 40, "program": "iocopy", "pid": 4242}
-    assert any("iocopy (pid 4242): not safe to accelerate" in line for line in render(doc))
+    assert any("iocopy (pid 4242): its sockets will stay on TCP" in line for line in render(doc))
 
     r.upsert(replace(watched, observe=False))
     settle(r)
