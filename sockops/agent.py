@@ -266,7 +266,7 @@ class Agent:
                 self.sizes,
                 queue_budget=self.config.queue_budget,
             )
-            done = plane.attach(self.cgroup)
+            done = plane.attach(self.cgroup, reader=self.config.reader_hook == "on")
             self.plane = plane
         except SockopsError as e:
             self._abandon(plane, fresh)

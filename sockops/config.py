@@ -299,6 +299,16 @@ AGENT = (
         choices=("on", "off"),
     ),
     Setting(
+        "--reader-hook",
+        "SOCKOPS_READER_HOOK",
+        "on",
+        "on: a raw tracepoint on sys_enter learns which programs read sockets with splice(), and "
+        "their sockets stay on plain TCP (about 100 ns on every syscall of the node); off: no "
+        "tracepoint, and splice readers must be kept out of enabled pods by hand "
+        "(docs/DATAPLANE.md, Splice readers)",
+        choices=("on", "off"),
+    ),
+    Setting(
         "--metrics-addr",
         "SOCKOPS_METRICS_ADDR",
         "0.0.0.0:9876",
@@ -386,6 +396,7 @@ class AgentConfig:
     docker_host: str | None
     resync: float
     late_insertion: str
+    reader_hook: str
     metrics_addr: str
     if_unsupported: str
     pod_metric_labels: str

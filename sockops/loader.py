@@ -183,12 +183,13 @@ class DataPlane:
             )
         return cls(bpffs_dir=bpffs_dir, sizes=sizes, bpf=b, programs=programs, notes=notes)
 
-    def attach(self, cgroup: Path) -> dict[str, str]:
+    def attach(self, cgroup: Path, reader: bool = True) -> dict[str, str]:
         """Attach every loaded program through its pinned link; what was done, by hook kind.
 
         A link pinned by an earlier agent gets the new program with BPF_LINK_UPDATE (atomic,
         same link); a missing one is created and pinned, replacing an older sockops's
         BPF_PROG_ATTACH attachment (links.attach). Programs of other tools on the cgroup stay.
+        ``reader``: attach the reader hook (sockops/reader_hook.py), or remove it.
         """
         check_cgroup_v2(cgroup)
         done = {}
@@ -196,10 +197,13 @@ class DataPlane:
             prog = self.programs.get(att.program)
             if prog is not None:
                 done[att.kind] = links.attach(att, prog.fd, cgroup, self.bpffs_dir)  # type: ignore[attr-defined]
-        reader = self.programs.get(PROG_READER)
-        if reader is not None:
+        prog = self.programs.get(PROG_READER)
+        if not reader:
+            reader_hook.detach(self.bpffs_dir)  # switched off: an earlier agent's hook goes too
+            done["reader_hook"] = "off"
+        elif prog is not None:
             try:
-                done["reader_hook"] = reader_hook.attach(reader.fd, self.bpffs_dir)  # type: ignore[attr-defined]
+                done["reader_hook"] = reader_hook.attach(prog.fd, self.bpffs_dir)  # type: ignore[attr-defined]
             except SockopsError as e:  # refused here: only the sidecar's sockets are redirected to
                 self.notes.append(f"reader hook not attached ({e}): splice readers are not known")
         return done

@@ -55,10 +55,10 @@ TCP_LISTEN = 0x0A
 CONNECTION_STATES = frozenset({0x01, 0x04, 0x05, 0x08, 0x09, 0x0B})  # ESTABLISHED and half-closed ones
 
 CAVEATS = (
-    "splice() readers (Go io.Copy between two TCP connections, HAProxy with forced "
-    "splice-request/splice-response) cannot read redirected bytes on this kernel (docs/KERNEL-NOTES.md "
-    "§3), so sockops keeps every byte to them on TCP; /proc cannot show them: the reader hook sees "
-    "their splice() calls (a node that allows raw tracepoints) and names them below",
+    "splice() readers (Go io.Copy between two TCP connections, HAProxy's splice paths) cannot read "
+    "redirected bytes on this kernel (docs/KERNEL-NOTES.md §3); /proc cannot show them: the reader "
+    "hook sees their splice() calls (a node that allows raw tracepoints), names them below, and "
+    "keeps their sockets on plain TCP once the pod is enabled",
     "a connected socket is accelerated only when its server is in this pod, in another enabled "
     "pod of the node, or behind the pod's sidecar (docs/DATAPLANE.md, 'Sockets that never get a psock')",
 )
@@ -448,8 +448,8 @@ def render(report: Mapping[str, Any] | None) -> list[str]:
     if splice := report.get("splice_readers"):
         lines.append(
             f"! splice() on TCP sockets: {splice['calls']} calls, last by {splice['program']} "
-            f"(pid {splice['pid']}): its sockets will stay on TCP where it splices (docs/DATAPLANE.md, "
-            f"The reader gate)"
+            f"(pid {splice['pid']}): known to the reader hook, its sockets stay on plain TCP "
+            f"(docs/DATAPLANE.md, Splice readers)"
         )
     lines += [f"note: {c}" for c in report.get("caveats") or []]
     return lines

@@ -316,6 +316,8 @@ def test_every_program_has_its_own_pinned_link(dataplane: Plane) -> None:
         "reader_hook": "link replaced",  # a raw tracepoint link has no BPF_LINK_UPDATE
     }
     assert reader_hook.attached(dataplane.bpffs_dir)
+    off = dataplane.dp.attach(dataplane.cgroup, reader=False)  # SOCKOPS_READER_HOOK=off
+    assert off["reader_hook"] == "off" and not reader_hook.attached(dataplane.bpffs_dir)
     loader.detach_all(dataplane.cgroup, dataplane.bpffs_dir)
     for att in links.ATTACHMENTS:
         assert loader.attached_programs(dataplane.cgroup, dataplane.bpffs_dir)[att.kind] == []

@@ -637,7 +637,7 @@ def test_observed_pod_is_watched_by_the_splice_guard_and_its_splices_reported(tm
     assert r.snapshot()[0].observed.splice == (40, "iocopy", 4242)
     doc = json.loads((tmp_path / "s.json").read_text())["workloads"][0]["observed"]
     assert doc["splice_readers"] == {"calls": 40, "program": "iocopy", "pid": 4242}
-    assert any("iocopy (pid 4242): its sockets will stay on TCP" in line for line in render(doc))
+    assert any("iocopy (pid 4242): known to the reader hook" in line for line in render(doc))
 
     r.upsert(replace(watched, observe=False))
     settle(r)

@@ -32,6 +32,7 @@ BAD = {
     "POD_NAMESPACE": "Sockops System",
     "SOCKOPS_RESYNC_SECONDS": "thirty",
     "SOCKOPS_LATE_INSERTION": "yes",
+    "SOCKOPS_READER_HOOK": "true",
     "SOCKOPS_METRICS_ADDR": "9876",
     "SOCKOPS_IF_UNSUPPORTED": "Idle",
     "SOCKOPS_DRAIN_TIMEOUT": "inf",
