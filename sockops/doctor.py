@@ -206,12 +206,13 @@ def _probe_load(bpffs_root: Path) -> list[Probe]:
             Probe(
                 "reader_hook",
                 hook_ok,
-                "raw tracepoint sys_enter loads: recv() readers are redirected to, splice() "
-                "readers stay on TCP"
+                "raw tracepoint sys_enter loads: programs that splice() are known and stay on plain TCP"
                 if hook_ok
-                else "no raw tracepoint here: only the sidecar's sockets are redirected to "
-                "(docs/DATAPLANE.md)",
-                "" if hook_ok else "allow raw tracepoints (x86-64)",
+                else "no raw tracepoint here: splice() readers are not known (docs/DATAPLANE.md, "
+                "Splice readers)",
+                ""
+                if hook_ok
+                else "allow raw tracepoints (x86-64), or keep splice readers out of enabled pods",
                 required=False,
             )
         )
