@@ -150,6 +150,33 @@ static __always_inline __u64 late_netns(void *sk)
 	return net ? KFIELD(net, KOFF_NET_COOKIE, __u64) : 0;
 }
 
+/*
+ * Why an established socket must not join (a CNT_SKIPPED_* index; 0: it may), by what the reader
+ * hook knows (docs/DATAPLANE.md, "Splice readers"): a socket that was spliced from; an accepted
+ * socket of a port that is not proven (its local port has a listener the hook saw); a client
+ * socket whose connect()ing program splices or has not proven its client sockets. A socket the
+ * hook cannot attribute (made before it was attached) may join, as at the handshake.
+ */
+static __always_inline __u32 late_veto(void *tp, const struct netns_conf *conf, __u64 netns, __u32 local_port)
+{
+	struct port_key pk = { .netns = netns, .port = local_port };
+	__u64 addr = (__u64)(long)tp;
+	struct proc_key *owner;
+	__u32 veto = 0;
+
+	if (!reader_hook_on())
+		return 0;
+	if (spliced_socks.lookup(&addr))
+		return CNT_SKIPPED_SPLICER;
+	if (port_owner.lookup(&pk))
+		veto = server_veto(netns, local_port);
+	else if ((owner = sock_owner.lookup(&addr)))
+		veto = owner_veto(owner);
+	if (veto == CNT_SKIPPED_UNPROVEN && proxy_owned(conf, tp))
+		veto = 0;
+	return veto;
+}
+
 static __always_inline void late_insert(void *tp)
 {
 	__u32 local_ip[4], local_port, remote_ip[4], remote_port;
@@ -158,6 +185,7 @@ static __always_inline void late_insert(void *tp)
 	struct netns_conf *conf;
 	struct sock_state *st;
 	__u64 netns, peer_netns;
+	__u32 veto;
 
 	if (KFIELD(tp, KOFF_SKC_STATE, __u8) != TCP_ESTABLISHED_)
 		return;
@@ -179,6 +207,11 @@ static __always_inline void late_insert(void *tp)
 		return;
 	if (late_addrs(tp, local_ip, &local_port, remote_ip, &remote_port))
 		return;
+	veto = late_veto(tp, conf, netns, local_port);
+	if (veto) {
+		count(veto, 1);
+		return;
+	}
 	__builtin_memcpy(t.local_ip, local_ip, sizeof(t.local_ip));
 	__builtin_memcpy(t.remote_ip, remote_ip, sizeof(t.remote_ip));
 	t.netns = netns;

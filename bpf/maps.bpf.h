@@ -73,14 +73,31 @@ BPF_TABLE_PINNED("percpu_hash", __u64, struct netns_stats, netns_stats, SOCKOPS_
 BPF_TABLE_PINNED("hash", __u64, struct conn_state, conns, SOCKOPS_SOCKHASH_MAX, PIN(conns),
 		 BPF_F_NO_PREALLOC);
 
-/* Which programs splice, and who owns a listening port or a connecting socket (struct proc_key).
- * LRU: an evicted splicer is only forgotten until its next splice(). */
+/* How programs read, and who owns a listening port or a connecting socket (struct proc_key,
+ * struct port_info). LRU: an evicted entry only makes its program prove itself again (no psock
+ * until then), and an evicted splicer is forgotten until its next splice(). */
 BPF_TABLE_PINNED("lru_hash", struct proc_key, struct proc_reader, procs, SOCKOPS_PENDING_MAX,
 		 PIN(procs));
-BPF_TABLE_PINNED("lru_hash", struct port_key, struct proc_key, port_owner, SOCKOPS_PENDING_MAX,
+BPF_TABLE_PINNED("lru_hash", struct port_key, struct port_info, port_owner, SOCKOPS_PENDING_MAX,
 		 PIN(port_owner));
 BPF_TABLE_PINNED("lru_hash", __u64, struct proc_key, sock_owner, SOCKOPS_PENDING_MAX,
 		 PIN(sock_owner));
+/* Sockets spliced from (by kernel address), for the late pass: a connection that predates the
+ * enable can have been spliced by a program the pass cannot name. A stale entry (the address of a
+ * closed socket reused) only keeps a socket on TCP. */
+BPF_TABLE_PINNED("lru_hash", __u64, __u64, spliced_socks, SOCKOPS_PENDING_MAX, PIN(spliced_socks));
+
+/* Index 0: 1 while the reader hook is attached (set by user space beside the hook's link,
+ * sockops/reader_hook.py). Without the hook nothing is learnt, so sock_ops must not wait for
+ * proof it can never get: it then vetoes nothing (splice readers are not known). */
+BPF_TABLE_PINNED("array", __u32, __u32, reader_state, 1, PIN(reader_state));
+
+static __always_inline int reader_hook_on(void)
+{
+	__u32 zero = 0, *on = reader_state.lookup(&zero);
+
+	return on && *on;
+}
 
 /* What went wrong in apps' traffic, per sending namespace (struct netns_anomalies); entries
  * created by the agent beside netns_stats, only updated here. */
@@ -112,12 +129,12 @@ static __always_inline void anomaly_at(__u64 netns, __u32 kind)
 	bpf_get_current_comm(a->comm[kind], ANOM_COMM_LEN);
 }
 
-/* Is this process known to read sockets with splice()? (struct proc_key) */
-static __always_inline int proc_splices(const struct proc_key *k)
+/* What the reader hook knows of a process (PROC_F_*; 0 for a process it never noted). */
+static __always_inline __u64 proc_flags(const struct proc_key *k)
 {
 	struct proc_reader *p = procs.lookup((void *)k);
 
-	return p && (p->flags & PROC_F_SPLICED);
+	return p ? p->flags : 0;
 }
 
 #endif /* SOCKOPS_MAPS_H */

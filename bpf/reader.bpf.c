@@ -1,23 +1,33 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * The reader hook: a raw tracepoint on sys_enter that learns which programs read sockets with
- * splice(), and which program owns each listening port and connecting socket, so that sock_ops
- * never gives a psock to a socket whose program splices (struct proc_key; sockops.bpf.c
- * client_splices, server_splices; docs/DATAPLANE.md "Splice readers").
+ * The reader hook: a raw tracepoint on sys_enter that learns how programs read their sockets, and
+ * which program owns each listening port and connecting socket, so that sock_ops gives a psock
+ * only to a socket whose program is known to read that kind of socket with read()/recv*() and
+ * never with splice() (struct proc_key, struct port_info; sockops.bpf.c client_veto, server_veto;
+ * docs/DATAPLANE.md "Splice readers").
  *
  * Why: redirected bytes wait in the receiver's psock queue, and only recvmsg() reads that queue.
  * splice() and sendfile() from a socket go through tcp_splice_read() -> tcp_read_sock(), which
  * reads the TCP receive queue only, so a splice reader (Go's io.Copy between two TCP connections,
- * HAProxy's and nginx's splice paths) waits for bytes it never sees, or reads the peer's FIN past
- * them (docs/KERNEL-NOTES.md §3). No sock_ops or sk_msg program sees a read, and fentry/kprobe/LSM
- * programs do not load on every node (§7); a raw tracepoint does (§9). Per syscall:
+ * HAProxy's splice paths) waits for bytes it never sees, or reads the peer's FIN past them
+ * (docs/KERNEL-NOTES.md §3). And the decision must come before the socket's first byte: a psock in
+ * front of TCP bytes hides them from FIONREAD (§10). No sock_ops or sk_msg program sees a read,
+ * and fentry/kprobe/LSM programs do not load on every node (§7); a raw tracepoint does (§9).
+ * Per syscall:
+ * - listen/accept/accept4 on a TCP socket: the process owns that port of its namespace, and
+ *   serves; listen() also forgets what the port had proven (a new listener may be a new program);
+ * - read/readv/recvfrom/recvmsg on a TCP socket, by a serving process only (the others have
+ *   nothing to prove): an accepted socket proves its port, a connected one proves the process's
+ *   client sockets;
  * - splice (fd_in) and sendfile (in_fd) from a TCP socket, by any process of the node: the process
- *   is a splicer for its life. If that socket has redirected bytes queued, this splice cannot see
- *   them (the program spliced a connection it had been accelerated on): a splice_reader anomaly of
- *   its namespace, with pid and comm, which trips the agent's breaker. In a namespace the agent
- *   only watches (observe mode, a suspended pod) every TCP splice counts: what the program does.
- * - listen/accept/accept4 on a TCP socket: the process owns that port of its namespace;
- * - connect on a TCP socket of an enabled namespace: the process owns that socket.
+ *   is a splicer for its life, and an accepted socket's port too; the socket is remembered for
+ *   late passes (`spliced_socks`). If that socket has redirected bytes queued, this splice cannot
+ *   see them (a program that read its port with recv() first, then spliced): a splice_reader
+ *   anomaly of its namespace, with pid and comm, which trips the agent's breaker. In a namespace
+ *   the agent only watches (observe mode, a suspended pod) every TCP splice counts: what the
+ *   program does.
+ * - connect on a TCP socket: the process owns that socket (in an enabled namespace, or anywhere
+ *   for a serving or splicing process: a late pass may meet that connection after an enable).
  *
  * Attached by the data plane's load through a pinned link (sockops/reader_hook.py), like the other
  * programs, so it keeps learning while no agent runs. It is machine-wide, not per cgroup, and
@@ -37,9 +47,13 @@
 #define SOCK_STREAM_ 1
 
 /* x86-64 syscall numbers (the loader passes splice's only where it knows the architecture) */
+#define NR_READ_ 0
+#define NR_READV_ 19
 #define NR_SENDFILE_ 40
 #define NR_CONNECT_ 42
 #define NR_ACCEPT_ 43
+#define NR_RECVFROM_ 45
+#define NR_RECVMSG_ 47
 #define NR_LISTEN_ 50
 #define NR_ACCEPT4_ 288
 
@@ -108,17 +122,37 @@ static __always_inline void current_proc(struct proc_key *k)
 		read_kernel(&k->start_time, sizeof(k->start_time), (void *)(leader + KOFF_TASK_START_TIME));
 }
 
-static __always_inline void mark_splicer(const struct proc_key *k)
+/* Set `flag` on a process (creating its entry); a splice also counts. */
+static __always_inline void mark_proc(const struct proc_key *k, __u64 flag)
 {
-	struct proc_reader fresh = { .flags = PROC_F_SPLICED, .splices = 1 }, *p;
+	struct proc_reader fresh = { .flags = flag, .splices = flag == PROC_F_SPLICED }, *p;
 
 	p = procs.lookup((void *)k);
-	if (p) {
-		__sync_fetch_and_or(&p->flags, PROC_F_SPLICED);
-		__sync_fetch_and_add(&p->splices, 1);
-	} else {
+	if (!p) {
 		procs.update((void *)k, &fresh);
+		return;
 	}
+	if (!(p->flags & flag))
+		__sync_fetch_and_or(&p->flags, flag);
+	if (flag == PROC_F_SPLICED)
+		__sync_fetch_and_add(&p->splices, 1);
+}
+
+/* Set `flag` on the port `sk` is bound to, if a program listens there (an accepted socket). */
+static __always_inline int mark_port(__u64 netns, __u64 sk, __u64 flag)
+{
+	struct port_key pk = { .netns = netns };
+	struct port_info *info;
+	__u16 port = 0;
+
+	read_kernel(&port, sizeof(port), (void *)(sk + KOFF_SKC_NUM));
+	pk.port = port;
+	info = port_owner.lookup(&pk);
+	if (!info)
+		return 0;
+	if (!(info->flags & flag))
+		__sync_fetch_and_or(&info->flags, flag);
+	return 1;
 }
 
 /* Redirected bytes waiting in this socket's psock queue (sk_psock.msg_tot_len). */
@@ -132,14 +166,43 @@ static __always_inline __u32 psock_queued(__u64 sk)
 	return queued;
 }
 
+/* A read()/recv*() by a process that serves: what it proves (see the top of this file). */
+static __always_inline int on_read(__u64 fd)
+{
+	struct proc_reader *p;
+	struct proc_key k = {};
+	__u64 sk, netns;
+
+	current_proc(&k);
+	p = procs.lookup(&k);
+	if (!p || !(p->flags & PROC_F_SERVES))
+		return 0;
+	sk = sock_of_fd((__u32)fd);
+	if (!sk)
+		return 0;
+	netns = tcp_netns(sk);
+	if (!netns)
+		return 0;
+	if (!mark_port(netns, sk, PORT_F_RECV) && !(p->flags & PROC_F_CLIENT_RECV))
+		__sync_fetch_and_or(&p->flags, PROC_F_CLIENT_RECV);
+	return 0;
+}
+
 int sockops_reader(struct bpf_raw_tracepoint_args *ctx)
 {
 	__u64 regs = ctx->args[0], nr = ctx->args[1], fd = 0, sk, netns, addr;
+	struct port_info fresh = {}, *info;
 	struct port_key pk = {};
 	struct proc_key k = {};
 	__u16 port = 0;
 
 	switch (nr) {
+	case NR_READ_:
+	case NR_READV_:
+	case NR_RECVFROM_:
+	case NR_RECVMSG_:
+		read_kernel(&fd, sizeof(fd), (void *)(regs + KOFF_PT_REGS_ARG0));
+		return on_read(fd);
 	case SOCKOPS_NR_SPLICE:
 	case NR_SENDFILE_:
 	case NR_ACCEPT_:
@@ -160,7 +223,11 @@ int sockops_reader(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	current_proc(&k);
 	if (nr == SOCKOPS_NR_SPLICE || nr == NR_SENDFILE_) {
-		mark_splicer(&k);
+		mark_proc(&k, PROC_F_SPLICED);
+		mark_port(netns, sk, PORT_F_SPLICED);
+		addr = sk;
+		if (!spliced_socks.lookup(&addr))
+			spliced_socks.update(&addr, &addr);
 		/* Enabled namespace: only bytes already redirected to this socket are at risk. Watched
 		 * only (observe, suspended): no psocks there; any splice says what the program does. */
 		if (netns_conf.lookup(&netns) ? psock_queued(sk) > 0 : 1)
@@ -168,18 +235,27 @@ int sockops_reader(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	}
 	if (nr == NR_CONNECT_) {
-		if (!netns_conf.lookup(&netns))
-			return 0;	/* only enabled namespaces' clients are ever given a psock */
+		/* Enabled namespaces' clients, read at their handshake; and, anywhere, the sockets of
+		 * the programs that must prove their client sockets, for a late pass after an enable. */
+		if (!netns_conf.lookup(&netns) && !(proc_flags(&k) & (PROC_F_SERVES | PROC_F_SPLICED)))
+			return 0;
 		addr = sk;
 		sock_owner.update(&addr, &k);
 		return 0;
 	}
 	/* listen() and accept() in any namespace: a listener opened before its pod was enabled (and
 	 * a blocking accept() that was already waiting then) must still name its program. */
+	mark_proc(&k, PROC_F_SERVES);
 	read_kernel(&port, sizeof(port), (void *)(sk + KOFF_SKC_NUM));
 	pk.netns = netns;
 	pk.port = port;
-	port_owner.update(&pk, &k);
+	info = port_owner.lookup(&pk);
+	if (info && nr != NR_LISTEN_) {
+		info->owner = k;	/* another worker of the program: what the port proved stays */
+		return 0;
+	}
+	fresh.owner = k;	/* a new listener, maybe a new program: it proves itself again */
+	port_owner.update(&pk, &fresh);
 	return 0;
 }
 

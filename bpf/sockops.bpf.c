@@ -151,12 +151,29 @@ static __always_inline int eligible(struct bpf_sock_ops *skops, struct bpf_sock 
 }
 
 /*
- * Is this client socket's program known to splice (struct proc_key)? Its owner was recorded by
- * the reader hook at connect(), under the socket's kernel address; that record is used once, here,
- * because a later socket may reuse the address. An unknown owner (a program not seen splicing yet,
- * or a connect() the hook did not see) is not vetoed.
+ * Why a socket of this process must not get a psock, as a CNT_SKIPPED_* index (0: it may). A
+ * program that serves (it listen()s or accept()s: a proxy, a gateway) must first have read one of
+ * its client sockets with read()/recv*(): Go's io.Copy proxy splices its upstream connection from
+ * its first byte. A pure client (it never served) is not vetoed: a program that splices what it
+ * fetches is caught at that splice (docs/DATAPLANE.md, "Splice readers").
  */
-static __always_inline int client_splices(struct bpf_sock *sk)
+static __always_inline __u32 owner_veto(const struct proc_key *k)
+{
+	__u64 flags = proc_flags(k);
+
+	if (flags & PROC_F_SPLICED)
+		return CNT_SKIPPED_SPLICER;
+	if ((flags & PROC_F_SERVES) && !(flags & PROC_F_CLIENT_RECV))
+		return CNT_SKIPPED_UNPROVEN;
+	return 0;
+}
+
+/*
+ * The same for a new client socket. Its owner was recorded by the reader hook at connect(), under
+ * the socket's kernel address; that record is used once, here, because a later socket may reuse
+ * the address. A connect() the hook did not see is not vetoed.
+ */
+static __always_inline __u32 client_veto(struct bpf_sock *sk)
 {
 	__u64 addr = (__u64)(long)sk;
 	struct proc_key *owner = sock_owner.lookup(&addr);
@@ -166,16 +183,53 @@ static __always_inline int client_splices(struct bpf_sock *sk)
 		return 0;
 	k = *owner;
 	sock_owner.delete(&addr);
-	return proc_splices(&k);
+	return reader_hook_on() ? owner_veto(&k) : 0;
 }
 
-/* Is the program that accepts on this listening port known to splice? (recorded at accept()) */
-static __always_inline int server_splices(__u64 netns, __u32 local_port)
+/*
+ * Why a server end accepted on this port must not get a psock (0: it may). The port must be
+ * proven: a socket accepted on it was read with read()/recv*() by the program that listens there,
+ * and none spliced (struct port_info). An unproven port's first connections are plain TCP; that
+ * is what lets a program that splices from its very first connection (a Go io.Copy proxy started
+ * in an enabled pod) lose nothing. A port the hook has never seen listen() or accept() on (an
+ * accept() that was already waiting when the hook was attached) is unproven until its next one.
+ */
+static __always_inline __u32 server_veto(__u64 netns, __u32 local_port)
 {
 	struct port_key pk = { .netns = netns, .port = local_port };
-	struct proc_key *owner = port_owner.lookup(&pk);
+	struct port_info *info;
+	__u64 flags;
 
-	return owner && proc_splices(owner);
+	if (!reader_hook_on())
+		return 0;
+	info = port_owner.lookup(&pk);
+	if (!info)
+		return CNT_SKIPPED_UNPROVEN;
+	flags = info->flags;
+	if ((flags & PORT_F_SPLICED) || (proc_flags(&info->owner) & PROC_F_SPLICED))
+		return CNT_SKIPPED_SPLICER;
+	if (!(flags & PORT_F_RECV))
+		return CNT_SKIPPED_UNPROVEN;
+	return 0;
+}
+
+/*
+ * Is this a socket of the sidecar (its UID, in a pod whose outbound traffic Istio captures)? Envoy
+ * reads every socket from its event loop with readv() and never splices, so its sockets need no
+ * proof from the reader hook: a sidecar that just started is accelerated from its first
+ * connection. sk_uid is the creator's (an accepted socket inherits its listener's). `tp`: a
+ * struct tcp_sock (struct sock is its first member).
+ */
+static __always_inline int proxy_owned(const struct netns_conf *conf, void *tp)
+{
+	return (conf->flags & NETNS_F_SIDECAR) && KFIELD(tp, KOFF_SK_UID, __u32) == SOCKOPS_PROXY_UID;
+}
+
+static __always_inline int proxy_socket(const struct netns_conf *conf, struct bpf_sock *sk)
+{
+	void *tp = bpf_skc_to_tcp_sock(sk);
+
+	return tp && proxy_owned(conf, tp);
 }
 
 static __always_inline void count_insert_error(int err)
@@ -205,6 +259,7 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 	struct pending pend = {};
 	struct sock_state *st;
 	__u64 cookie, remote;
+	__u32 veto;
 	int err;
 
 	if (!conf || !sk)
@@ -224,10 +279,14 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 		count(CNT_SKIPPED_BLOCKING, 1);
 		return;
 	}
-	if (client_splices(sk)) {
-		/* Its program reads sockets with splice(), which never sees redirected bytes: plain
-		 * TCP for the whole connection (docs/DATAPLANE.md, "Splice readers"). */
-		count(CNT_SKIPPED_SPLICER, 1);
+	veto = client_veto(sk);
+	if (veto == CNT_SKIPPED_UNPROVEN && proxy_socket(conf, sk))
+		veto = 0;
+	if (veto) {
+		/* Its program splices (which never sees redirected bytes), or has not shown yet that
+		 * it reads with recv(): plain TCP for the whole connection (docs/DATAPLANE.md, "Splice
+		 * readers"). */
+		count(veto, 1);
 		return;
 	}
 	if (load_addrs(skops, key.client_ip, &key.client_port, key.dest_ip, &key.dest_port))
@@ -320,6 +379,7 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	struct sock_state *st;
 	struct pending *p;
 	__u64 tag;
+	__u32 veto;
 	int found, mirror, err;
 
 	if (!conf || !sk)
@@ -330,10 +390,14 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	found = server_identity(skops, conf, netns, remote_ip, local_port, &key);
 	if (!eligible(skops, sk) || !found)
 		return;
-	if (server_splices(netns, local_port)) {
-		/* The program behind this port splices: the server end stays out, so its client
-		 * decides PASS at its first message and the connection is plain TCP both ways. */
-		count(CNT_SKIPPED_SPLICER, 1);
+	veto = server_veto(netns, local_port);
+	if (veto == CNT_SKIPPED_UNPROVEN && proxy_socket(conf, sk))
+		veto = 0;
+	if (veto) {
+		/* The program behind this port splices, or has not read a connection of this port
+		 * with recv() yet: the server end stays out, so its client decides PASS at its first
+		 * message and the connection is plain TCP both ways. */
+		count(veto, 1);
 		return;
 	}
 	p = pending.lookup(&key);

@@ -11,6 +11,8 @@
  *   SOCKOPS_NETNS_MAX    network namespaces that can be enabled
  *   SOCKOPS_QUEUE_BUDGET bytes a receiver may hold unread in its psock queue before its peer's
  *                        sends go over TCP (redirect.bpf.c, over_budget; docs/DATAPLANE.md)
+ *   SOCKOPS_PROXY_UID    the sidecar's UID: in a sidecar pod its sockets are trusted to be read
+ *                        by Envoy's event loop, without proof from the reader hook
  *   KOFF_*               offsets of kernel-internal fields, read from the running kernel's BTF
  *                        (sockops/kernel_btf.py; no default: see kernel.bpf.h)
  */
@@ -31,6 +33,9 @@
 #endif
 #ifndef SOCKOPS_QUEUE_BUDGET
 #define SOCKOPS_QUEUE_BUDGET (4 << 20)
+#endif
+#ifndef SOCKOPS_PROXY_UID
+#define SOCKOPS_PROXY_UID 1337
 #endif
 
 /*
@@ -140,16 +145,25 @@ struct conn_state {
 #define DECIDE_LATE 3 /* joined late: redirect once the peer has read all our TCP bytes */
 
 /*
- * Programs that read sockets with splice() (the reader hook, bpf/reader.bpf.c). Redirected bytes
- * wait in the receiver's psock queue, which only recvmsg() reads; splice() and sendfile() from a
- * socket read the TCP queue only (docs/KERNEL-NOTES.md §3). So a socket whose program is known to
- * splice is never given a psock: its connection stays on plain TCP, which splice() reads. The hook
- * learns it per process (`procs`: thread group id and the group leader's start time, so a reused
- * pid is a new process) at the process's first splice() of a TCP socket anywhere on the node, and
- * which process owns a socket from the syscalls that make it: accept() names the process behind a
- * listening port (`port_owner`, read at the server end's PASSIVE_ESTABLISHED) and connect() the one
- * behind a client socket (`sock_owner`, by the socket's kernel address, read at
- * ACTIVE_ESTABLISHED). docs/DATAPLANE.md, "Splice readers".
+ * How programs read their sockets (the reader hook, bpf/reader.bpf.c). Redirected bytes wait in
+ * the receiver's psock queue, which only recvmsg() reads; splice() and sendfile() from a socket
+ * read the TCP queue only (docs/KERNEL-NOTES.md §3). And a socket must get its psock at its
+ * handshake or never (a psock in front of TCP bytes hides them from FIONREAD, §10). So sock_ops
+ * gives a socket a psock only when its program is known to read that kind of socket with
+ * read()/recv*(), and never when it is known to splice: docs/DATAPLANE.md, "Splice readers".
+ *
+ * The hook learns per process (`procs`: thread group id and the group leader's start time, so a
+ * reused pid is a new process) and per listening port (`port_owner`), from the syscalls that make
+ * and read sockets:
+ * - listen() and accept() name the process behind a port (struct port_info; listen() also forgets
+ *   what was learnt of the port: a new listener may be another program) and mark it as serving;
+ * - read(), readv(), recvfrom(), recvmsg() on an accepted socket prove its port (PORT_F_RECV), on
+ *   a connected socket of a serving process prove that process's client sockets
+ *   (PROC_F_CLIENT_RECV);
+ * - splice() or sendfile() from a TCP socket marks the process (PROC_F_SPLICED) and, for an
+ *   accepted socket, its port (PORT_F_SPLICED), for good;
+ * - connect() names the process behind a client socket (`sock_owner`, by the socket's kernel
+ *   address, read at ACTIVE_ESTABLISHED).
  */
 struct proc_key {
 	__u32 tgid;
@@ -162,13 +176,23 @@ struct proc_reader {
 	__u64 splices;
 };
 
-#define PROC_F_SPLICED 1 /* spliced or sendfile()d from a TCP socket: never give it a psock */
+#define PROC_F_SPLICED 1     /* spliced or sendfile()d from a TCP socket: never give it a psock */
+#define PROC_F_SERVES 2      /* listen()s or accept()s: its client sockets must prove their reader */
+#define PROC_F_CLIENT_RECV 4 /* read one of its connected sockets with read()/recv*() */
 
 struct port_key {
 	__u64 netns;
 	__u32 port; /* host order */
 	__u32 pad;
 };
+
+struct port_info {
+	struct proc_key owner; /* the last process to listen() or accept() on the port */
+	__u64 flags;           /* PORT_F_* */
+};
+
+#define PORT_F_RECV 1    /* an accepted socket of this port was read with read()/recv*() */
+#define PORT_F_SPLICED 2 /* an accepted socket of this port was spliced from: never a psock */
 
 /*
  * Per-namespace settings, one entry per enabled network namespace (presence = enabled).
@@ -252,7 +276,8 @@ struct netns_stats {
 #define CNT_LATE_PRUNED 23       /* a late socket whose peer never joined: left the sockhash */
 #define CNT_QUEUE_OVER_BUDGET 24 /* a peer held more than the budget unread: sends went to TCP */
 #define CNT_SKIPPED_SPLICER 25   /* the socket's program splices (reader.bpf.c): never given a psock */
-#define CNT_MAX 26
+#define CNT_SKIPPED_UNPROVEN 26  /* its program has not shown how it reads (reader.bpf.c): no psock */
+#define CNT_MAX 27
 
 /*
  * What went wrong in an app's traffic, per sending network namespace (the `anomalies` map, a

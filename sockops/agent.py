@@ -265,6 +265,7 @@ class Agent:
                 self.bpffs,
                 self.sizes,
                 queue_budget=self.config.queue_budget,
+                proxy_uid=self.config.proxy_uid,
             )
             done = plane.attach(self.cgroup, reader=self.config.reader_hook == "on")
             self.plane = plane

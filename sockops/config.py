@@ -170,6 +170,16 @@ def _queue_budget(v: str) -> int:
     return n
 
 
+def _proxy_uid(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a UID (a number)") from None
+    if not 0 < n < 1 << 32:
+        raise argparse.ArgumentTypeError(f"{v} is outside 1 .. 4294967295 (0 is root: never trusted)")
+    return n
+
+
 def _thresholds(v: str) -> dict[str, int]:
     from sockops.breaker import InvalidThresholds, parse_thresholds
 
@@ -344,6 +354,14 @@ GUARD = (
         _queue_budget,
     ),
     Setting(
+        "--proxy-uid",
+        "SOCKOPS_PROXY_UID",
+        "1337",
+        "the sidecar's UID (istio-iptables -u): in a sidecar pod its sockets are accelerated "
+        "without first proving how they are read; docs/DATAPLANE.md, splice readers",
+        _proxy_uid,
+    ),
+    Setting(
         "--breaker-thresholds",
         "SOCKOPS_BREAKER_THRESHOLDS",
         "splice_reader=1,queue_over_budget=0,redirect_miss=0,early_tcp_send=0",
@@ -401,6 +419,7 @@ class AgentConfig:
     if_unsupported: str
     pod_metric_labels: str
     queue_budget: int
+    proxy_uid: int
     breaker_thresholds: dict[str, int]
     breaker_cooldown: float
     drain_timeout: float

@@ -27,6 +27,7 @@ BTF_KIND_UNION = 5
 # (macro, struct, member path) for each field a program reads; the macro is what the C uses.
 FIELDS: tuple[tuple[str, str, str], ...] = (
     ("KOFF_SK_SOCKET", "sock", "sk_socket"),
+    ("KOFF_SK_UID", "sock", "sk_uid"),  # kuid_t: its one member is the uid
     ("KOFF_SOCKET_FILE", "socket", "file"),
     ("KOFF_FILE_F_FLAGS", "file", "f_flags"),
     ("KOFF_TP_COPIED_SEQ", "tcp_sock", "copied_seq"),

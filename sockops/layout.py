@@ -44,6 +44,8 @@ MAP_ANOMALIES = "anomalies"
 MAP_PROCS = "procs"
 MAP_PORT_OWNER = "port_owner"
 MAP_SOCK_OWNER = "sock_owner"
+MAP_READER_STATE = "reader_state"
+MAP_SPLICED_SOCKS = "spliced_socks"
 ALL_MAPS = (
     MAP_SOCKHASH,
     MAP_PENDING,
@@ -58,6 +60,8 @@ ALL_MAPS = (
     MAP_PROCS,
     MAP_PORT_OWNER,
     MAP_SOCK_OWNER,
+    MAP_READER_STATE,
+    MAP_SPLICED_SOCKS,
 )
 
 # Counter indexes (CNT_* in the header) and the names user space reports them under.
@@ -88,10 +92,16 @@ COUNTERS = {
     "late_pruned": 23,
     "queue_over_budget": 24,
     "skipped_splicer": 25,
+    "skipped_unproven": 26,
 }
-CNT_MAX = 26
+CNT_MAX = 27
 
-PROC_F_SPLICED = 1  # struct proc_reader flags
+# struct proc_reader and struct port_info flags (the reader hook, bpf/reader.bpf.c)
+PROC_F_SPLICED = 1
+PROC_F_SERVES = 2
+PROC_F_CLIENT_RECV = 4
+PORT_F_RECV = 1
+PORT_F_SPLICED = 2
 
 # Anomaly kinds (ANOM_* in the header): indexes into struct netns_anomalies, by metric label.
 ANOMALIES = {
@@ -103,6 +113,7 @@ ANOMALIES = {
 ANOM_MAX = 4
 ANOM_COMM_LEN = 16
 DEFAULT_QUEUE_BUDGET = 4 << 20  # SOCKOPS_QUEUE_BUDGET
+DEFAULT_PROXY_UID = 1337  # SOCKOPS_PROXY_UID: Istio's proxy UID (istio-iptables -u)
 
 Ip6 = ctypes.c_uint32 * 4
 
@@ -181,6 +192,10 @@ class ProcReader(ctypes.Structure):
 
 class PortKey(ctypes.Structure):
     _fields_ = (("netns", ctypes.c_uint64), ("port", ctypes.c_uint32), ("pad", ctypes.c_uint32))
+
+
+class PortInfo(ctypes.Structure):
+    _fields_ = (("owner", ProcKey), ("flags", ctypes.c_uint64))
 
 
 class NetnsConf(ctypes.Structure):

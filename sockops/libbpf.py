@@ -120,6 +120,7 @@ def lib() -> ctypes.CDLL:
         "bpf_link_detach": [i],
         "bpf_iter_create": [i],
         "bpf_raw_tracepoint_open": [s, i],
+        "bpf_map_update_elem": [i, p, p, ctypes.c_uint64],
     }.items():
         fn = getattr(so, name)
         fn.argtypes = argtypes
@@ -308,6 +309,14 @@ def iter_create(link_fd: int) -> int:
 def link_update(link_fd: int, prog_fd: int) -> None:
     """Swap the link's program atomically: the hook is never without one, the link stays."""
     _check(lib().bpf_link_update(link_fd, prog_fd, None), f"replacing the program of link fd {link_fd}", "")
+
+
+def map_update(map_fd: int, key: ctypes._CData, value: ctypes._CData) -> None:
+    _check(
+        lib().bpf_map_update_elem(map_fd, ctypes.byref(key), ctypes.byref(value), 0),  # type: ignore[arg-type]
+        "writing a map entry",
+        "the map must be the pinned one of this sockops version",
+    )
 
 
 def link_detach(link_fd: int) -> None:

@@ -70,6 +70,7 @@ def cflags(
     sizes: MapSizes,
     src_dir: Path | None = None,
     queue_budget: int = layout.DEFAULT_QUEUE_BUDGET,
+    proxy_uid: int = layout.DEFAULT_PROXY_UID,
 ) -> list[str]:
     return [
         f"-I{src_dir or bpf_source_dir()}",
@@ -79,6 +80,7 @@ def cflags(
         f"-DSOCKOPS_NETNS_MAX={sizes.netns}",
         *([f"-DSOCKOPS_NR_SPLICE={NR_SPLICE[arch]}"] if (arch := os.uname().machine) in NR_SPLICE else []),
         f"-DSOCKOPS_QUEUE_BUDGET={queue_budget}",
+        f"-DSOCKOPS_PROXY_UID={proxy_uid}",
         *kernel_offsets().cflags(),
     ]
 
@@ -138,9 +140,11 @@ class DataPlane:
         sizes: MapSizes | None = None,
         debug_text: bool = False,
         queue_budget: int = layout.DEFAULT_QUEUE_BUDGET,
+        proxy_uid: int = layout.DEFAULT_PROXY_UID,
     ) -> DataPlane:
         """Compile and load; create or re-open the pinned maps. ``queue_budget``: bytes a
-        receiver may hold unread before its peer sends over TCP (docs/DATAPLANE.md)."""
+        receiver may hold unread before its peer sends over TCP; ``proxy_uid``: the sidecar's
+        UID, whose sockets need no proof of how they are read (docs/DATAPLANE.md)."""
         sizes = sizes or MapSizes()
         check_bpffs(bpffs_dir)
         if os.geteuid() != 0:
@@ -164,7 +168,7 @@ class DataPlane:
         try:
             b = BPF(
                 text=text,
-                cflags=cflags(bpffs_dir, sizes, queue_budget=queue_budget),
+                cflags=cflags(bpffs_dir, sizes, queue_budget=queue_budget, proxy_uid=proxy_uid),
             )
             for att in links.ATTACHMENTS:
                 programs[att.program] = b.load_func(att.program, getattr(BPF, att.prog_type))

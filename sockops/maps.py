@@ -65,8 +65,10 @@ _LAYOUTS = {
     layout.MAP_SOCK_STATE: (4, ctypes.sizeof(layout.SockState)),
     layout.MAP_ANOMALIES: (8, ctypes.sizeof(layout.NetnsAnomalies)),
     layout.MAP_PROCS: (ctypes.sizeof(layout.ProcKey), ctypes.sizeof(layout.ProcReader)),
-    layout.MAP_PORT_OWNER: (ctypes.sizeof(layout.PortKey), ctypes.sizeof(layout.ProcKey)),
+    layout.MAP_PORT_OWNER: (ctypes.sizeof(layout.PortKey), ctypes.sizeof(layout.PortInfo)),
     layout.MAP_SOCK_OWNER: (8, ctypes.sizeof(layout.ProcKey)),
+    layout.MAP_READER_STATE: (4, 4),
+    layout.MAP_SPLICED_SOCKS: (8, 8),
 }
 
 

@@ -74,6 +74,7 @@ NOT_ELIGIBLE_REASONS = {
     "skipped_fastopen": "fastopen",
     "skipped_blocking": "blocking_reader",
     "skipped_splicer": "splice_reader",
+    "skipped_unproven": "unproven_reader",
 }
 PAIRED_HOW = {"paired_mirror": "mirror", "paired_origdst": "origdst"}
 LATE_EVENTS = {"late_inserted": "inserted", "late_switched": "switched", "late_pruned": "pruned"}

@@ -456,28 +456,92 @@ def test_the_reader_hook_sees_the_programs_of_an_observed_pod(
     assert cookie not in dataplane.maps.anomalies()
 
 
-@pytest.mark.timeout(180)
-def test_the_breaker_keeps_a_splicing_pod_on_tcp_after_its_first_connection(
-    cgroup: Cgroup, lab: Lab, work: Path, zoo_bin: Path, tmp_path: Path
+@pytest.mark.timeout(120)
+def test_a_splice_reader_started_in_an_enabled_pod_loses_nothing(
+    dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path
 ) -> None:
-    """The agent with its defaults (``splice_reader=1``) and Go's io.Copy proxy started in an
-    enabled pod, never seen before: its first connection is accelerated and hits the splice gap
-    (bounded here at 4 s), the reader hook names the proxy, the breaker suspends the pod, and
-    every later connection is plain TCP and intact."""
+    """Go's io.Copy proxy started in a pod that is already enabled, never seen before (as a
+    Kubernetes rollout starts it): its port has not shown how it is read and the proxy serves, so
+    neither its accepted nor its upstream sockets get a psock; it splices them, and from then on it
+    is a known splicer. Every request is intact from the very first (before, the first
+    connection's request was stranded in a psock queue that splice() never reads), and nothing
+    was stranded (no splice_reader anomaly)."""
     pod = lab.add_pod("goproxy", ip="10.244.1.10", sidecar=False)
+    cookie = dataplane.enable(pod)
     start_go_iocopy(pod, zoo_bin, work)
+
+    first = short_lab_client(pod, "127.0.0.1")
+    assert intact(first, 6), ("first connection", first, dataplane.counters())
+    assert intact(lab_client(pod, "127.0.0.1", zoo_bin), 24)
+
+    c = dataplane.counters()
+    assert c["skipped_unproven"] >= 2, c  # the first connection's accepted and upstream ends
+    assert c["skipped_splicer"] >= 8, c  # then the 4 connections of the second run, both ends
+    assert dataplane.maps.anomalies()[cookie].counts["splice_reader"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_new_server_is_accelerated_from_its_second_connection(
+    dataplane: Plane, lab: Lab, work: Path, zoo_bin: Path
+) -> None:
+    """What the proof costs: an asyncio server started in an enabled pod has its first connection
+    on plain TCP (its port has not been read yet: counted as not eligible, unproven_reader); it
+    reads that connection with recv(), and its later connections are redirected."""
+    pod = lab.add_pod("asyncio", ip="10.244.1.10", sidecar=False)
+    cookie = dataplane.enable(pod)
+    start_asyncio(pod, zoo_bin, work)
+
+    assert intact(short_lab_client(pod, "127.0.0.1"), 6)
+    assert (dataplane.stats(cookie) or {}).get("redirected_bytes", 0) == 0
+    assert dataplane.counters()["skipped_unproven"] == 1
+
+    res = lab_client(pod, "127.0.0.1", zoo_bin)
+    assert intact(res, 24)
+    one_connection = 2 * 2 * sum(int(n) for n in LAB_CLIENT_SIZES.split(","))  # 6 requests, echoed
+    assert (dataplane.stats(cookie) or {}).get("redirected_bytes", 0) >= one_connection
+    assert dataplane.counters()["skipped_unproven"] == 1
+
+
+LATE_SPLICER = Path(__file__).resolve().parent / "support" / "late_splicer.py"
+
+
+def late_splicer_client(pod: Pod, mode: str) -> dict[str, Any]:
+    argv = [
+        sys.executable, str(LATE_SPLICER), "client", "127.0.0.1", str(PORT),
+        "--mode", mode, "--warm-ms", "100",
+    ]  # fmt: skip
+    return run_json(pod, argv, timeout=30)
+
+
+@pytest.mark.timeout(180)
+def test_the_breaker_keeps_a_pod_on_tcp_once_a_proven_program_splices(
+    cgroup: Cgroup, lab: Lab, work: Path, tmp_path: Path
+) -> None:
+    """The one style the reader hook cannot foresee: a program that has read its port with recv()
+    (so the port is proven and its connections get psocks) and later splices one of them, as
+    HAProxy's splice-auto decides per transfer. The agent with its defaults (``splice_reader=1``):
+    the first connection proves the port on plain TCP; the second is accelerated and its spliced
+    bytes are stranded (bounded here at 5 s); the hook names the program, the breaker suspends
+    the pod, and every later connection is plain TCP and intact, spliced or not."""
+    pod = lab.add_pod("splicer", ip="10.244.1.10", sidecar=False)
     bpffs = BPFFS_ROOT / f"{TEST_PREFIX}-guard-{secrets.token_hex(4)}"
     with agents(cgroup.path, bpffs) as started:
         agent = AgentProcess(cgroup.path, bpffs, tmp_path, ["--source", "static", "--netns", pod.netns])
         started.append(agent)
         agent.wait_ready()
+        # started after the hook: its listen() and its first accept() are seen
+        start(pod, [sys.executable, str(LATE_SPLICER), "server", str(PORT)], PORT, work)
 
-        short_lab_client(pod, "127.0.0.1", requests=1)  # the gap itself: it may time out
+        first = late_splicer_client(pod, "recv")
+        assert first["intact"], first
+        stranded = late_splicer_client(pod, "splice")  # the gap itself: it times out
+        assert not stranded["intact"], stranded
 
         wait_for(
             lambda: agent.state().get(pod.netns, {}).get("state") == "suspended", 15, "the pod suspended"
         )
         trip = agent.state()[pod.netns]["breaker"]
-        assert trip["kind"] == "splice_reader" and trip["comm"] == "iocopy", trip
-        after = lab_client(pod, "127.0.0.1", zoo_bin)
-        assert intact(after, 24), after
+        assert trip["kind"] == "splice_reader" and trip["comm"] == "late-splicer", trip
+        for mode in ("splice", "recv", "splice"):
+            after = late_splicer_client(pod, mode)
+            assert after["intact"], (mode, after)

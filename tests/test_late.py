@@ -313,6 +313,12 @@ def test_a_peer_that_closed_since_the_last_pass_is_not_waited_for(
         server, _ = listener.accept()
     with listener, client, server:
         server.settimeout(5)
+        # Both ends read with recv() once: the listening port and this process's client sockets
+        # are proven to the reader hook (docs/DATAPLANE.md, "Splice readers").
+        client.sendall(b"!")
+        assert server.recv(1) == b"!"
+        server.sendall(b"!")
+        assert client.recv(1) == b"!"
         client.sendall(b"x" * 65536)
         cookie = dataplane.enable(pod)
         assert inserter.run({cookie: pod.netns_path}).waiting == 1

@@ -28,6 +28,7 @@ STRUCTS = {
     "proc_key": layout.ProcKey,
     "proc_reader": layout.ProcReader,
     "port_key": layout.PortKey,
+    "port_info": layout.PortInfo,
 }
 
 
@@ -60,7 +61,12 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "ANOM_MAX",
         "ANOM_COMM_LEN",
         "SOCKOPS_QUEUE_BUDGET",
+        "SOCKOPS_PROXY_UID",
         "PROC_F_SPLICED",
+        "PROC_F_SERVES",
+        "PROC_F_CLIENT_RECV",
+        "PORT_F_RECV",
+        "PORT_F_SPLICED",
     ]
     for c in consts:
         lines.append(f'printf("const.{c} %d\\n", (int){c});')
@@ -97,7 +103,9 @@ def test_structs_match_header(tmp_path: Path) -> None:
     assert c["const.ANOM_MAX"] == layout.ANOM_MAX
     assert c["const.ANOM_COMM_LEN"] == layout.ANOM_COMM_LEN
     assert c["const.SOCKOPS_QUEUE_BUDGET"] == layout.DEFAULT_QUEUE_BUDGET
-    assert c["const.PROC_F_SPLICED"] == layout.PROC_F_SPLICED
+    assert c["const.SOCKOPS_PROXY_UID"] == layout.DEFAULT_PROXY_UID
+    for flag in ("PROC_F_SPLICED", "PROC_F_SERVES", "PROC_F_CLIENT_RECV", "PORT_F_RECV", "PORT_F_SPLICED"):
+        assert c[f"const.{flag}"] == getattr(layout, flag), flag
 
 
 def test_counter_indexes_match_header() -> None:

@@ -38,6 +38,7 @@ BAD = {
     "SOCKOPS_DRAIN_TIMEOUT": "inf",
     "SOCKOPS_POD_METRIC_LABELS": "Pod",
     "SOCKOPS_QUEUE_BUDGET": "1000",
+    "SOCKOPS_PROXY_UID": "istio-proxy",
     "SOCKOPS_BREAKER_THRESHOLDS": "queue_over_budget=-1",
     "SOCKOPS_BREAKER_COOLDOWN": "-1",
 }

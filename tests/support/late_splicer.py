@@ -1,5 +1,6 @@
-"""A program that reads a connection with recv() for a while and then splices it: the one I/O
-style the reader gate cannot make safe (docs/DATAPLANE.md, "Who may be redirected to").
+"""A program that reads its connections with recv() and then splices one: the one I/O style the
+reader hook cannot foresee, because its port is proven by then (docs/DATAPLANE.md, "Splice
+readers"; tests/test_apps.py, the breaker).
 
 Run inside a pod (stdlib only, any UID):
 
@@ -9,9 +10,8 @@ Run inside a pod (stdlib only, any UID):
   splice() into a pipe after a 200 ms pause, so bytes sent right behind the command are already
   queued) and answer the sha256 of what they read. The process names itself ``late-splicer``.
 * ``python late_splicer.py client HOST PORT --mode recv|splice``: an O_NONBLOCK client (the kind
-  sockops accelerates) that ping-pongs for ``--warm-ms`` (past the reader grace, so the gate
-  opens), then sends the command and its payload in one go, and waits up to ``--timeout`` for the
-  digest. Prints ``{"pings", "intact", "hung"}``.
+  sockops accelerates) that ping-pongs for ``--warm-ms``, then sends the command and its payload
+  in one go, and waits up to ``--timeout`` for the digest. Prints ``{"pings", "intact", "hung"}``.
 """
 
 from __future__ import annotations
