@@ -658,6 +658,27 @@ class Pod:
             raise box["error"]
         return box["sock"]
 
+    def probe(self, port: int, host: str = "127.0.0.1", times: int = 2, timeout: float = 5.0) -> None:
+        """Readiness probes of the server on ``port``: connect, half-close, and wait until the server
+        has read that end of stream and closed.
+
+        Besides telling that the server answers, a probe is what lets sockops accelerate the
+        server's next connections: the reader hook has then seen the server read a connection of
+        its port with recv(), which a socket must show before it gets a psock (docs/DATAPLANE.md,
+        "Splice readers"); the probes themselves may be plain TCP. Two by default: a server whose
+        blocking accept() was already waiting when the hook was attached names its port at its
+        next accept() only. A server that keeps a half-closed connection open ends a probe at
+        ``timeout``.
+        """
+        for _ in range(times):
+            with self.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+                s.settimeout(timeout)
+                s.connect((host, port))
+                s.shutdown(socket.SHUT_WR)
+                with contextlib.suppress(TimeoutError):
+                    while s.recv(65536):
+                        pass
+
     # -- sidecar --------------------------------------------------------------------------------
 
     def admin(self, path: str = "/ready", timeout: float = 2.0) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import TEST_PREFIX
 from support.agentproc import AgentProcess, agents, sockops, wait_for
-from support.podtraffic import APP_UID, last_json, start_echo_server
+from support.podtraffic import APP_PORT, APP_UID, last_json, start_echo_server
 
 from lab.cgroups import Cgroup
 from lab.podlab import Lab, Pod
@@ -75,6 +75,7 @@ class Transfer:
     """A long-lived sha256-checked echo stream in a pod (lab.apps client --hold)."""
 
     def __init__(self, pod: Pod, seconds: float, connections: int = 2, size: int = 65536) -> None:
+        pod.probe(APP_PORT)  # the echo server has read a connection: the reader hook knows its port
         argv = [
             sys.executable, "-m", "lab.apps", "client", "--host", "127.0.0.1",
             "--connections", str(connections), "--requests", "1", "--hold", str(seconds),
