@@ -16,11 +16,12 @@
  * Per syscall:
  * - listen/accept/accept4 on a TCP socket: the process owns that port of its namespace, and
  *   serves; listen() also forgets what the port had proven (a new listener may be a new program);
- * - read/readv/recvfrom/recvmsg on a TCP socket, by a serving process only (the others have
- *   nothing to prove): an accepted socket proves its port, a connected one proves the process's
- *   client sockets;
- * - splice (fd_in) and sendfile (in_fd) from a TCP socket, by any process of the node: the process
- *   is a splicer for its life, and an accepted socket's port too; the socket is remembered for
+ * - read/readv/recvfrom/recvmsg on a TCP socket, by a serving process only (or a child of one:
+ *   a fork-per-connection server; the others have nothing to prove): an accepted socket proves its
+ *   port, a connected one proves the process's client sockets;
+ * - splice (fd_in) from a TCP socket, and sendfile (in_fd) from one into a pipe (the only place it
+ *   can send a socket's bytes), by any process of the node: the process is a splicer for its
+ *   life, and an accepted socket's port too; the socket is remembered for
  *   late passes (`spliced_socks`). If that socket has redirected bytes queued, this splice cannot
  *   see them (a program that read its port with recv() first, then spliced): a splice_reader
  *   anomaly of its namespace, with pid and comm, which trips the agent's breaker. In a namespace
@@ -44,6 +45,7 @@
 
 #define S_IFMT_ 0170000
 #define S_IFSOCK_ 0140000
+#define S_IFIFO_ 0010000
 #define SOCK_STREAM_ 1
 
 /* x86-64 syscall numbers (the loader passes splice's only where it knows the architecture) */
@@ -57,13 +59,11 @@
 #define NR_LISTEN_ 50
 #define NR_ACCEPT4_ 288
 
-/* The struct sock behind file descriptor `fd` of the current task, 0 if it is not a socket. */
-static __always_inline __u64 sock_of_fd(__u32 fd)
+/* The struct file behind file descriptor `fd` of the current task, 0 if none. */
+static __always_inline __u64 file_of_fd(__u32 fd)
 {
-	__u64 task = bpf_get_current_task(), files = 0, fdt = 0, fds = 0, file = 0, inode = 0;
-	__u64 socket = 0, sk = 0;
+	__u64 task = bpf_get_current_task(), files = 0, fdt = 0, fds = 0, file = 0;
 	__u32 max_fds = 0;
-	__u16 mode = 0;
 
 	read_kernel(&files, sizeof(files), (void *)(task + KOFF_TASK_FILES));
 	if (!files)
@@ -78,19 +78,41 @@ static __always_inline __u64 sock_of_fd(__u32 fd)
 	if (!fds)
 		return 0;
 	read_kernel(&file, sizeof(file), (void *)(fds + (__u64)fd * sizeof(__u64)));
-	if (!file)
-		return 0;
+	return file;
+}
+
+/* The file type bits (S_IFMT) of a struct file's inode; 0 if unreadable. */
+static __always_inline __u16 file_type(__u64 file)
+{
+	__u64 inode = 0;
+	__u16 mode = 0;
+
 	read_kernel(&inode, sizeof(inode), (void *)(file + KOFF_FILE_F_INODE));
-	if (!inode)
-		return 0;
-	read_kernel(&mode, sizeof(mode), (void *)(inode + KOFF_INODE_I_MODE));
-	if ((mode & S_IFMT_) != S_IFSOCK_)
+	if (inode)
+		read_kernel(&mode, sizeof(mode), (void *)(inode + KOFF_INODE_I_MODE));
+	return mode & S_IFMT_;
+}
+
+/* The struct sock behind file descriptor `fd` of the current task, 0 if it is not a socket. */
+static __always_inline __u64 sock_of_fd(__u32 fd)
+{
+	__u64 file = file_of_fd(fd), socket = 0, sk = 0;
+
+	if (!file || file_type(file) != S_IFSOCK_)
 		return 0;	/* a pipe, a file: the other end of a splice */
 	read_kernel(&socket, sizeof(socket), (void *)(file + KOFF_FILE_PRIVATE_DATA));
 	if (!socket)
 		return 0;
 	read_kernel(&sk, sizeof(sk), (void *)(socket + KOFF_SOCKET_SK));
 	return sk;
+}
+
+/* Is file descriptor `fd` of the current task a pipe? */
+static __always_inline int is_pipe(__u32 fd)
+{
+	__u64 file = file_of_fd(fd);
+
+	return file && file_type(file) == S_IFIFO_;
 }
 
 /* A TCP socket's network namespace cookie; 0 for anything else (UDP, unix, raw). */
@@ -166,16 +188,44 @@ static __always_inline __u32 psock_queued(__u64 sk)
 	return queued;
 }
 
+/*
+ * Does the calling process's parent serve? A server that forks a process per connection (inetd's
+ * and busybox nc's -e, PostgreSQL's backends) reads in a child that never called listen() or
+ * accept() itself: the child then serves too, for its reads to prove the port. One level only.
+ */
+static __always_inline int parent_serves(void)
+{
+	__u64 task = bpf_get_current_task(), parent = 0, leader = 0;
+	struct proc_key k = {};
+
+	read_kernel(&parent, sizeof(parent), (void *)(task + KOFF_TASK_REAL_PARENT));
+	if (!parent)
+		return 0;
+	read_kernel(&k.tgid, sizeof(k.tgid), (void *)(parent + KOFF_TASK_TGID));
+	read_kernel(&leader, sizeof(leader), (void *)(parent + KOFF_TASK_GROUP_LEADER));
+	if (leader)
+		read_kernel(&k.start_time, sizeof(k.start_time), (void *)(leader + KOFF_TASK_START_TIME));
+	return (proc_flags(&k) & PROC_F_SERVES) != 0;
+}
+
 /* A read()/recv*() by a process that serves: what it proves (see the top of this file). */
 static __always_inline int on_read(__u64 fd)
 {
-	struct proc_reader *p;
+	struct proc_reader fresh = { .flags = PROC_F_SERVES }, *p;
 	struct proc_key k = {};
 	__u64 sk, netns;
 
 	current_proc(&k);
 	p = procs.lookup(&k);
-	if (!p || !(p->flags & PROC_F_SERVES))
+	if (!p) {
+		if (!parent_serves())
+			return 0;	/* neither it nor its parent serves: nothing to prove */
+		procs.update(&k, &fresh);
+		p = procs.lookup(&k);
+		if (!p)
+			return 0;
+	}
+	if (!(p->flags & PROC_F_SERVES))
 		return 0;
 	sk = sock_of_fd((__u32)fd);
 	if (!sk)
@@ -212,6 +262,13 @@ int sockops_reader(struct bpf_raw_tracepoint_args *ctx)
 		break;
 	default:
 		return 0;
+	}
+	if (nr == NR_SENDFILE_) {
+		/* sendfile() reads a socket only into a pipe: into a file or a socket it fails with
+		 * EINVAL on this kernel, and programs that try it first (busybox's cat) then read(). */
+		read_kernel(&fd, sizeof(fd), (void *)(regs + KOFF_PT_REGS_ARG0));
+		if (!is_pipe((__u32)fd))
+			return 0;
 	}
 	/* splice(fd_in, ...), accept(fd, ...), listen(fd, ...), connect(fd, ...); sendfile(out_fd, in_fd) */
 	read_kernel(&fd, sizeof(fd), (void *)(regs + (nr == NR_SENDFILE_ ? KOFF_PT_REGS_ARG1 : KOFF_PT_REGS_ARG0)));

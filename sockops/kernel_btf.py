@@ -71,6 +71,8 @@ OPTIONAL_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("KOFF_SK_TYPE", "sock", "sk_type"),
     ("KOFF_TASK_GROUP_LEADER", "task_struct", "group_leader"),
     ("KOFF_TASK_START_TIME", "task_struct", "start_time"),
+    ("KOFF_TASK_REAL_PARENT", "task_struct", "real_parent"),
+    ("KOFF_TASK_TGID", "task_struct", "tgid"),
 )
 
 
