@@ -191,7 +191,9 @@ static __always_inline __u32 psock_queued(__u64 sk)
 /*
  * Does the calling process's parent serve? A server that forks a process per connection (inetd's
  * and busybox nc's -e, PostgreSQL's backends) reads in a child that never called listen() or
- * accept() itself: the child then serves too, for its reads to prove the port. One level only.
+ * accept() itself. The child's reads of an accepted socket prove the port; the child itself is not
+ * taken for a server (a client that a serving program started, such as a test runner's, must not
+ * have to prove its client sockets). One level only.
  */
 static __always_inline int parent_serves(void)
 {
@@ -208,24 +210,19 @@ static __always_inline int parent_serves(void)
 	return (proc_flags(&k) & PROC_F_SERVES) != 0;
 }
 
-/* A read()/recv*() by a process that serves: what it proves (see the top of this file). */
+/* A read()/recv*() by a process that serves, or by a child of one: what it proves (see the top of
+ * this file). Any other process leaves after one lookup of itself and one of its parent. */
 static __always_inline int on_read(__u64 fd)
 {
-	struct proc_reader fresh = { .flags = PROC_F_SERVES }, *p;
+	struct proc_reader *p;
 	struct proc_key k = {};
 	__u64 sk, netns;
 
 	current_proc(&k);
 	p = procs.lookup(&k);
-	if (!p) {
-		if (!parent_serves())
-			return 0;	/* neither it nor its parent serves: nothing to prove */
-		procs.update(&k, &fresh);
-		p = procs.lookup(&k);
-		if (!p)
-			return 0;
-	}
-	if (!(p->flags & PROC_F_SERVES))
+	if (p && !(p->flags & PROC_F_SERVES))
+		return 0;
+	if (!p && !parent_serves())
 		return 0;
 	sk = sock_of_fd((__u32)fd);
 	if (!sk)
@@ -233,7 +230,7 @@ static __always_inline int on_read(__u64 fd)
 	netns = tcp_netns(sk);
 	if (!netns)
 		return 0;
-	if (!mark_port(netns, sk, PORT_F_RECV) && !(p->flags & PROC_F_CLIENT_RECV))
+	if (!mark_port(netns, sk, PORT_F_RECV) && p && !(p->flags & PROC_F_CLIENT_RECV))
 		__sync_fetch_and_or(&p->flags, PROC_F_CLIENT_RECV);
 	return 0;
 }

@@ -5,7 +5,8 @@ Run inside a pod (stdlib only, any UID): ``python pair_traffic.py --connections 
 server end has joined the sockhash (PASSIVE_ESTABLISHED runs before accept() can return it) and
 the client's first message always pairs: no connection is left on TCP by the start-up race, and
 the bytes redirected are exactly ``connections * rounds * 2 * size`` per phase (one message of
-``size`` bytes each way per round, no framing).
+``size`` bytes each way per round, no framing). A first connection proves the reader
+(reader_proof.py); it is not counted.
 
 Phases: ``--rounds`` round trips on every connection; with ``--hold`` the script prints
 ``{"held": [client ports]}`` and waits for a line on stdin with every connection open (the caller
@@ -25,6 +26,8 @@ import os
 import select
 import socket
 import sys
+
+from reader_proof import prove
 
 
 def recv_exact(sock: socket.socket, n: int, timeout_ms: int = 20000) -> bytes:
@@ -70,6 +73,7 @@ def main() -> int:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
+    prove(listener)
     pairs = []
     for _ in range(args.connections):
         # a timeout makes the client's file O_NONBLOCK: only such clients are accelerated

@@ -3,8 +3,9 @@
 Run inside a pod (stdlib only, any UID): ``python stalled_reader.py --total BYTES [--hold]``.
 Both ends live in this process, both files O_NONBLOCK (an event loop, the only kind of client
 sockops accelerates); the server end is accepted before the client sends, so the connection is
-paired from its first byte. The process names itself ``stalled-sender`` (prctl), so whoever
-reports the sending program can be checked against it.
+paired from its first byte (a first connection proves the reader: reader_proof.py). The process
+names itself ``stalled-sender`` (prctl), so whoever reports the sending program can be checked
+against it.
 
 Phase 1, stalled: the client writes random bytes until a send would block and stays blocked for
 ``--stall-ms`` (backpressure), or until ``--total`` bytes were accepted. It prints
@@ -112,6 +113,9 @@ def main() -> int:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
+    from reader_proof import prove  # run as a script: its directory is on sys.path
+
+    prove(listener)
     client = socket.socket()
     client.setblocking(False)
     with contextlib.suppress(BlockingIOError):
