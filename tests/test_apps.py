@@ -418,6 +418,7 @@ def test_a_program_seen_splicing_is_never_given_a_psock(
     (work / "plain").mkdir()  # its logs apart from the other proxy's
     start_go_iocopy(plain, zoo_bin, work / "plain")
     assert intact(short_lab_client(gopod, "127.0.0.1"), 6)  # off: the hook learns the program
+    other.probe(PORT)  # the asyncio server reads a connection with recv(): its port is proven
     cookies = {p.name: dataplane.enable(p) for p in (gopod, other)}
 
     assert intact(lab_client(gopod, "127.0.0.1", zoo_bin), 24)

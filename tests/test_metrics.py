@@ -263,6 +263,7 @@ def test_label_sets_are_bounded() -> None:
         "fastopen",
         "blocking_reader",
         "splice_reader",
+        "unproven_reader",
     }
     assert {dict(k)["event"] for k in s["sockops_late_sockets_total"]} == {"inserted", "switched", "pruned"}
     pods = {tuple(v for _, v in k) for k in s["sockops_redirected_bytes_total"]}
