@@ -64,6 +64,7 @@ import os
 import re
 import secrets
 import shutil
+import struct
 import signal
 import socket
 import subprocess
@@ -678,6 +679,9 @@ class Pod:
                 with contextlib.suppress(TimeoutError):
                     while s.recv(65536):
                         pass
+                # close with a reset: the probe leaves no TIME-WAIT socket on its port (a pod may
+                # have very few)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     # -- sidecar --------------------------------------------------------------------------------
 

@@ -99,6 +99,9 @@ class Conn:
         return d
 
 
+PROBE_HOST = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
 class PeerServer:
     """tests/support/pairing_peer.py listening in a pod; collects one record per finished connection."""
 
@@ -121,10 +124,26 @@ class PeerServer:
             err = self.proc.stderr.read() if self.proc.stderr else ""
             pytest.fail(f"pairing peer server in pod {pod.name} exited: {err}")
         assert json.loads(line)["listening"] == [s["label"] for s in specs], line
+        # Each listener reads one connection first, as after a readiness probe: the reader hook
+        # then knows its port is read with recv(), so the plan's connections get psocks
+        # (docs/DATAPLANE.md, "Splice readers"). Their records are dropped.
+        probes = [
+            threading.Thread(target=pod.probe, args=(s["port"], PROBE_HOST.get(s["host"], s["host"]), 1))
+            for s in specs
+        ]
+        for t in probes:
+            t.start()
+        for t in probes:
+            t.join()
         self.records: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        deadline = time.monotonic() + 10  # the probes' records, before any plan's ``since``
+        while len(self.snapshot()) < len(specs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._lock:
+            self.records.clear()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -369,9 +388,6 @@ def make_mesh(
         services += [Service(p, POD_IP6, APP_PORT) for p in SVC_PORTS]
     pod = lab.add_pod("app", ip=POD_IP, ipv6=POD_IP6 if ipv6 else None, services=services)
     upstream = lab.add_pod("upstream", ip=UPSTREAM_IP, ipv6=UPSTREAM_IP6 if ipv6 else None, sidecar=False)
-    for key, value in (sysctls or {}).items():
-        res = pod.run(["sysctl", "-w", f"{key}={value}"], text=True, timeout=10)
-        assert res.returncode == 0, res.stderr
     cookie = plane.enable(pod)
     mesh = Mesh(plane, pod, upstream, cookie)
     lo = "::1" if ipv6 else "127.0.0.1"
@@ -388,6 +404,10 @@ def make_mesh(
         )
     )
     mesh.servers.append(PeerServer(upstream, UPSTREAM_LISTENERS))
+    # after the servers' probes, which need ports of their own
+    for key, value in (sysctls or {}).items():
+        res = pod.run(["sysctl", "-w", f"{key}={value}"], text=True, timeout=10)
+        assert res.returncode == 0, res.stderr
     return mesh
 
 
