@@ -187,6 +187,7 @@ def run_sockperf(pod: Pod, address: str, payload: int, seconds: float, port: int
     )
     try:
         wait_listening(pod, port)
+        pod.probe(port, address, times=1)  # the server has read a connection: sockops accelerates the next
         argv = ["sockperf", "ping-pong", "--tcp", "-i", address, "-p", str(port), "-m", str(payload)]
         argv += ["-t", str(max(1, round(seconds))), "--full-rtt", "--pre-warmup-wait", "1"]
         res = pod.run(argv, uid=APP_UID, timeout=seconds + 30, text=True)

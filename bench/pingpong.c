@@ -8,7 +8,8 @@
  *   pingpong unix PATH SIZE WARMUP_S DURATION_S
  *
  * The process listens, forks an echo server child that accepts one connection, then connects and
- * sends SIZE bytes / waits for SIZE bytes back, again and again (TCP_NODELAY). Both ends are
+ * sends SIZE bytes / waits for SIZE bytes back, again and again (TCP_NODELAY). Over TCP a first
+ * one-byte exchange comes before, on a connection of its own (prove_server()). Both ends are
  * event loops: O_NONBLOCK sockets that wait in epoll_wait() when a read finds nothing, the style
  * of Envoy, Go and nginx and the one sockops accelerates (a blocking reader stays on plain TCP:
  * docs/DATAPLANE.md, "Who may be redirected to"). Round trips during WARMUP_S are discarded. It
@@ -117,10 +118,44 @@ static int wait_connected(int fd)
 	return err ? -1 : 0;
 }
 
-static void echo(int lfd, size_t size)
+/*
+ * A first TCP connection on which each end reads a byte before the measured one: sockops gives a
+ * socket a psock only once its program has read such a socket with read()/recv() (the server's
+ * port, the client's own connections: docs/DATAPLANE.md, "Splice readers"), as a real server has
+ * by the time it serves steady traffic. This one may be plain TCP.
+ */
+static int prove_server(int lfd)
+{
+	char b;
+	int fd = accept(lfd, NULL, NULL), ok;
+
+	if (fd < 0)
+		return -1;
+	ok = read(fd, &b, 1) == 1 && write(fd, &b, 1) == 1;
+	close(fd);
+	return ok ? 0 : -1;
+}
+
+static int prove_client(const struct sockaddr *sa, socklen_t salen)
+{
+	char b = '?';
+	int fd = socket(AF_INET, SOCK_STREAM, 0), ok;
+
+	if (fd < 0)
+		return -1;
+	ok = !connect(fd, sa, salen) && write(fd, &b, 1) == 1 && read(fd, &b, 1) == 1;
+	close(fd);
+	return ok ? 0 : -1;
+}
+
+static void echo(int lfd, size_t size, int prove)
 {
 	char *buf = malloc(size);
-	int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
+	int fd;
+
+	if (prove && prove_server(lfd))
+		_exit(2);
+	fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
 	if (fd < 0 || !buf || event_loop(fd))
 		_exit(2);
 	for (;;) {
@@ -184,8 +219,13 @@ int main(int argc, char **argv)
 	}
 	child = fork();
 	if (child == 0)
-		echo(lfd, size);
+		echo(lfd, size, is_tcp);
 	close(lfd);
+	if (is_tcp && prove_client(sa, salen)) {
+		perror("pingpong: first connection");
+		kill(child, SIGKILL);
+		return 1;
+	}
 
 	/* O_NONBLOCK before connect(): sockops decides at the handshake who may be redirected to */
 	fd = socket(is_tcp ? AF_INET : AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0);

@@ -144,6 +144,7 @@ def _http_attempt(mesh: MeshLab, switch: SockopsSwitch, cell: Cell, profile: Pro
     time_wait_left = mesh.time_wait_sockets()
     switch.set_state(cell.state, mesh.pod_list)
     left = wait_drained(switch)
+    mesh.probe_server()
     rate = profile.rate_qps if cell.load == "rate" else 0
     short = cell.load == "short"
     client = mesh.pods["client"]

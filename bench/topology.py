@@ -322,6 +322,14 @@ class MeshLab:
     def pod_list(self) -> list[Pod]:
         return [self.pods["client"], self.pods["server"]]
 
+    def probe_server(self) -> None:
+        """A readiness probe of nginx before each run (kubelet's would do it in a cluster): once
+        the reader hook has seen nginx read a connection of its port, sockops accelerates the
+        port's connections, Envoy's upstream pool included, which otherwise opens its keep-alive
+        connections before nginx has read anything and keeps them on TCP for the whole run
+        (docs/DATAPLANE.md, "Splice readers"). The probe itself goes over TCP, before the run."""
+        self.pods["server"].probe(APP_PORT, times=1)
+
     def reset_connections(self) -> None:
         """Destroy every established TCP connection in both pods (Envoy's pools included), and
         every TIME-WAIT socket: a run of short-lived connections leaves tens of thousands, and the

@@ -64,9 +64,9 @@ import os
 import re
 import secrets
 import shutil
-import struct
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
