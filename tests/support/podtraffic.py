@@ -88,7 +88,8 @@ def start_echo_server(
     ipv6: bool = False,
     uid: int = APP_UID,
 ) -> EchoServer:
-    """``python -m lab.apps server`` in the pod as ``uid``; returns once it listens."""
+    """``python -m lab.apps server`` in the pod as ``uid``; returns once it listens and has read a
+    probe."""
     argv = [sys.executable, "-m", "lab.apps", "server", "--host", host, "--port", str(port)]
     if ipv6:
         argv.append("--ipv6")
@@ -97,6 +98,10 @@ def start_echo_server(
         proc = pod.popen(argv, uid=uid, stdout=subprocess.PIPE, stderr=err, text=True)
     ready = _read_json_line(proc, 15.0, f"echo server in pod {pod.name}")
     assert ready == {"listening": [host, port]}, ready
+    # A readiness probe: the server reads a connection with recv(), so the reader hook knows its
+    # port and sockops accelerates what comes next (docs/DATAPLANE.md, "Splice readers"). The probe
+    # comes from this process, outside the test cgroup: sock_ops sees only its accepted end.
+    pod.probe(port, {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host))
     return EchoServer(pod, proc, log)
 
 
