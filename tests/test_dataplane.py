@@ -397,7 +397,9 @@ def test_destination_not_an_enabled_pod_never_inserted(dataplane: Plane, lab: La
 
     assert_intact(res, conns, reqs, SMALL_SIZES)
     c = dataplane.counters()
-    assert all(v == 0 for v in c.values()), c
+    # (the client pod's echo server was probed once it listened: that probe's accepted end, its
+    # port not proven yet, is the one count)
+    assert all(v == 0 for k, v in c.items() if k != "skipped_unproven"), c
     assert dataplane.maps.sockets() == [] and dataplane.maps.pending() == []
     assert all(v == 0 for v in dataplane.stats(cookie).values())
 
