@@ -157,7 +157,7 @@ static __always_inline __u64 late_netns(void *sk)
  * socket whose connect()ing program splices or has not proven its client sockets. A socket the
  * hook cannot attribute (made before it was attached) may join, as at the handshake.
  */
-static __always_inline __u32 late_veto(void *tp, const struct netns_conf *conf, __u64 netns, __u32 local_port)
+static __always_inline __u32 late_veto(void *tp, __u64 netns, __u32 local_port)
 {
 	struct port_key pk = { .netns = netns, .port = local_port };
 	__u64 addr = (__u64)(long)tp;
@@ -172,7 +172,7 @@ static __always_inline __u32 late_veto(void *tp, const struct netns_conf *conf, 
 		veto = server_veto(netns, local_port);
 	else if ((owner = sock_owner.lookup(&addr)))
 		veto = owner_veto(owner);
-	if (veto == CNT_SKIPPED_UNPROVEN && proxy_owned(conf, tp))
+	if (veto == CNT_SKIPPED_UNPROVEN && proxy_owned(tp))
 		veto = 0;
 	return veto;
 }
@@ -207,7 +207,7 @@ static __always_inline void late_insert(void *tp)
 		return;
 	if (late_addrs(tp, local_ip, &local_port, remote_ip, &remote_port))
 		return;
-	veto = late_veto(tp, conf, netns, local_port);
+	veto = late_veto(tp, netns, local_port);
 	if (veto) {
 		count(veto, 1);
 		return;

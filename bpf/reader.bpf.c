@@ -144,20 +144,47 @@ static __always_inline void current_proc(struct proc_key *k)
 		read_kernel(&k->start_time, sizeof(k->start_time), (void *)(leader + KOFF_TASK_START_TIME));
 }
 
+/*
+ * read() is the commonest syscall of a node, and most processes that make it have nothing to
+ * prove. The last process seen on each CPU with nothing to prove is remembered with the serving
+ * generation of that moment (any fd), and so is the last file descriptor a serving process has
+ * just proven something with (a reader loops on one socket until it is drained): their next
+ * read() there leaves after two array lookups, until some process starts serving (its parent may
+ * be the one). A descriptor closed and reused for another port only delays that port's proof.
+ * Not pinned: a cache, rebuilt by each load.
+ */
+#define READ_SKIP_ANY_FD 0xffffffff
+
+struct read_skip {
+	__u32 tgid;
+	__u32 fd;	/* READ_SKIP_ANY_FD: the process has nothing to prove */
+	__u64 gen;
+};
+BPF_PERCPU_ARRAY(read_skip, struct read_skip, 1);
+BPF_ARRAY(serve_gen, __u64, 1);
+
 /* Set `flag` on a process (creating its entry); a splice also counts. */
 static __always_inline void mark_proc(const struct proc_key *k, __u64 flag)
 {
 	struct proc_reader fresh = { .flags = flag, .splices = flag == PROC_F_SPLICED }, *p;
+	__u32 zero = 0;
+	__u64 *gen;
 
 	p = procs.lookup((void *)k);
-	if (!p) {
-		procs.update((void *)k, &fresh);
+	if (p && (p->flags & flag) && flag != PROC_F_SPLICED)
 		return;
-	}
-	if (!(p->flags & flag))
+	if (!p)
+		procs.update((void *)k, &fresh);
+	else if (!(p->flags & flag))
 		__sync_fetch_and_or(&p->flags, flag);
-	if (flag == PROC_F_SPLICED)
+	if (p && flag == PROC_F_SPLICED)
 		__sync_fetch_and_add(&p->splices, 1);
+	if (flag == PROC_F_SERVES) {
+		/* after the flag is set: a cache built from now on sees it */
+		gen = serve_gen.lookup(&zero);
+		if (gen)
+			__sync_fetch_and_add(gen, 1);	/* a new server: every read_skip entry is stale */
+	}
 }
 
 /* Set `flag` on the port `sk` is bound to, if a program listens there (an accepted socket). */
@@ -211,19 +238,33 @@ static __always_inline int parent_serves(void)
 }
 
 /* A read()/recv*() by a process that serves, or by a child of one: what it proves (see the top of
- * this file). Any other process leaves after one lookup of itself and one of its parent. */
+ * this file). Any other process leaves after one lookup of itself and one of its parent, and its
+ * next reads on the same CPU after the read_skip check. */
 static __always_inline int on_read(__u64 fd)
 {
+	__u32 zero = 0, tgid = bpf_get_current_pid_tgid() >> 32;
+	struct read_skip *skip = read_skip.lookup(&zero);
+	__u64 *gen = serve_gen.lookup(&zero), sk, netns;
 	struct proc_reader *p;
 	struct proc_key k = {};
-	__u64 sk, netns;
 
+	if (!skip || !gen)
+		return 0;
+	if (skip->tgid == tgid && skip->gen == *gen && (skip->fd == READ_SKIP_ANY_FD || skip->fd == fd))
+		return 0;	/* nothing (more) to prove there the last time, and no new server since */
+	skip->tgid = tgid;
+	skip->gen = *gen;
+	skip->fd = (__u32)fd;
+	if ((bpf_get_current_uid_gid() & 0xffffffff) == SOCKOPS_PROXY_UID) {
+		skip->fd = READ_SKIP_ANY_FD;	/* the sidecar's sockets need no proof (sockops.bpf.c) */
+		return 0;
+	}
 	current_proc(&k);
 	p = procs.lookup(&k);
-	if (p && !(p->flags & PROC_F_SERVES))
+	if ((p && !(p->flags & PROC_F_SERVES)) || (!p && !parent_serves())) {
+		skip->fd = READ_SKIP_ANY_FD;
 		return 0;
-	if (!p && !parent_serves())
-		return 0;
+	}
 	sk = sock_of_fd((__u32)fd);
 	if (!sk)
 		return 0;

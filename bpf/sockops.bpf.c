@@ -214,22 +214,22 @@ static __always_inline __u32 server_veto(__u64 netns, __u32 local_port)
 }
 
 /*
- * Is this a socket of the sidecar (its UID, in a pod whose outbound traffic Istio captures)? Envoy
- * reads every socket from its event loop with readv() and never splices, so its sockets need no
- * proof from the reader hook: a sidecar that just started is accelerated from its first
- * connection. sk_uid is the creator's (an accepted socket inherits its listener's). `tp`: a
- * struct tcp_sock (struct sock is its first member).
+ * Is this a socket of the mesh's proxy (Istio's UID: a sidecar, or a gateway's Envoy)? Envoy reads
+ * every socket from its event loop with readv() and never splices, so its sockets need no proof
+ * from the reader hook (which skips that UID's reads): a proxy that just started is accelerated
+ * from its first connection. sk_uid is the creator's (an accepted socket inherits its
+ * listener's). `tp`: a struct tcp_sock (struct sock is its first member).
  */
-static __always_inline int proxy_owned(const struct netns_conf *conf, void *tp)
+static __always_inline int proxy_owned(void *tp)
 {
-	return (conf->flags & NETNS_F_SIDECAR) && KFIELD(tp, KOFF_SK_UID, __u32) == SOCKOPS_PROXY_UID;
+	return KFIELD(tp, KOFF_SK_UID, __u32) == SOCKOPS_PROXY_UID;
 }
 
-static __always_inline int proxy_socket(const struct netns_conf *conf, struct bpf_sock *sk)
+static __always_inline int proxy_socket(struct bpf_sock *sk)
 {
 	void *tp = bpf_skc_to_tcp_sock(sk);
 
-	return tp && proxy_owned(conf, tp);
+	return tp && proxy_owned(tp);
 }
 
 static __always_inline void count_insert_error(int err)
@@ -280,7 +280,7 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops)
 		return;
 	}
 	veto = client_veto(sk);
-	if (veto == CNT_SKIPPED_UNPROVEN && proxy_socket(conf, sk))
+	if (veto == CNT_SKIPPED_UNPROVEN && proxy_socket(sk))
 		veto = 0;
 	if (veto) {
 		/* Its program splices (which never sees redirected bytes), or has not shown yet that
@@ -391,7 +391,7 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops)
 	if (!eligible(skops, sk) || !found)
 		return;
 	veto = server_veto(netns, local_port);
-	if (veto == CNT_SKIPPED_UNPROVEN && proxy_socket(conf, sk))
+	if (veto == CNT_SKIPPED_UNPROVEN && proxy_socket(sk))
 		veto = 0;
 	if (veto) {
 		/* The program behind this port splices, or has not read a connection of this port
