@@ -42,7 +42,8 @@ from support.podtraffic import APP_UID, last_json
 from bench.load import wait_listening
 from lab.cgroups import Cgroup
 from lab.podlab import Lab, Pod
-from sockops import late
+from sockops import late, netns
+from sockops.maps import PinnedMaps
 
 ZOO = Path(__file__).resolve().parent / "support" / "zoo"
 PORT = 8080  # what the client connects to (through Envoy: the service address)
@@ -408,7 +409,6 @@ def test_a_program_seen_splicing_is_never_given_a_psock(
     the hook, every request timed out), nothing was stranded where splice() cannot see it (no
     splice_reader anomaly), and its echo backend and an asyncio server in another enabled pod are
     still accelerated. The same proxy in a pod that is not enabled counts nothing."""
-    from sockops import netns
 
     gopod = lab.add_pod("goproxy", ip="10.244.1.10", sidecar=False)
     other = lab.add_pod("asyncio", ip="10.244.1.11", sidecar=False)
@@ -441,7 +441,6 @@ def test_the_reader_hook_sees_the_programs_of_an_observed_pod(
     agent writes for it) but never enabled, so its traffic is plain TCP and intact, and the hook
     still counts the Go proxy's splice() calls: what observe mode reports as not safe to
     accelerate."""
-    from sockops import netns
 
     pod = lab.add_pod("goproxy", ip="10.244.1.10", sidecar=False)
     start_go_iocopy(pod, zoo_bin, work)
@@ -535,6 +534,8 @@ def test_the_breaker_keeps_a_pod_on_tcp_once_a_proven_program_splices(
 
         first = late_splicer_client(pod, "recv")
         assert first["intact"], first
+        with PinnedMaps(bpffs) as maps:  # the port was not proven yet: plain TCP
+            assert maps.netns_stats()[netns.cookie(pod.netns_path)]["redirected_bytes"] == 0
         stranded = late_splicer_client(pod, "splice")  # the gap itself: it times out
         assert not stranded["intact"], stranded
 
