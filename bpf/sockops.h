@@ -11,8 +11,8 @@
  *   SOCKOPS_NETNS_MAX    network namespaces that can be enabled
  *   SOCKOPS_QUEUE_BUDGET bytes a receiver may hold unread in its psock queue before its peer's
  *                        sends go over TCP (redirect.bpf.c, over_budget; docs/DATAPLANE.md)
- *   SOCKOPS_PROXY_UID    the sidecar's UID: in a sidecar pod its sockets are trusted to be read
- *                        by Envoy's event loop, without proof from the reader hook
+ *   SOCKOPS_PROXY_UID    the mesh proxy's UID: its sockets are trusted to be read by Envoy's
+ *                        event loop, without proof from the reader hook
  *   KOFF_*               offsets of kernel-internal fields, read from the running kernel's BTF
  *                        (sockops/kernel_btf.py; no default: see kernel.bpf.h)
  */

@@ -357,8 +357,8 @@ GUARD = (
         "--proxy-uid",
         "SOCKOPS_PROXY_UID",
         "1337",
-        "the sidecar's UID (istio-iptables -u): in a sidecar pod its sockets are accelerated "
-        "without first proving how they are read; docs/DATAPLANE.md, splice readers",
+        "the mesh proxy's UID (istio-iptables -u): its sockets are accelerated without first "
+        "proving how they are read; docs/DATAPLANE.md, splice readers",
         _proxy_uid,
     ),
     Setting(

@@ -143,7 +143,7 @@ class DataPlane:
         proxy_uid: int = layout.DEFAULT_PROXY_UID,
     ) -> DataPlane:
         """Compile and load; create or re-open the pinned maps. ``queue_budget``: bytes a
-        receiver may hold unread before its peer sends over TCP; ``proxy_uid``: the sidecar's
+        receiver may hold unread before its peer sends over TCP; ``proxy_uid``: the mesh proxy's
         UID, whose sockets need no proof of how they are read (docs/DATAPLANE.md)."""
         sizes = sizes or MapSizes()
         check_bpffs(bpffs_dir)
