@@ -250,13 +250,14 @@ static __always_inline int on_read(__u64 fd)
 
 	if (!skip || !gen)
 		return 0;
-	if (skip->tgid == tgid && skip->gen == *gen && (skip->fd == READ_SKIP_ANY_FD || skip->fd == fd))
+	if (skip->tgid == tgid && skip->gen == *gen &&
+	    (skip->fd == READ_SKIP_ANY_FD || skip->fd == (__u32)fd))
 		return 0;	/* nothing (more) to prove there the last time, and no new server since */
 	skip->tgid = tgid;
 	skip->gen = *gen;
 	skip->fd = (__u32)fd;
 	if ((bpf_get_current_uid_gid() & 0xffffffff) == SOCKOPS_PROXY_UID) {
-		skip->fd = READ_SKIP_ANY_FD;	/* the sidecar's sockets need no proof (sockops.bpf.c) */
+		skip->fd = READ_SKIP_ANY_FD;	/* the proxy's sockets need no proof (sockops.bpf.c) */
 		return 0;
 	}
 	current_proc(&k);

@@ -206,10 +206,11 @@ def _probe_load(bpffs_root: Path) -> list[Probe]:
             Probe(
                 "reader_hook",
                 hook_ok,
-                "raw tracepoint sys_enter loads: programs that splice() are known and stay on plain TCP"
+                "raw tracepoint sys_enter loads: a socket gets a psock once its program has read with "
+                "recv(), and programs that splice() stay on plain TCP"
                 if hook_ok
-                else "no raw tracepoint here: splice() readers are not known (docs/DATAPLANE.md, "
-                "Splice readers)",
+                else "no raw tracepoint here: nothing is known of how programs read, so splice() readers "
+                "are not kept out (docs/DATAPLANE.md, Splice readers)",
                 ""
                 if hook_ok
                 else "allow raw tracepoints (x86-64), or keep splice readers out of enabled pods",
