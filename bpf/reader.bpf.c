@@ -133,6 +133,15 @@ static __always_inline __u64 tcp_netns(__u64 sk)
 	return netns;
 }
 
+/* The TCP socket behind file descriptor `fd` and its namespace cookie; 0 for anything else. */
+static __always_inline __u64 tcp_of_fd(__u32 fd, __u64 *netns)
+{
+	__u64 sk = sock_of_fd(fd);
+
+	*netns = sk ? tcp_netns(sk) : 0;
+	return *netns ? sk : 0;
+}
+
 /* The calling process, as struct proc_key names it: its tgid and its group leader's start time. */
 static __always_inline void current_proc(struct proc_key *k)
 {
@@ -146,18 +155,15 @@ static __always_inline void current_proc(struct proc_key *k)
 
 /*
  * read() is the commonest syscall of a node, and most processes that make it have nothing to
- * prove. The last process seen on each CPU with nothing to prove is remembered with the serving
- * generation of that moment (any fd), and so is the last file descriptor a serving process has
- * just proven something with (a reader loops on one socket until it is drained): their next
- * read() there leaves after two array lookups, until some process starts serving (its parent may
- * be the one). A descriptor closed and reused for another port only delays that port's proof.
- * Not pinned: a cache, rebuilt by each load.
+ * prove. The last such process seen on each CPU is remembered with the serving generation of that
+ * moment: its next read() there leaves after two array lookups, until some process starts serving
+ * (its parent may be the one). A serving process is never cached: a descriptor number is reused
+ * for the next connection, maybe of another port, so only the walk to the socket can tell what a
+ * read proves. Not pinned: a cache, rebuilt by each load.
  */
-#define READ_SKIP_ANY_FD 0xffffffff
-
 struct read_skip {
 	__u32 tgid;
-	__u32 fd;	/* READ_SKIP_ANY_FD: the process has nothing to prove */
+	__u32 pad;
 	__u64 gen;
 };
 BPF_PERCPU_ARRAY(read_skip, struct read_skip, 1);
@@ -250,30 +256,23 @@ static __always_inline int on_read(__u64 fd)
 
 	if (!skip || !gen)
 		return 0;
-	if (skip->tgid == tgid && skip->gen == *gen &&
-	    (skip->fd == READ_SKIP_ANY_FD || skip->fd == (__u32)fd))
-		return 0;	/* nothing (more) to prove there the last time, and no new server since */
-	skip->tgid = tgid;
-	skip->gen = *gen;
-	skip->fd = (__u32)fd;
-	if ((bpf_get_current_uid_gid() & 0xffffffff) == SOCKOPS_PROXY_UID) {
-		skip->fd = READ_SKIP_ANY_FD;	/* the proxy's sockets need no proof (sockops.bpf.c) */
-		return 0;
-	}
+	if (skip->tgid == tgid && skip->gen == *gen)
+		return 0;	/* nothing to prove the last time, and no new server since */
+	if ((bpf_get_current_uid_gid() & 0xffffffff) == SOCKOPS_PROXY_UID)
+		goto nothing;	/* the proxy's sockets need no proof (sockops.bpf.c) */
 	current_proc(&k);
 	p = procs.lookup(&k);
-	if ((p && !(p->flags & PROC_F_SERVES)) || (!p && !parent_serves())) {
-		skip->fd = READ_SKIP_ANY_FD;
-		return 0;
-	}
-	sk = sock_of_fd((__u32)fd);
+	if ((p && !(p->flags & PROC_F_SERVES)) || (!p && !parent_serves()))
+		goto nothing;
+	sk = tcp_of_fd((__u32)fd, &netns);
 	if (!sk)
-		return 0;
-	netns = tcp_netns(sk);
-	if (!netns)
 		return 0;
 	if (!mark_port(netns, sk, PORT_F_RECV) && p && !(p->flags & PROC_F_CLIENT_RECV))
 		__sync_fetch_and_or(&p->flags, PROC_F_CLIENT_RECV);
+	return 0;
+nothing:
+	skip->tgid = tgid;
+	skip->gen = *gen;
 	return 0;
 }
 
@@ -311,11 +310,8 @@ int sockops_reader(struct bpf_raw_tracepoint_args *ctx)
 	}
 	/* splice(fd_in, ...), accept(fd, ...), listen(fd, ...), connect(fd, ...); sendfile(out_fd, in_fd) */
 	read_kernel(&fd, sizeof(fd), (void *)(regs + (nr == NR_SENDFILE_ ? KOFF_PT_REGS_ARG1 : KOFF_PT_REGS_ARG0)));
-	sk = sock_of_fd((__u32)fd);
+	sk = tcp_of_fd((__u32)fd, &netns);
 	if (!sk)
-		return 0;
-	netns = tcp_netns(sk);
-	if (!netns)
 		return 0;
 	current_proc(&k);
 	if (nr == SOCKOPS_NR_SPLICE || nr == NR_SENDFILE_) {
