@@ -1,7 +1,7 @@
 #!/bin/bash
 # The keep-alive side-by-side of bench/README.md ("Session 7's data plane, keep-alive, side by
 # side"), exactly as it was run: c1d6b5f (the data plane before issue 12, a worktree of it)
-# against this checkout at 7978164 (the reader hook attached, sockets get a psock once their
+# against this checkout at 5ee5b56 (the reader hook attached, sockets get a psock once their
 # program has read with recv(), the bench probes nginx before each run; the bench does not run
 # the agent), each side from its own checkout, five interleaved invocations of 3 repeats.
 #   git worktree add --detach /work/wt-base c1d6b5f
