@@ -1,7 +1,7 @@
 #!/bin/bash
 # The short-lived-connection side-by-side of bench/README.md ("Session 7's data plane,
 # short-lived connections"), exactly as it was run: d6ae737 (session 6's reader hook, a worktree
-# of it) against this checkout at 9a645bc (sockets get a psock once their program has read with
+# of it) against this checkout at ab5a3d1 (sockets get a psock once their program has read with
 # recv(): sock_ops looks up the port's or the process's proof on every new connection; the bench
 # probes nginx before each run), each side from its own checkout, five interleaved invocations of
 # 3 repeats each.
